@@ -1,0 +1,350 @@
+"""JobSpec: the one typed description of a Protégé job.
+
+The CLI, the REST job API and the driver all read this model, so the schema, the
+validation messages and the running job cannot disagree. This module imports only
+pydantic and the standard library: a REST front end can validate jobs without torch,
+vLLM or Ray installed.
+
+Defaults for each algorithm are the vetted settings in ../shared/docs/algorithms.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo such as `learnig_rate` must fail, not be ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- models
+class ModelRef(_Strict):
+    """A causal LM: a Hugging Face hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) or a local folder."""
+
+    path: str = Field(min_length=1, description="HF hub id or local path")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = None
+
+
+class ModelsSpec(_Strict):
+    student: ModelRef
+    teacher: ModelRef | None = None
+    reward_model: ModelRef | None = Field(
+        default=None, description="sequence-classification reward model (optional)"
+    )
+
+
+# --------------------------------------------------------------------------- data
+class DataSpec(_Strict):
+    """Where prompts come from: a reasoning-gym task, or a JSONL/Parquet file."""
+
+    source: Literal["reasoning_gym", "file"] = "reasoning_gym"
+    task: str | None = Field(default=None, description="reasoning-gym task name, e.g. basic_arithmetic")
+    task_config: dict[str, Any] = Field(default_factory=dict, description="kwargs for the task generator")
+    size: int = Field(default=512, ge=1, description="examples generated for a reasoning-gym task")
+    seed: int = 0
+    path: str | None = Field(default=None, description="JSONL/Parquet file (source: file)")
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    # Preference data for offline DPO (prompt, chosen, rejected).
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    eval_size: int = Field(default=32, ge=0, description="held-out examples for greedy evaluation")
+    system_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "DataSpec":
+        if self.source == "reasoning_gym" and not self.task:
+            raise ValueError("source 'reasoning_gym' needs a task name (data.task)")
+        if self.source == "file" and not self.path:
+            raise ValueError("source 'file' needs a path (data.path)")
+        if self.source == "reasoning_gym" and self.eval_size >= self.size:
+            raise ValueError(f"eval_size ({self.eval_size}) must be smaller than size ({self.size})")
+        return self
+
+
+# --------------------------------------------------------------------------- algorithms
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+KlEstimator = Literal["k1", "k2", "k3"]
+
+
+class _PolicyGradient(_Strict):
+    """Options shared by the GRPO family (DeepSeekMath GRPO, DAPO clip-higher, Dr. GRPO)."""
+
+    eps_low: float = Field(default=0.2, gt=0, lt=1)
+    eps_high: float = Field(default=0.28, gt=0)
+    adv_std_norm: bool = Field(default=True, description="False = Dr. GRPO (no std normalisation)")
+    loss_agg: LossAgg = "token-mean"
+    kl_coef: float = Field(default=0.0, ge=0, description="β for KL to the reference (0 = no reference pass)")
+    kl_estimator: KlEstimator = "k3"
+    dynamic_sampling: bool = Field(default=False, description="DAPO: drop groups whose rewards are all equal")
+    max_staleness: int = Field(
+        default=0, ge=0, le=4, description="0 strictly on-policy; 1 overlaps generation of t+1 with training of t"
+    )
+
+
+class GRPOSpec(_PolicyGradient):
+    type: Literal["grpo"] = "grpo"
+
+
+class RLADSpec(_PolicyGradient):
+    """RLAD / TRRD (arXiv 2602.22495). alpha = 1 is plain GRPO (Eq. 3)."""
+
+    type: Literal["rlad"] = "rlad"
+    alpha: float = Field(default=0.5, description="mixing weight of the old policy in the TRRD anchor")
+    clamp: float = Field(default=1.0, gt=0, description="clamp on log(π_θ/π_T), Appendix B")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_range(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be between 0 and 1")
+        return v
+
+
+class KEPOSpec(_PolicyGradient):
+    """KEPO: GRPO + quality-gated distillation + knowledge-enhanced exploration."""
+
+    type: Literal["kepo"] = "kepo"
+    distill_coef: float = Field(default=1.0, ge=0)
+    gate_threshold: float = Field(default=1.0, description="τ: distil responses whose accuracy reward ≥ τ")
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
+    top_k: int = Field(default=16, ge=1, le=1024, description="teacher top-k rows for forward_kl / jsd")
+    jsd_beta: float = Field(default=0.5, gt=0, lt=1)
+    hints: bool = Field(default=True, description="knowledge-enhanced exploration on all-zero groups")
+    hint_attempts: int = Field(default=4, ge=1, description="N: rejection-sampling attempts with the hint")
+    hint_replace: int = Field(default=2, ge=1, description="m: group members replaced by accepted responses")
+    hint_max_tokens: int = Field(default=64, ge=1)
+
+
+class OPDSpec(_Strict):
+    """On-policy distillation: per-token reverse KL to the teacher on student samples (GKD, λ=1)."""
+
+    type: Literal["opd"] = "opd"
+    grpo_coef: float = Field(default=0.0, ge=0, description="> 0 adds the GRPO loss with this weight")
+    opd_coef: float = Field(default=1.0, gt=0)
+    eps_low: float = Field(default=0.2, gt=0, lt=1)
+    eps_high: float = Field(default=0.28, gt=0)
+    adv_std_norm: bool = True
+    loss_agg: LossAgg = "token-mean"
+    max_staleness: int = Field(default=0, ge=0, le=4)
+
+
+class DPOSpec(_Strict):
+    """DPO (arXiv 2305.18290), offline from preference pairs or online from ranked student samples."""
+
+    type: Literal["dpo"] = "dpo"
+    beta: float = Field(default=0.1, gt=0)
+    mode: Literal["offline", "online"] = "online"
+    reference: Literal["initial", "teacher"] = "initial"
+    max_staleness: int = Field(default=0, ge=0, le=4)
+
+
+class SFTSpec(_Strict):
+    """Supervised fine-tuning on (prompt, answer) data or on teacher-generated responses."""
+
+    type: Literal["sft"] = "sft"
+    targets: Literal["data", "teacher"] = "data"
+    max_staleness: int = Field(default=0, ge=0, le=4)
+
+
+AlgorithmSpec = Annotated[
+    Union[GRPOSpec, RLADSpec, KEPOSpec, OPDSpec, DPOSpec, SFTSpec], Field(discriminator="type")
+]
+TEACHER_ALGORITHMS = {"rlad", "kepo", "opd"}
+
+
+# --------------------------------------------------------------------------- rollout / learner
+class RolloutSpec(_Strict):
+    samples_per_prompt: int = Field(default=4, ge=1, description="G, the group size")
+    prompts_per_step: int = Field(default=8, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=32, ge=1)
+    max_prompt_tokens: int = Field(default=256, ge=8)
+    workers: int = Field(default=1, ge=1)
+    engine: Literal["vllm", "hf"] = "vllm"
+    kv_cache_gb: float = Field(default=0.25, gt=0, description="KV cache per worker (vLLM)")
+
+
+class LearnerSpec(_Strict):
+    ranks: int = Field(default=1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    micro_batch: int = Field(default=8, ge=1, description="sequences per rank per forward")
+    grad_clip: float = Field(default=1.0, gt=0)
+    bf16: bool = False
+    updates_per_step: int = Field(default=1, ge=1, description="optimizer steps per rollout batch")
+
+
+class RewardSpec(_Strict):
+    name: Literal["exact_match", "format", "math_verify", "reasoning_gym"]
+    weight: float = 1.0
+
+
+class CheckpointSpec(_Strict):
+    dir: str = Field(default="runs/{name}", description="run directory; '{name}' expands to the job name")
+    interval: int = Field(default=10, ge=1, description="save every N steps")
+    keep: int = Field(default=2, ge=1, description="keep the last K checkpoints")
+
+
+class EvalSpec(_Strict):
+    interval: int = Field(default=5, ge=1)
+    size: int = Field(default=32, ge=1, description="held-out prompts, greedy decoding")
+
+
+class AutoscaleSpec(_Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=4, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscaleSpec":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        return self
+
+
+class ServeSpec(_Strict):
+    enabled: bool = Field(default=False, description="serve the student when training ends")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key_env: str = Field(default="PROTEGE_API_KEY", description="env var holding the API key")
+    max_tokens: int = Field(default=256, ge=1)
+    max_concurrent: int = Field(default=32, ge=1, description="beyond this, 503")
+    autoscale: AutoscaleSpec = Field(default_factory=AutoscaleSpec)
+
+
+class RoleResources(_Strict):
+    cpus: float = Field(default=1, ge=0)
+    gpus: float = Field(default=0, ge=0)
+    custom: dict[str, float] = Field(default_factory=dict, description="extra Ray resources, e.g. {gpu_node: 1}")
+
+
+class ResourcesSpec(_Strict):
+    # Fractional CPUs let a 2-core laptop hold every role; clusters give whole GPUs.
+    rollout: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.5))
+    learner: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.5))
+    teacher: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.25))
+    reward: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.25))
+    placement_timeout_s: float = Field(default=30, gt=0, description="fail fast when roles cannot be placed")
+
+
+# --------------------------------------------------------------------------- the job
+class JobSpec(_Strict):
+    """A whole Protégé job. Load with :func:`load_spec`; validate with ``protege validate``."""
+
+    name: str = Field(default="protege-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    seed: int = 0
+    steps: int = Field(default=20, ge=1, description="training steps (rollout batches)")
+    models: ModelsSpec
+    data: DataSpec
+    algorithm: AlgorithmSpec = Field(default_factory=GRPOSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    learner: LearnerSpec = Field(default_factory=LearnerSpec)
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="reasoning_gym")])
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "JobSpec":
+        algo = self.algorithm
+        if algo.type in TEACHER_ALGORITHMS and self.models.teacher is None:
+            raise ValueError(f"algorithm '{algo.type}' needs a teacher model (models.teacher)")
+        if algo.type == "dpo" and algo.reference == "teacher" and self.models.teacher is None:
+            raise ValueError("dpo with reference 'teacher' needs a teacher model (models.teacher)")
+        if algo.type == "sft" and algo.targets == "teacher" and self.models.teacher is None:
+            raise ValueError("sft with targets 'teacher' needs a teacher model (models.teacher)")
+        if algo.type == "dpo" and algo.mode == "offline" and self.data.source != "file":
+            raise ValueError("offline dpo reads (prompt, chosen, rejected) rows: set data.source to 'file'")
+        needs_groups = algo.type in {"grpo", "rlad", "kepo"} or (algo.type == "dpo" and algo.mode == "online")
+        if needs_groups and self.rollout.samples_per_prompt < 2:
+            raise ValueError(
+                f"algorithm '{algo.type}' compares samples within a group: rollout.samples_per_prompt must be at least 2"
+            )
+        if algo.type == "kepo" and algo.hint_replace > self.rollout.samples_per_prompt:
+            raise ValueError("algorithm.hint_replace cannot exceed rollout.samples_per_prompt")
+        if self.eval.size > self.data.eval_size and self.data.eval_size > 0:
+            raise ValueError(f"eval.size ({self.eval.size}) cannot exceed data.eval_size ({self.data.eval_size})")
+        if any(r.name == "reasoning_gym" for r in self.rewards) and self.data.source != "reasoning_gym":
+            raise ValueError("the 'reasoning_gym' reward scores reasoning-gym tasks: use data.source reasoning_gym")
+        if not self.rewards and algo.type not in {"sft", "opd"} and not (algo.type == "dpo" and algo.mode == "offline"):
+            raise ValueError(f"algorithm '{algo.type}' needs at least one reward (rewards)")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.checkpoint.dir.format(name=self.name))
+
+    def needs_teacher_scoring(self) -> bool:
+        return self.algorithm.type in TEACHER_ALGORITHMS
+
+
+# --------------------------------------------------------------------------- loading
+class SpecError(ValueError):
+    """A spec that failed to load or validate. ``errors`` holds (field path, message) pairs."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]):
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {loc}: {msg}" for loc, msg in errors)
+        super().__init__(f"{source}: invalid job spec ({len(errors)} error{'s' * (len(errors) != 1)})\n{lines}")
+
+
+def format_validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """Turn pydantic errors into ``(dotted.field.path, plain sentence)`` pairs.
+
+    Discriminated-union tags are dropped from the path so the user sees
+    ``algorithm.alpha`` rather than ``algorithm.rlad.alpha``.
+    """
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        if len(loc) >= 2 and loc[0] == "algorithm" and loc[1] in {"grpo", "rlad", "kepo", "opd", "dpo", "sft"}:
+            loc.pop(1)
+        msg = err["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix):]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        out.append((".".join(loc) or "(spec)", msg))
+    return out
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(source, [("(spec)", f"expected a mapping at the top level, got {type(data).__name__}")])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, format_validation_errors(exc)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Load a JobSpec from a YAML or JSON file, raising :class:`SpecError` with field paths."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), [("(file)", f"cannot read: {exc}")]) from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml  # pyyaml is a base dependency
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError carry the line
+        raise SpecError(str(path), [("(file)", f"not valid YAML/JSON: {exc}")]) from None
+    return parse_spec(data, str(path))

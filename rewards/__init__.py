@@ -1,0 +1,1 @@
+"""Protégé rewards package."""

@@ -1,0 +1,1 @@
+"""Protégé serve package."""
