@@ -1,0 +1,201 @@
+"""Generation engines. The only module that imports vLLM.
+
+Two engines behind one small surface (generate / score / load_weights):
+- ``VLLMEngine``: vLLM's offline ``LLM`` in-process (CPU build or GPU build, same API).
+- ``HFEngine``: ``transformers.generate``, the fallback (``rollout.engine: hf``) and the baseline
+  the benchmark compares vLLM against.
+
+Weights arrive as safetensors bytes (see cluster/weight_sync.py) and are loaded in place into
+the running engine; the version is tracked by the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from protege.cluster.records import Sample
+
+EXTENSION = "protege.actors.vllm_ext.WeightReloadExtension"
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 512,
+        kv_cache_bytes: int = 256 << 20,
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.3,
+    ):
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(
+            model=model,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            enforce_eager=True,  # compile/cudagraph capture costs more than it saves for short RL rollouts on CPU
+            enable_prefix_caching=True,  # reset after every weight sync (stale logprobs otherwise)
+            worker_extension_cls=EXTENSION,
+            logprobs_mode="processed_logprobs",  # behaviour logprobs after temperature, as sampled
+        )
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        seed: int | None = None,
+        stop_token_ids: list[int] | None = None,
+    ) -> list[list[Sample]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        out = []
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                logprobs=0,  # the sampled token's logprob only
+                seed=None if seed is None else seed + i,  # per-prompt seed: reproducible, not identical
+                stop_token_ids=stop_token_ids,
+            )
+            for i in range(len(prompts))
+        ]
+        results = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
+        for res in results:
+            group = []
+            for c in res.outputs:
+                ids = list(c.token_ids)
+                lps = [float(d[t].logprob) for d, t in zip(c.logprobs or [], ids)] if c.logprobs else [0.0] * len(ids)
+                group.append(Sample(ids, lps, c.text, c.finish_reason or "length"))
+            out.append(group)
+        return out
+
+    def score(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        """Raw (temperature 1) log-probs of ``response_ids`` given ``prompt_ids``, via prompt logprobs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        full = list(prompt_ids) + list(response_ids)
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        res = self.llm.generate([TokensPrompt(prompt_token_ids=full)], sp, use_tqdm=False)[0]
+        rows = res.prompt_logprobs
+        return [float(rows[i][full[i]].logprob) for i in range(len(prompt_ids), len(full))]
+
+    def load_weights(self, payload: bytes) -> float:
+        """Load safetensors bytes into the running engine; returns seconds taken."""
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("protege_reload", args=(payload,))
+        # The prefix cache would otherwise keep serving KV computed with the old weights.
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # best effort: in-process engines have nothing to leak
+                pass
+            self.llm = None
+
+
+class HFEngine:
+    """transformers ``generate`` with the same surface as :class:`VLLMEngine`."""
+
+    def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, **_: Any):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+        self.seed = seed
+
+    @torch.no_grad()
+    def generate(self, prompts, *, n, temperature, top_p, max_tokens, seed=None, stop_token_ids=None):
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        eos = stop_token_ids or [self.tokenizer.eos_token_id]
+        out = []
+        for i, p in enumerate(prompts):
+            if seed is not None:
+                torch.manual_seed(seed + i)
+            ids = torch.tensor([p] * n)
+            greedy = temperature == 0
+            gen = self.model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=not greedy,
+                temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
+                max_new_tokens=max_tokens, pad_token_id=pad, eos_token_id=eos,
+                output_scores=True, return_dict_in_generate=True,
+            )
+            seqs = gen.sequences[:, len(p):]
+            # scores are the processed (temperature-scaled) logits, like vLLM's processed_logprobs
+            logps = torch.stack(gen.scores, 1).float().log_softmax(-1)
+            group = []
+            for row, lp in zip(seqs.tolist(), logps):
+                resp, lps = [], []
+                for t, tok in enumerate(row):
+                    resp.append(tok)
+                    lps.append(float(lp[t, tok]))
+                    if tok in eos:
+                        break
+                finish = "stop" if resp and resp[-1] in eos else "length"
+                text = self.tokenizer.decode(resp, skip_special_tokens=True)
+                group.append(Sample(resp, lps, text, finish))
+            out.append(group)
+        return out
+
+    @torch.no_grad()
+    def score(self, prompt_ids, response_ids):
+        full = torch.tensor([list(prompt_ids) + list(response_ids)])
+        lp = self.model(full).logits[0, :-1].float().log_softmax(-1)
+        tgt = full[0, 1:]
+        vals = lp.gather(-1, tgt[:, None])[:, 0]
+        return vals[len(prompt_ids) - 1:].tolist()
+
+    def load_weights(self, payload: bytes) -> float:
+        from safetensors.torch import load
+
+        t0 = time.perf_counter()
+        state = load(payload)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"weights for an unknown model: unexpected keys {unexpected[:5]}")
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.model = None
+
+
+def make_engine(kind: str, model: str, **kwargs: Any):
+    match kind:
+        case "vllm":
+            return VLLMEngine(model, **kwargs)
+        case "hf":
+            return HFEngine(model, **kwargs)
+        case _:
+            raise ValueError(f"unknown engine '{kind}' (valid: vllm, hf)")
+
+
+def cpu_threads() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS", "1"))

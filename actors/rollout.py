@@ -1,0 +1,62 @@
+"""RolloutWorker: prompts in, sampled responses out, stamped with the policy version.
+
+A plain class (cluster/launch.py makes it a Ray actor). It never generates from weights it
+was not told about: ``version`` is set only by ``load_weights``, and a freshly started worker
+is at version 0, the initial student, until the driver syncs it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from protege.actors.engine import make_engine
+from protege.cluster.records import Rollout, WeightsVersion
+
+
+class RolloutWorker:
+    def __init__(self, model: str, *, engine: str = "vllm", dtype: str = "float32", seed: int = 0,
+                 max_model_len: int = 512, kv_cache_bytes: int = 256 << 20):
+        self.engine_kind = engine
+        self.engine = make_engine(engine, model, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                                  kv_cache_bytes=kv_cache_bytes)
+        self.version = 0
+        self.eos_id = self.engine.tokenizer.eos_token_id
+
+    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
+                 max_tokens: int, seed: int | None = None, first_index: int = 0) -> dict[str, Any]:
+        """Returns {"rollouts": [Rollout] group-major, "tokens": int, "seconds": float, "version": int}."""
+        t0 = time.perf_counter()
+        groups = self.engine.generate(prompts, n=n, temperature=temperature, top_p=top_p,
+                                      max_tokens=max_tokens, seed=seed, stop_token_ids=[self.eos_id])
+        rollouts = [
+            Rollout(example_index=first_index + i, prompt_ids=list(p), sample=s, policy_version=self.version)
+            for i, (p, group) in enumerate(zip(prompts, groups))
+            for s in group
+        ]
+        return {
+            "rollouts": rollouts,
+            "tokens": sum(len(r.sample.response_ids) for r in rollouts),
+            "seconds": time.perf_counter() - t0,
+            "version": self.version,
+        }
+
+    def load_weights(self, weights: WeightsVersion) -> dict[str, float]:
+        if weights.payload is None:
+            raise ValueError("RolloutWorker.load_weights needs a payload (bytes)")
+        seconds = self.engine.load_weights(weights.payload)
+        self.version = weights.version
+        return {"version": self.version, "seconds": seconds}
+
+    def score(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        return self.engine.score(prompt_ids, response_ids)
+
+    def get_version(self) -> int:
+        return self.version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        self.engine.close()

@@ -1,0 +1,290 @@
+"""The driver: one loop, every remote call visible (style.md §7).
+
+    prompts → generate → score (rewards ‖ teacher) → credit → learner step → weight sync
+            → metrics / eval / checkpoint
+
+Each phase submits all of its remote work first and waits once. With
+``algorithm.max_staleness = 1`` the generation of step t+1 is submitted before step t trains,
+so it overlaps training and carries policy version t-1; the learner's recomputed log-probs
+serve as π_old. With 0, every rollout comes from the newest weights.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from protege.cluster import checkpoints
+from protege.cluster.jobdata import Encoder, load_job_data
+from protege.cluster.launch import Roles, connect, start_roles
+from protege.cluster.metrics import MetricsWriter, plot_curves
+from protege.cluster.records import TrainBatch, TrainRow
+from protege.cluster.weight_sync import ObjectStoreSync
+from protege.data import PromptStream
+from protege.learners.algorithms import build_rows
+from protege.learners.batching import shard_rows
+
+
+class JobError(RuntimeError):
+    pass
+
+
+def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> dict:
+    """Train as ``spec`` says. ``stop_after`` ends the session after that many steps (tests)."""
+    run_dir = spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "resolved_spec.json").write_text(spec.model_dump_json(indent=2))
+    train_set, eval_set = load_job_data(spec)  # bad data fails here, before any resource is taken
+    tok = _check_tokenizers(spec)
+    enc = Encoder(tok, system_prompt=spec.data.system_prompt, max_prompt_tokens=spec.rollout.max_prompt_tokens)
+    connect()
+    roles = start_roles(spec)
+    try:
+        return _train(spec, roles, enc, train_set, eval_set, resume=resume, stop_after=stop_after, progress=progress)
+    finally:
+        roles.kill_all()
+
+
+def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, stop_after, progress) -> dict:
+    algo, ro = spec.algorithm, spec.rollout
+    run_dir = spec.run_dir
+    sync = ObjectStoreSync(roles.learners, roles.rollout, zero_stage=spec.learner.zero_stage, dtype=spec.models.student.dtype)
+    stream = PromptStream(train_set, seed=spec.seed)
+    step, version = 0, 0
+    ckpt = checkpoints.latest(run_dir) if resume else None
+    if ckpt is not None:
+        state = checkpoints.read_state(ckpt)
+        ray.get([ln.load_checkpoint.remote(str(ckpt)) for ln in roles.learners])
+        stream.load_state_dict(state["data"])
+        _set_rng(state["rng"])
+        step, version = state["step"], state["version"]
+        sync.push(version)
+    metrics = MetricsWriter(run_dir, resume=ckpt is not None)
+    if ckpt is not None:
+        metrics.truncate_after(step)
+    elif eval_set:
+        metrics.write(0, _evaluate(spec, roles, enc, eval_set))
+
+    last = spec.steps if stop_after is None else min(spec.steps, step + stop_after)
+    bar = _progress(step, spec.steps, progress)
+    pending = _submit_generation(spec, roles, enc, stream, step) if step < last else None
+    while step < last:
+        t_step = time.perf_counter()
+        # 1. generate (or take the overlapped generation submitted last iteration)
+        batch_examples, gen_refs, t_gen0 = pending
+        gen = ray.get(gen_refs)
+        t_gen = time.perf_counter() - t_gen0
+        rollouts = [r for g in gen for r in g["rollouts"]]
+        if algo.max_staleness >= 1 and step + 1 < last:
+            pending = _submit_generation(spec, roles, enc, stream, step + 1)
+
+        # 2. score: rewards and teacher in parallel, one wait
+        t0 = time.perf_counter()
+        refs = [roles.reward.score.remote(
+            [r.sample.text for r in rollouts],
+            [batch_examples[r.example_index].answer for r in rollouts],
+            [batch_examples[r.example_index].meta for r in rollouts])] if rollouts else []
+        if roles.teacher is not None and spec.needs_teacher_scoring() and rollouts:
+            top_k = algo.top_k if algo.type == "kepo" and algo.divergence != "reverse_kl" else 0
+            refs.append(roles.teacher.score.remote([(r.prompt_ids, r.sample.response_ids) for r in rollouts], top_k))
+        scored = ray.get(refs)
+        scores = scored[0] if rollouts else []
+        teacher = scored[1]["scores"] if len(scored) > 1 else None
+        t_score = time.perf_counter() - t0
+
+        # 3. credit assignment → rows for the learners
+        rewards = [s.value for s in scores]
+        rows, credit_metrics = _rows_for_step(spec, enc, rollouts, rewards, teacher, batch_examples)
+
+        # 4. learner step (all ranks, one wait)
+        t0 = time.perf_counter()
+        learner_metrics = _learner_step(spec, roles, rows, version)
+        t_train = time.perf_counter() - t0
+
+        # 5. weight sync: version v+1 into every rollout engine
+        version += 1
+        step += 1
+        do_eval = bool(eval_set) and (step % spec.eval.interval == 0 or step == spec.steps)
+        # SFT and offline DPO never sample from the student, so they sync only to evaluate.
+        sync_metrics = sync.push(version) if _generates(spec) or do_eval else {}
+        if algo.max_staleness == 0 and step < last:
+            pending = _submit_generation(spec, roles, enc, stream, step)
+
+        # 6. metrics, eval, checkpoint
+        m = {**learner_metrics, **credit_metrics, **sync_metrics, **_rollout_metrics(spec, rollouts, scores, version)}
+        m.update({"time/generate": t_gen, "time/score": t_score, "time/train": t_train,
+                  "time/sync": sync_metrics.get("sync/seconds", 0.0), "time/step": time.perf_counter() - t_step,
+                  "rollout/tokens_per_s": sum(g["tokens"] for g in gen) / max(t_gen, 1e-9)})
+        if do_eval:
+            m.update(_evaluate(spec, roles, enc, eval_set))
+        metrics.write(step, m)
+        if step % spec.checkpoint.interval == 0 or step == spec.steps:
+            _save(spec, roles, stream, step, version)
+        bar.update(1)
+        bar.set_postfix(reward=f"{m.get('reward/mean', 0):.3f}", acc=f"{m.get('eval/accuracy', float('nan')):.3f}")
+    bar.close()
+    metrics.close()
+    plot = plot_curves(run_dir)
+    summary = _summary(run_dir, step, version, plot)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- phases
+def _generates(spec) -> bool:
+    a = spec.algorithm
+    return not (a.type == "sft" or (a.type == "dpo" and a.mode == "offline"))
+
+
+def _submit_generation(spec, roles: Roles, enc: Encoder, stream: PromptStream, step: int):
+    """Take the next prompts and submit them, split over the rollout workers. Returns (examples, refs, t0)."""
+    examples = stream.next_batch(spec.rollout.prompts_per_step)
+    if not _generates(spec):
+        return examples, [], time.perf_counter()
+    ro = spec.rollout
+    prompts = [enc.prompt(e.prompt) for e in examples]
+    n_w = len(roles.rollout)
+    chunk = -(-len(prompts) // n_w)
+    seed = spec.seed * 1_000_003 + step * 1009  # per step: reproducible, and a resumed run samples the same
+    refs = [
+        w.generate.remote(prompts[i * chunk:(i + 1) * chunk], n=ro.samples_per_prompt, temperature=ro.temperature,
+                          top_p=ro.top_p, max_tokens=ro.max_new_tokens, seed=seed + i * chunk, first_index=i * chunk)
+        for i, w in enumerate(roles.rollout) if prompts[i * chunk:(i + 1) * chunk]
+    ]
+    return examples, refs, time.perf_counter()
+
+
+def _rows_for_step(spec, enc, rollouts, rewards, teacher, examples) -> tuple[list[TrainRow], dict]:
+    algo = spec.algorithm
+    if algo.type == "sft":
+        return [TrainRow(prompt_ids=enc.prompt(e.prompt), response_ids=enc.answer_target(e.answer)) for e in examples], {}
+    if algo.type == "dpo" and algo.mode == "offline":
+        rows = []
+        for p in examples:
+            prompt = enc.prompt(p.prompt)
+            rows += [TrainRow(prompt_ids=prompt, response_ids=enc.target(p.chosen)),
+                     TrainRow(prompt_ids=prompt, response_ids=enc.target(p.rejected))]
+        return rows, {}
+    return build_rows(algo, rollouts, rewards, spec.rollout.samples_per_prompt, teacher)
+
+
+def _learner_step(spec, roles: Roles, rows: list[TrainRow], version: int) -> dict:
+    pairs = spec.algorithm.type == "dpo"
+    if not rows:  # e.g. dynamic sampling dropped every group, or no DPO pair had a winner
+        return {"learner/skipped": 1.0}
+    if pairs and spec.algorithm.reference == "teacher":
+        ref = ray.get(roles.teacher.sequence_logprobs.remote([(r.prompt_ids, r.response_ids) for r in rows]))
+        for r, v in zip(rows, ref):
+            r.ref_seq_logprob = v
+    shards = shard_rows(rows, len(roles.learners), group=2 if pairs else 1)
+    global_tokens = sum(len(r.response_ids) for r in rows)
+    out = ray.get([
+        ln.train_step.remote(TrainBatch(rows=shard, policy_version=version, global_tokens=global_tokens,
+                                        global_rows=len(rows), pairs=pairs))
+        for ln, shard in zip(roles.learners, shards)
+    ])
+    return out[0]  # ranks agree on the loss; rank 0 speaks for the group
+
+
+def _evaluate(spec, roles: Roles, enc: Encoder, eval_set) -> dict:
+    """Greedy accuracy on the fixed held-out set, with rollout worker 0 at its current version."""
+    examples = eval_set[: spec.eval.size]
+    t0 = time.perf_counter()
+    gen = ray.get(roles.rollout[0].generate.remote([enc.prompt(e.prompt) for e in examples], n=1, temperature=0.0,
+                                                   top_p=1.0, max_tokens=spec.rollout.max_new_tokens))
+    rollouts = gen["rollouts"]
+    scores = ray.get(roles.reward.score.remote([r.sample.text for r in rollouts], [e.answer for e in examples],
+                                               [e.meta for e in examples]))
+    acc = _accuracy(spec, scores)
+    return {"eval/accuracy": acc, "eval/reward": float(np.mean([s.value for s in scores])),
+            "eval/response_len": float(np.mean([len(r.sample.response_ids) for r in rollouts])),
+            "eval/seconds": time.perf_counter() - t0}
+
+
+def _accuracy(spec, scores) -> float:
+    """Fraction of responses whose first reward (the verifier, by convention) is fully correct."""
+    first = spec.rewards[0].name
+    return float(np.mean([s.components.get(first, 0.0) >= 1.0 - 1e-6 for s in scores])) if scores else 0.0
+
+
+def _rollout_metrics(spec, rollouts, scores, version: int) -> dict:
+    if not rollouts:
+        return {}
+    rewards = np.array([s.value for s in scores], dtype=float)
+    errors = sum(sum(s.errors.values()) for s in scores)
+    return {
+        "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+        "reward/accuracy": _accuracy(spec, scores), "reward/errors": float(errors),
+        "rollout/response_len": float(np.mean([len(r.sample.response_ids) for r in rollouts])),
+        "rollout/truncated_frac": float(np.mean([r.sample.finish_reason == "length" for r in rollouts])),
+        # version the learner had when this batch trained, minus the version that generated it
+        "rollout/version_lag": float(np.mean([(version - 1) - r.policy_version for r in rollouts])),
+    }
+
+
+# ---------------------------------------------------------------------------------------- state
+def _save(spec, roles: Roles, stream: PromptStream, step: int, version: int) -> Path:
+    tmp = checkpoints.tmp_dir(spec.run_dir, step)
+    ray.get([ln.save_checkpoint.remote(str(tmp)) for ln in roles.learners])
+    state = {"step": step, "version": version, "data": stream.state_dict(), "rng": _get_rng(), "time": time.time()}
+    return checkpoints.commit(tmp, state, keep=spec.checkpoint.keep)
+
+
+def _get_rng() -> dict:
+    return {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
+            "torch": torch.get_rng_state().tolist()}
+
+
+def _set_rng(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _jsonable(x):
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _check_tokenizers(spec):
+    """Every per-token teacher signal assumes one vocabulary: refuse a mismatched teacher up front."""
+    from protege.models import load_tokenizer, tokenizers_match
+
+    tok = load_tokenizer(spec.models.student.path)
+    teacher = spec.models.teacher
+    if teacher is not None:
+        ok, why = tokenizers_match(tok, load_tokenizer(teacher.path))
+        if not ok:
+            raise JobError(f"models.teacher and models.student must share a tokenizer for '{spec.algorithm.type}': {why}")
+    return tok
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _summary(run_dir: Path, step: int, version: int, plot) -> dict:
+    from protege.cluster.metrics import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    return {"run_dir": str(run_dir), "steps": step, "policy_version": version,
+            "eval_accuracy_first": evals[0][1] if evals else None, "eval_accuracy_last": evals[-1][1] if evals else None,
+            "eval_curve": evals, "checkpoint": str(checkpoints.latest(run_dir) or ""), "plot": str(plot or "")}

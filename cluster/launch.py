@@ -1,0 +1,135 @@
+"""Composition root: the only place plain classes become Ray actors (style.md §5).
+
+Connects to the cluster, reserves resources per role, and builds the rollout, reward,
+teacher and learner groups from the spec.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from protege.actors.rollout import RolloutWorker
+from protege.cluster.placement import reserve, role_requests
+from protege.env import worker_env
+from protege.learners.learner import Learner
+from protege.rewards.base import RewardRunner
+from protege.rewards.teacher import TeacherScorer
+
+RolloutActor = ray.remote(RolloutWorker)
+LearnerActor = ray.remote(Learner)
+RewardActor = ray.remote(RewardRunner)
+TeacherActor = ray.remote(TeacherScorer)
+
+
+def connect() -> dict[str, Any]:
+    """$RAY_ADDRESS when set (a cluster), else an embedded local Ray started in-process."""
+    if ray.is_initialized():
+        return {"address": "existing", "embedded": False}
+    address = os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": worker_env()}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return {"address": address, "embedded": False}
+    ray.init(num_cpus=os.cpu_count(), runtime_env=env, include_dashboard=False, log_to_driver=True)
+    return {"address": "local", "embedded": True}
+
+
+@dataclass
+class Roles:
+    rollout: list = field(default_factory=list)
+    learners: list = field(default_factory=list)
+    reward: Any = None
+    teacher: Any = None
+    groups: dict = field(default_factory=dict)
+    grad_accum: int = 1
+
+    def kill_all(self) -> None:
+        for a in [*self.rollout, *self.learners, self.reward, self.teacher]:
+            if a is not None:
+                try:
+                    ray.kill(a)
+                except Exception:
+                    pass
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self.groups.values():
+            try:
+                remove_placement_group(pg)
+            except Exception:
+                pass
+
+
+def _opts(pg, index: int, bundle: dict[str, float], **extra) -> dict:
+    resources = {k: v for k, v in bundle.items() if k not in {"CPU", "GPU"}}
+    return dict(
+        num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), resources=resources or None,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
+        **extra,
+    )
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous() -> tuple[str, int]:
+    """Address and a free port on the node that hosts learner rank 0."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def rows_per_step(spec) -> int:
+    a = spec.algorithm
+    if a.type == "dpo":
+        return 2 * spec.rollout.prompts_per_step
+    if a.type == "sft":
+        return spec.rollout.prompts_per_step
+    return spec.rollout.prompts_per_step * spec.rollout.samples_per_prompt
+
+
+def start_roles(spec) -> Roles:
+    reqs = {q.role: q for q in role_requests(spec)}
+    groups = reserve(list(reqs.values()), spec.resources.placement_timeout_s)
+    roles = Roles(groups=groups)
+    student = spec.models.student
+    max_len = spec.rollout.max_prompt_tokens + max(spec.rollout.max_new_tokens, getattr(spec.algorithm, "hint_max_tokens", 0)) + 64
+    for i in range(spec.rollout.workers):
+        roles.rollout.append(
+            RolloutActor.options(**_opts(groups["rollout"], i, reqs["rollout"].bundle)).remote(
+                student.path, engine=spec.rollout.engine, dtype=student.dtype, seed=spec.seed + i,
+                max_model_len=max_len, kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
+            )
+        )
+    roles.reward = RewardActor.options(**_opts(groups["reward"], 0, reqs["reward"].bundle)).remote(
+        [(r.name, r.weight) for r in spec.rewards]
+    )
+    if "teacher" in groups:
+        t = spec.models.teacher
+        roles.teacher = TeacherActor.options(**_opts(groups["teacher"], 0, reqs["teacher"].bundle)).remote(
+            t.path, dtype=t.dtype, temperature=spec.rollout.temperature
+        )
+    # Fixed micro-batch count per rank, so every rank runs the same number of forward/backward
+    # calls each step (DeepSpeed collectives) whatever the batch's real size.
+    per_rank = math.ceil(rows_per_step(spec) / spec.learner.ranks)
+    roles.grad_accum = max(1, math.ceil(per_rank / spec.learner.micro_batch))
+    algo = spec.algorithm
+    needs_ref = (getattr(algo, "kl_coef", 0) > 0) or (algo.type == "dpo" and algo.reference == "initial")
+    for rank in range(spec.learner.ranks):
+        roles.learners.append(
+            LearnerActor.options(**_opts(groups["learner"], rank, reqs["learner"].bundle)).remote(
+                rank=rank, world_size=spec.learner.ranks, model_path=student.path, learner_spec=spec.learner,
+                algo=algo, temperature=spec.rollout.temperature, grad_accum=roles.grad_accum,
+                seed=spec.seed, needs_ref=needs_ref,
+            )
+        )
+    addr, port = ray.get(_rendezvous.options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(groups["learner"], placement_group_bundle_index=0)
+    ).remote())
+    ray.get([ln.setup.remote(addr, port) for ln in roles.learners])
+    return roles

@@ -1,0 +1,419 @@
+"""Learner-side losses: pure functions of tensors (torch only).
+
+Every loss has the shape ``fn(inputs, *, hyperparams) -> (loss, metrics)``; ``loss`` is a
+0-d tensor carrying grad and ``metrics`` maps namespaced names to detached 0-d tensors.
+No config objects, no ``torch.distributed``, no logging: the learner owns all of that.
+Shapes: B responses, T response positions (padded), K teacher top-k ids.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Metrics = dict[str, Tensor]
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+
+# exp() of a larger log-ratio overflows float32 and turns masked-out gradients into inf*0 = NaN.
+# Tokens that far from 1 are clipped anyway; verl uses the same bound.
+_MAX_LOG_RATIO = 20.0
+
+
+@dataclass
+class LossInputs:
+    """Per-token inputs of the policy losses. Teacher/reference tensors must not carry grad;
+    padded positions must hold finite values (they are multiplied by mask 0)."""
+
+    logprobs: Tensor  # [B, T] log πθ(y_t|s_t) of the sampled tokens; carries grad
+    old_logprobs: Tensor  # [B, T] log π_old of the same tokens (recomputed by the learner)
+    mask: Tensor  # [B, T] float, 1.0 on response tokens, 0.0 on padding
+    advantages: Tensor  # [B] (broadcast over T) or [B, T]
+    ref_logprobs: Tensor | None = None  # [B, T] log π_ref; needed when kl_coef > 0
+    teacher_logprobs: Tensor | None = None  # [B, T] log π_T of the sampled token (RLAD, OPD, KEPO)
+    student_topk_logprobs: Tensor | None = None  # [B, T, K] log πθ at the teacher's top-k ids; grad
+    teacher_topk_logprobs: Tensor | None = None  # [B, T, K] log π_T at its top-k ids
+    gate: Tensor | None = None  # [B] float/bool, 1 = response passes the KEPO quality gate
+
+    def __post_init__(self) -> None:
+        shape = self.logprobs.shape
+        if self.logprobs.dim() != 2:
+            raise ValueError(f"logprobs must be [B, T], got {tuple(shape)}.")
+        for name in ("old_logprobs", "mask", "ref_logprobs", "teacher_logprobs"):
+            t = getattr(self, name)
+            if t is not None and t.shape != shape:
+                raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}.")
+        if self.advantages.shape not in (shape[:1], shape):
+            raise ValueError(
+                f"advantages must be [B] or [B, T] = {tuple(shape)}, got {tuple(self.advantages.shape)}."
+            )
+        for name in ("student_topk_logprobs", "teacher_topk_logprobs"):
+            t = getattr(self, name)
+            if t is not None and (t.dim() != 3 or t.shape[:2] != shape):
+                raise ValueError(f"{name} must be [B, T, K] with [B, T] = {tuple(shape)}.")
+        if self.gate is not None and self.gate.shape != shape[:1]:
+            raise ValueError(f"gate must be [B] = [{shape[0]}], got {tuple(self.gate.shape)}.")
+        self.mask = self.mask.to(self.logprobs.dtype)
+
+
+def _nonzero(x: Tensor) -> Tensor:
+    # Denominator guard: where the count is 0 the numerator is a sum of L*0, so dividing by 1
+    # gives 0 with the graph intact (dividing by 0 would give NaN forward and backward).
+    return torch.where(x > 0, x, torch.ones_like(x))
+
+
+def aggregate(
+    per_token: Tensor,  # [B, T]
+    mask: Tensor,  # [B, T]
+    mode: str,
+    *,
+    max_len: int | None = None,
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+    dp_size: int = 1,
+) -> Tensor:  # []
+    """Reduce a per-token loss to a scalar (verl ``agg_loss`` names).
+
+    - "token-mean": Σ L·m / Σ m over the whole batch (DAPO).
+    - "seq-mean-token-mean": mean over rows with ≥1 token of each row's token mean (GRPO
+      Eq. 1); rows with no tokens are left out of the mean, not counted as NaN or 0.
+    - "seq-mean-token-sum-norm": Σ L·m / (B·max_len), max_len defaulting to T (Dr. GRPO);
+      pass the generation limit as max_len for Dr. GRPO's true constant.
+    An all-masked input gives exactly 0 with the graph intact.
+
+    Data-parallel use: pass the count over all ranks (``global_tokens`` for token-mean,
+    ``global_seqs`` for the sequence modes) and ``dp_size``; the result is multiplied by
+    dp_size because DDP/ZeRO average gradients over ranks, so the per-rank losses then sum to
+    the global loss, whatever the split of tokens between ranks.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"Unknown loss_agg mode {mode!r}; valid modes: {', '.join(AGG_MODES)}.")
+    if global_tokens is not None and mode != "token-mean":
+        raise ValueError("global_tokens applies to loss_agg 'token-mean' only; use global_seqs.")
+    if global_seqs is not None and mode == "token-mean":
+        raise ValueError("global_seqs applies to the seq-mean modes only; use global_tokens.")
+    mask = mask.to(per_token.dtype)
+    weighted = per_token * mask
+    if mode == "token-mean":
+        denom = mask.sum() if global_tokens is None else per_token.new_tensor(float(global_tokens))
+        loss = weighted.sum() / _nonzero(denom)
+    elif mode == "seq-mean-token-mean":
+        tokens = mask.sum(dim=-1)  # [B]
+        row_mean = weighted.sum(dim=-1) / _nonzero(tokens)  # empty rows: 0/1 = 0
+        if global_seqs is None:
+            n = (tokens > 0).sum().to(per_token.dtype)
+        else:
+            n = per_token.new_tensor(float(global_seqs))
+        loss = row_mean.sum() / _nonzero(n)
+    else:
+        length = per_token.shape[-1] if max_len is None else max_len
+        n = per_token.shape[0] if global_seqs is None else global_seqs
+        loss = weighted.sum() / max(float(n) * length, 1.0)
+    return loss * dp_size
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Detached token-mean, for metrics."""
+    return aggregate(x.detach().to(mask.dtype), mask, "token-mean")
+
+
+def _ratio(log_ratio: Tensor) -> Tensor:
+    return log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).exp()
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+    """Per-token KL(πθ||π_ref) estimate from the sampled token (Schulman's k1/k2/k3, verl names).
+
+    k1 = logp − ref; k2 = ½(logp − ref)²; k3 = exp(ref − logp) − (ref − logp) − 1, the
+    non-negative estimator of DeepSeekMath. k3 is clamped to [−10, 10] as verl's
+    ``low_var_kl`` (and its exponent to ±20) so one outlier token cannot dominate the loss.
+    """
+    diff = logprobs - ref_logprobs
+    if estimator == "k1":
+        return diff
+    if estimator == "k2":
+        return 0.5 * diff.square()
+    if estimator == "k3":
+        neg = (-diff).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        return (neg.exp() - neg - 1).clamp(-10.0, 10.0)
+    raise ValueError(f"Unknown kl_estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}.")
+
+
+def clipped_surrogate(
+    log_ratio: Tensor,  # [B, T] log ρ
+    adv: Tensor,  # [B, 1] or [B, T]
+    eps_low: float,
+    eps_high: float,
+) -> tuple[Tensor, Tensor]:  # ([B, T] per-token loss, [B, T] bool clipped)
+    """PPO clipped surrogate with decoupled bounds: −min(ρA, clip(ρ, 1−eps_low, 1+eps_high)A).
+
+    ``clipped`` marks tokens where the clipped term is strictly smaller, i.e. it is the one
+    selected and the token gets no gradient (same test as verl's ``pg_clipfrac``).
+    """
+    ratio = _ratio(log_ratio)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
+    is_clipped = clipped < unclipped
+    # where() rather than minimum(): minimum() splits the gradient between equal branches.
+    return -torch.where(is_clipped, clipped, unclipped), is_clipped
+
+
+def _pg_loss(
+    inp: LossInputs, log_ratio: Tensor, *, eps_low: float, eps_high: float, loss_agg: str,
+    max_len: int | None, kl_coef: float, kl_estimator: str,
+) -> tuple[Tensor, Metrics]:
+    """The clipped policy-gradient loss shared by GRPO and RLAD; they differ only in log ρ."""
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"Unknown kl_estimator {kl_estimator!r}; valid: {', '.join(KL_ESTIMATORS)}.")
+    if kl_coef > 0 and inp.ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs in LossInputs (the reference policy pass).")
+    adv = inp.advantages.detach()
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
+    pg, is_clipped = clipped_surrogate(log_ratio, adv, eps_low, eps_high)
+    per_token, kl = pg, None
+    if inp.ref_logprobs is not None:
+        # Without a penalty the KL is still reported, computed off the graph.
+        logp = inp.logprobs if kl_coef > 0 else inp.logprobs.detach()
+        kl = kl_penalty(logp, inp.ref_logprobs, kl_estimator)
+        if kl_coef > 0:
+            per_token = pg + kl_coef * kl
+    m = inp.mask
+    loss = aggregate(per_token, m, loss_agg, max_len=max_len)
+    zero = loss.new_zeros(()).detach()
+    metrics = {
+        "loss/pg": aggregate(pg.detach(), m, loss_agg, max_len=max_len),
+        "loss/kl": zero if kl is None else aggregate(kl.detach(), m, loss_agg, max_len=max_len),
+        "loss/clip_frac": _masked_mean(is_clipped, m),
+        "loss/ratio_mean": _masked_mean(_ratio(log_ratio.detach()), m),
+        # verl's ppo_kl: mean of (old − logp), the drift since rollout.
+        "loss/approx_kl_old": _masked_mean(inp.old_logprobs - inp.logprobs, m),
+    }
+    return loss, metrics
+
+
+def grpo_loss(
+    inp: LossInputs, *, eps_low: float = 0.2, eps_high: float = 0.28, loss_agg: str = "token-mean",
+    max_len: int | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+) -> tuple[Tensor, Metrics]:
+    """GRPO: PPO-clipped ratio ρ = πθ/π_old times a group-relative advantage, plus an optional
+    KL-to-reference loss term. DeepSeekMath (arXiv 2402.03300) Eq. for J_GRPO.
+
+    Deviations from DeepSeekMath, all selectable:
+    - Decoupled clip bounds eps_low/eps_high (DAPO clip-higher, arXiv 2503.14476); the
+      defaults 0.2/0.28 are DAPO's. eps_low == eps_high gives the symmetric PPO clip.
+    - Default aggregation "token-mean" (DAPO) instead of the paper's 1/|o_i| per sequence
+      ("seq-mean-token-mean"); "seq-mean-token-sum-norm" with max_len is Dr. GRPO
+      (arXiv 2503.20783), combined with group_advantages(std_norm=False).
+    - KL weight defaults to 0 (DAPO, Dr. GRPO); DeepSeekMath used 0.04 with k3. k3 is
+      clamped to [−10, 10] as in verl.
+    - log ρ is clamped to ±20 before exp() for float safety; no dual-clip.
+    - The advantage is an input (see advantages.py); [B, T] advantages allow process rewards.
+    """
+    return _pg_loss(
+        inp, inp.logprobs - inp.old_logprobs, eps_low=eps_low, eps_high=eps_high,
+        loss_agg=loss_agg, max_len=max_len, kl_coef=kl_coef, kl_estimator=kl_estimator,
+    )
+
+
+def rlad_loss(
+    inp: LossInputs, *, alpha: float = 0.5, clamp: float = 1.0, eps_low: float = 0.2,
+    eps_high: float = 0.28, loss_agg: str = "token-mean", max_len: int | None = None,
+    kl_coef: float = 0.0, kl_estimator: str = "k3",
+) -> tuple[Tensor, Metrics]:
+    """RLAD / TRRD (arXiv 2602.22495): GRPO with the trust-region ratio anchored to a mix of
+    π_old and the teacher, per sampled token:
+
+        log ρ = α(log πθ − log π_old) + (1−α)·clamp(log πθ − log π_T, −c, c)
+
+    Eq. 3 with the Appendix B clamp (c = 1). α = 1 is plain GRPO: the teacher term is then
+    not computed at all, so loss and gradients equal grpo_loss bit for bit. The v2 paper's
+    §4.1 says the reverse ("α=0 recovers GRPO"); that contradicts Eq. 3 and Appendix C, and
+    we follow Eq. 3.
+
+    Deviations: aggregation defaults to "token-mean" (Eq. 4 writes seq-mean-token-mean;
+    select it with loss_agg); the KL-to-reference weight β, never given in the paper,
+    defaults to 0; the clamp is a plain clamp, so outside ±c the teacher term passes no
+    gradient and the update is scaled by α; log ρ is clamped to ±20 before exp().
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    if clamp <= 0:
+        raise ValueError(f"clamp must be positive, got {clamp}.")
+    teacher = inp.teacher_logprobs
+    if alpha == 1.0:
+        log_ratio = inp.logprobs - inp.old_logprobs  # exactly grpo_loss's expression
+    else:
+        if teacher is None:
+            raise ValueError("rlad_loss with alpha < 1 needs teacher_logprobs in LossInputs.")
+        teacher_lr = (inp.logprobs - teacher).clamp(-clamp, clamp)
+        log_ratio = alpha * (inp.logprobs - inp.old_logprobs) + (1.0 - alpha) * teacher_lr
+    loss, metrics = _pg_loss(
+        inp, log_ratio, eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg,
+        max_len=max_len, kl_coef=kl_coef, kl_estimator=kl_estimator,
+    )
+    if teacher is None:
+        metrics["rlad/teacher_logratio_mean"] = metrics["rlad/clamp_frac"] = loss.new_zeros(())
+    else:
+        gap = (inp.logprobs - teacher).detach()
+        metrics["rlad/teacher_logratio_mean"] = _masked_mean(gap, inp.mask)
+        metrics["rlad/clamp_frac"] = _masked_mean(gap.abs() > clamp, inp.mask)
+    return loss, metrics
+
+
+def _distill_per_token(inp: LossInputs, divergence: str, jsd_beta: float) -> Tensor:  # [B, T]
+    if divergence == "reverse_kl":
+        if inp.teacher_logprobs is None:
+            raise ValueError("divergence 'reverse_kl' needs teacher_logprobs in LossInputs.")
+        # KL(πθ||πT) = E_θ[log πθ − log πT] has gradient E_θ[(log πθ − log πT)·∇log πθ]
+        # (the extra E_θ[∇log πθ] term is 0). Samples come from π_old, so weight by ρ = πθ/π_old:
+        # ∇(ρ·sg[d]) = ρ·d·∇log πθ, and E_old[ρ·d·∇log πθ] = ∇KL. The value ρ·d is the
+        # importance-weighted k1 estimate of the KL itself.
+        d = (inp.logprobs - inp.teacher_logprobs).detach()
+        return _ratio(inp.logprobs - inp.old_logprobs) * d
+    if divergence not in ("forward_kl", "jsd"):
+        raise ValueError(f"Unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}.")
+    if inp.student_topk_logprobs is None or inp.teacher_topk_logprobs is None:
+        raise ValueError(f"divergence {divergence!r} needs student_topk_logprobs and teacher_topk_logprobs.")
+    if inp.student_topk_logprobs.shape != inp.teacher_topk_logprobs.shape:
+        raise ValueError("student_topk_logprobs and teacher_topk_logprobs must have the same shape.")
+    if not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}.")
+    # Renormalise both over the K ids so each row is a distribution (top-k approximation).
+    s = F.log_softmax(inp.student_topk_logprobs, dim=-1)  # [B, T, K]
+    t = F.log_softmax(inp.teacher_topk_logprobs.detach(), dim=-1)
+    if divergence == "forward_kl" or jsd_beta == 0.0:  # TRL endpoint: β=0 → KL(T||S)
+        return (t.exp() * (t - s)).sum(-1)
+    if jsd_beta == 1.0:  # TRL endpoint: β=1 → KL(S||T)
+        return (s.exp() * (s - t)).sum(-1)
+    log_m = torch.logaddexp(t + math.log(jsd_beta), s + math.log1p(-jsd_beta))
+    kl_t = (t.exp() * (t - log_m)).sum(-1)
+    kl_s = (s.exp() * (s - log_m)).sum(-1)
+    return jsd_beta * kl_t + (1.0 - jsd_beta) * kl_s
+
+
+def kepo_loss(
+    inp: LossInputs, *, distill_coef: float = 1.0, divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5, eps_low: float = 0.2, eps_high: float = 0.28,
+    loss_agg: str = "token-mean", max_len: int | None = None, kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+) -> tuple[Tensor, Metrics]:
+    """KEPO (arXiv 2602.00400; code github.com/Corleno/KEPO): GRPO plus quality-gated
+    distillation. Only responses with ``inp.gate`` = 1 (reward ≥ τ, decided by the caller)
+    are distilled; the term is a token-mean over their tokens:
+
+        loss = grpo_loss + distill_coef · Σ D_t·m_t·g_b / Σ m_t·g_b
+
+    D is "reverse_kl" (sampled-token estimator of KL(πθ||πT), see _distill_per_token),
+    "forward_kl" = Σ_k p_T (log p_T − log p_S), or the generalised JSD(β) of GKD
+    (arXiv 2306.13649) as TRL's generalized_jsd_loss: m = β p_T + (1−β) p_S,
+    JSD = β KL(p_T||m) + (1−β) KL(p_S||m), with TRL's endpoints β=0 → KL(T||S),
+    β=1 → KL(S||T). Knowledge-enhanced exploration (teacher hints) is driver-side.
+
+    Deviations from the released code: (1) its divergence is JSD(0.5) over the full
+    vocabulary; we offer the teacher's top-k ids, renormalised over K, or the sampled-token
+    reverse KL (the default, for remote teachers that return one logprob per token);
+    (2) an empty gate gives a distillation term of exactly 0 instead of 0/0 = NaN;
+    (3) the RL part is our clipped GRPO with token-mean by default (the code takes one step
+    per batch, so ρ ≡ 1 and no clipping, and uses seq-mean-token-mean); (4) the gate is an
+    input (the code gates on accuracy + format ≥ τ); (5) distill_coef (the code fixes 1).
+    """
+    if inp.gate is None:
+        raise ValueError("kepo_loss needs gate in LossInputs ([B], 1 = reward >= tau).")
+    loss, metrics = grpo_loss(
+        inp, eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, max_len=max_len,
+        kl_coef=kl_coef, kl_estimator=kl_estimator,
+    )
+    gate = inp.gate.detach().to(inp.mask.dtype)
+    per_token = _distill_per_token(inp, divergence, jsd_beta)
+    distill = aggregate(per_token, inp.mask * gate.unsqueeze(-1), "token-mean")
+    metrics["kepo/gate_frac"] = gate.mean()
+    metrics["kepo/distill"] = distill.detach()
+    return loss + distill_coef * distill, metrics
+
+
+def opd_loss(
+    inp: LossInputs, *, coef: float = 1.0, loss_agg: str = "token-mean", max_len: int | None = None,
+) -> tuple[Tensor, Metrics]:
+    """On-policy distillation: per-token reverse KL to the teacher on the student's samples,
+    estimated from the sampled token. The per-token advantage is A_t = sg(log π_T − log π_old)
+    and the surrogate −(πθ/π_old)·A_t, so on policy the gradient is −A_t ∇log πθ, whose
+    expectation is ∇KL(πθ||πT) (Agarwal et al.'s GKD setting, arXiv 2306.13649, with the
+    sampled-token estimator used by most on-policy distillation code).
+
+    Deviations: the sampled-token estimator instead of the full-vocabulary reverse KL; no
+    clipping, so keep to one or few updates per batch; log ρ clamped to ±20. Mix with GRPO
+    through grpo_opd_loss.
+    """
+    if inp.teacher_logprobs is None:
+        raise ValueError("opd_loss needs teacher_logprobs in LossInputs.")
+    adv = (inp.teacher_logprobs - inp.old_logprobs).detach()
+    per_token = -_ratio(inp.logprobs - inp.old_logprobs) * adv
+    loss = coef * aggregate(per_token, inp.mask, loss_agg, max_len=max_len)
+    metrics = {
+        "opd/loss": loss.detach(),
+        "opd/reverse_kl": _masked_mean(inp.old_logprobs - inp.teacher_logprobs, inp.mask),
+    }
+    return loss, metrics
+
+
+def grpo_opd_loss(
+    inp: LossInputs, *, opd_coef: float, eps_low: float = 0.2, eps_high: float = 0.28,
+    loss_agg: str = "token-mean", max_len: int | None = None, kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+) -> tuple[Tensor, Metrics]:
+    """grpo_loss + opd_loss(coef=opd_coef), with both metric sets."""
+    loss_g, metrics = grpo_loss(
+        inp, eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, max_len=max_len,
+        kl_coef=kl_coef, kl_estimator=kl_estimator,
+    )
+    loss_o, metrics_o = opd_loss(inp, coef=opd_coef, loss_agg=loss_agg, max_len=max_len)
+    return loss_g + loss_o, {**metrics, **metrics_o}
+
+
+def dpo_loss(
+    policy_chosen: Tensor,  # [B] Σ_t log πθ(y_w)
+    policy_rejected: Tensor,  # [B] Σ_t log πθ(y_l)
+    ref_chosen: Tensor,  # [B] Σ_t log π_ref(y_w)
+    ref_rejected: Tensor,  # [B] Σ_t log π_ref(y_l)
+    *,
+    beta: float = 0.1,
+) -> tuple[Tensor, Metrics]:
+    """DPO (arXiv 2305.18290): mean of −log σ(β[(πc − rc) − (πr − rr)]) over sequence-level
+    log-prob sums, via F.logsigmoid for stability at large margins.
+
+    The reference may be the initial student or the teacher (teacher-as-reference
+    distillation, as in LLaVA-MoD); this function does not care. Deviations: none in the
+    objective; the reward metrics are β-scaled implicit rewards, as in the paper.
+    """
+    if not (policy_chosen.shape == policy_rejected.shape == ref_chosen.shape == ref_rejected.shape):
+        raise ValueError("dpo_loss inputs must all have the same shape [B].")
+    chosen_reward = beta * (policy_chosen - ref_chosen.detach())
+    rejected_reward = beta * (policy_rejected - ref_rejected.detach())
+    margin = chosen_reward - rejected_reward
+    loss = -F.logsigmoid(margin).mean()
+    margin = margin.detach()
+    metrics = {
+        "dpo/reward_margin": margin.mean(),
+        "dpo/accuracy": (margin > 0).to(margin.dtype).mean(),
+        "dpo/chosen_reward": chosen_reward.detach().mean(),
+        "dpo/rejected_reward": rejected_reward.detach().mean(),
+    }
+    return loss, metrics
+
+
+def sft_loss(logprobs: Tensor, mask: Tensor) -> tuple[Tensor, Metrics]:
+    """Supervised fine-tuning: token-mean negative log-likelihood over masked tokens.
+    logprobs [B, T] are log πθ of the target tokens; mask [B, T]."""
+    loss = aggregate(-logprobs, mask, "token-mean")
+    return loss, {"sft/nll": loss.detach()}
+
+
+def sequence_logprobs(logprobs: Tensor, mask: Tensor) -> Tensor:  # [B]
+    """Masked sum over T of per-token log-probs [B, T]: the sequence log-likelihood DPO uses."""
+    return (logprobs * mask.to(logprobs.dtype)).sum(dim=-1)

@@ -1,0 +1,68 @@
+"""TeacherScorer: teacher log-probs of the student's sampled tokens (RLAD, OPD, KEPO, DPO-ref).
+
+One forward pass of the frozen teacher over (prompt + response) per rollout, batched; returns
+the sampled-token log-prob (one float per token) and, when asked, the teacher's top-k rows
+(ids + log-probs) for KEPO's forward-KL / JSD. Hints for KEPO's knowledge-enhanced
+exploration come from the teacher as a generator (``generate``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from protege.cluster.records import TeacherScores, TrainRow
+from protege.learners.batching import collate
+
+
+class TeacherScorer:
+    def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, temperature: float = 1.0):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.batch_size = batch_size
+        # Same temperature as the student's sampling so log-ratios compare like with like.
+        self.temperature = temperature if temperature > 0 else 1.0
+
+    @torch.no_grad()
+    def score(self, items: list[tuple[list[int], list[int]]], top_k: int = 0) -> dict:
+        t0 = time.perf_counter()
+        out: list[TeacherScores] = []
+        for i in range(0, len(items), self.batch_size):
+            chunk = items[i : i + self.batch_size]
+            b = collate([TrainRow(prompt_ids=p, response_ids=r) for p, r in chunk], self.pad_id)
+            logits = self.model(input_ids=b["input_ids"].to(self.device),
+                                attention_mask=b["attention_mask"].to(self.device)).logits[:, :-1]
+            pos = b["resp_pos"].to(self.device)
+            rows = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+            logp = (rows.float() / self.temperature).log_softmax(-1)  # [B, T, V]
+            lp = logp.gather(-1, b["targets"].to(self.device)[..., None])[..., 0].cpu()
+            if top_k:
+                vals, ids = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+                vals, ids = vals.cpu(), ids.cpu()
+            for j, (_, resp) in enumerate(chunk):
+                n = len(resp)
+                ts = TeacherScores(logprobs=lp[j, :n].tolist())
+                if top_k:
+                    ts.topk_ids = ids[j, :n].tolist()
+                    ts.topk_logprobs = vals[j, :n].tolist()
+                out.append(ts)
+        return {"scores": out, "seconds": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def sequence_logprobs(self, items: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Σ_t log π_T(y_t) at temperature 1: the teacher as DPO reference."""
+        saved, self.temperature = self.temperature, 1.0
+        try:
+            scores = self.score(items)["scores"]
+        finally:
+            self.temperature = saved
+        return [sum(s.logprobs) for s in scores]
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,211 @@
+"""Rule rewards (strings in, floats out), the reasoning-gym scorer and RewardRunner's isolation."""
+
+import doctest
+import threading
+import time
+
+import pytest
+
+from protege.data import load_reasoning_gym
+from protege.rewards import rules
+from protege.rewards.base import REWARD_FUNCTIONS, RewardRunner, Score, get_reward_fn
+from protege.rewards.rules import (
+    exact_match,
+    extract_answer,
+    extract_final_answer,
+    format_reward,
+    math_verify_reward,
+    reasoning_gym_reward,
+)
+
+
+def test_doctests():
+    result = doctest.testmod(rules)
+    assert result.failed == 0 and result.attempted >= 10
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<answer>7</answer>", "7"),
+        ("reasoning <answer>\n  7 \n</answer> trailing", "7"),
+        ("<answer>1</answer> then <answer>2</answer>", "2"),
+        ("<answer>a <answer>b</answer>", "b"),  # the innermost opening tag before the last close
+        ("<answer></answer>", ""),
+        ("no tags at all", None),
+        ("<answer>unclosed", None),
+        ("</answer> close before <answer>", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"\boxed{7}", "7"),
+        (r"\boxed{1} then \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"<answer>\boxed{9}</answer>", "9"),
+        (r"<answer>9</answer> \boxed{8}", "9"),  # the tag wins over a box outside it
+        (r"\boxed{unbalanced", None),
+        ("3 + 4", None),
+    ],
+)
+def test_extract_final_answer(text, expected):
+    assert extract_final_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "completion, reference, expected",
+    [
+        ("<answer>4</answer>", "4", 1.0),
+        ("<answer>4.0</answer>", "4", 1.0),
+        ("<answer>1/2</answer>", "0.5", 1.0),
+        ("<answer>  New   York. </answer>", "new york", 1.0),
+        ("Paris.", "paris", 1.0),  # no tag: the whole completion is the answer
+        ("<answer>-3</answer>", "-3.00", 1.0),
+        ("<answer>5</answer>", "4", 0.0),
+        ("the answer is 4", "4", 0.0),
+        ("<answer>1e999999999</answer>", "1", 0.0),  # not parsed as a number (would stall on 10**N)
+        ("<answer>four</answer>", "4", 0.0),
+    ],
+)
+def test_exact_match(completion, reference, expected):
+    assert exact_match(completion, reference) == expected
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<answer>42</answer>", 1.0),
+        ("Let me think. 6 * 7 = 42.\n<answer>42</answer>", 1.0),
+        ("<answer>   </answer>", 0.0),
+        ("<answer>1</answer><answer>2</answer>", 0.0),
+        ("<answer>42", 0.0),
+        ("42</answer>", 0.0),
+        ("</answer>42<answer>", 0.0),
+        ("42", 0.0),
+    ],
+)
+def test_format_reward(completion, expected):
+    assert format_reward(completion, "42") == expected
+
+
+@pytest.mark.parametrize(
+    "completion, reference, expected",
+    [
+        ("3 + 4", "7", 0.0),  # restates "What is 3 + 4?": math-verify's default extraction says 1
+        ("What is 3 + 4? It is 3 + 4", "7", 0.0),
+        ("<answer>7</answer>", "7", 1.0),
+        (r"\boxed{7}", "7", 1.0),
+        (r"so the result is \boxed{\frac{14}{2}}", "7", 1.0),
+        ("<answer>7.0</answer>", "7", 1.0),
+        (r"<answer>\frac{1}{2}</answer>", "0.5", 1.0),
+        ("<answer>3 + 4</answer>", "7", 0.0),  # unevaluated arithmetic for a numeric reference
+        (r"<answer>2^{3}</answer>", "8", 0.0),
+        ("<answer>8</answer>", "7", 0.0),
+        ("<answer>x + 1</answer>", "1 + x", 1.0),  # symbolic references still compare symbolically
+        ("<answer>banana</answer>", "7", 0.0),
+        ("<answer></answer>", "7", 0.0),
+    ],
+)
+def test_math_verify_reward(completion, reference, expected):
+    assert math_verify_reward(completion, reference) == expected
+
+
+def test_plain_math_verify_would_reward_the_restated_question():
+    """Why math_verify_reward extracts the final answer itself: the library default says 1 here."""
+    from math_verify import parse, verify
+
+    assert verify(parse("7", parsing_timeout=None), parse("3 + 4", parsing_timeout=None), timeout_seconds=None)
+    assert math_verify_reward("3 + 4", "7") == 0.0
+
+
+def test_math_verify_reward_off_main_thread():
+    """math-verify's default timeouts use SIGALRM, which fails off the main thread; ours are off."""
+    got = []
+    t = threading.Thread(target=lambda: got.append(math_verify_reward("<answer>7</answer>", "7")))
+    t.start()
+    t.join(30)
+    assert got == [1.0]
+
+
+@pytest.mark.parametrize("task", ["basic_arithmetic", "chain_sum"])
+def test_reasoning_gym_reward_on_generated_entries(task):
+    examples = load_reasoning_gym(task, size=5, seed=3)
+    for ex in examples:
+        assert reasoning_gym_reward(f"work... <answer>{ex.answer}</answer>", ex.answer, ex.meta) == 1.0
+        wrong = str(int(ex.answer) + 1)
+        assert reasoning_gym_reward(f"<answer>{wrong}</answer>", ex.answer, ex.meta) < 1.0
+        assert reasoning_gym_reward(ex.answer + " with no answer marker", ex.answer, ex.meta) == 0.0
+
+
+def test_reasoning_gym_reward_needs_meta():
+    with pytest.raises(ValueError, match="needs meta"):
+        reasoning_gym_reward("<answer>1</answer>", "1", None)
+
+
+def test_registry():
+    assert set(REWARD_FUNCTIONS) == {"exact_match", "format", "math_verify", "reasoning_gym"}
+    assert get_reward_fn("format") is format_reward
+    with pytest.raises(KeyError, match="valid rewards: exact_match, format, math_verify, reasoning_gym"):
+        get_reward_fn("fromat")
+
+
+def test_runner_weighted_sum_and_components():
+    with RewardRunner([("exact_match", 1.0), ("format", 0.5)], timeout_s=5.0) as runner:
+        scores = runner.score(["<answer>4</answer>", "4", "<answer>5</answer>"], ["4"] * 3, [None] * 3)
+        assert scores == [
+            Score(1.5, {"exact_match": 1.0, "format": 1.0}, {}),
+            Score(1.0, {"exact_match": 1.0, "format": 0.0}, {}),
+            Score(0.5, {"exact_match": 0.0, "format": 1.0}, {}),
+        ]
+        assert runner.score_one("<answer>4</answer>", "4") == scores[0]
+        assert runner.score([], [], []) == []
+        with pytest.raises(ValueError, match="equal lengths"):
+            runner.score(["a"], [], [])
+    with pytest.raises(KeyError, match="valid rewards"):
+        RewardRunner([("nope", 1.0)])
+
+
+def test_runner_survives_raising_hanging_and_nan_rewards():
+    release = threading.Event()
+
+    def boom(completion, reference, meta=None):
+        raise RuntimeError("bad reward")
+
+    def hang(completion, reference, meta=None):
+        release.wait(10)  # sleeps 10 s unless released at the end of the test
+        return 1.0
+
+    def nan(completion, reference, meta=None):
+        return float("nan")
+
+    functions = {"boom": boom, "hang": hang, "nan": nan, "format": format_reward}
+    runner = RewardRunner(
+        [("boom", 1.0), ("hang", 1.0), ("nan", 1.0), ("format", 2.0)], timeout_s=0.3, max_workers=2, functions=functions
+    )
+    try:
+        start = time.monotonic()
+        scores = runner.score(["<answer>1</answer>", "none"], ["1", "1"], [None, None])
+        elapsed = time.monotonic() - start
+        # Two hung calls on two workers: each is abandoned after ~0.3 s and replaced.
+        assert elapsed < 3.0
+        for score, fmt in zip(scores, [1.0, 0.0]):
+            assert score.components == {"boom": 0.0, "hang": 0.0, "nan": 0.0, "format": fmt}
+            assert score.value == 2.0 * fmt
+            assert score.errors == {"boom/exception": 1, "hang/timeout": 1, "nan/exception": 1}
+        # The replacement workers serve the next step; the stuck threads are still sleeping.
+        again = runner.score(["<answer>1</answer>"], ["1"], [None])
+        assert again[0].components["format"] == 1.0 and again[0].errors["hang/timeout"] == 1
+
+        # Abandoned threads beyond the cap: no replacements, so calls are skipped, not blocked.
+        capped = RewardRunner([("hang", 1.0)], timeout_s=0.2, max_workers=1, max_abandoned=1, functions=functions)
+        start = time.monotonic()
+        scores = capped.score(["a", "b", "c"], ["", "", ""], [None] * 3)
+        assert time.monotonic() - start < 3.0
+        assert [s.errors for s in scores] == [{"hang/timeout": 1}, {"hang/skipped": 1}, {"hang/skipped": 1}]
+    finally:
+        release.set()
+        runner.close()
