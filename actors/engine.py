@@ -11,7 +11,6 @@ the running engine; the version is tracked by the caller.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -23,6 +22,8 @@ EXTENSION = "protege.actors.vllm_ext.WeightReloadExtension"
 
 
 class VLLMEngine:
+    TOKEN_BUDGET = 8192
+
     def __init__(
         self,
         model: str,
@@ -44,6 +45,12 @@ class VLLMEngine:
             enable_prefix_caching=True,  # reset after every weight sync (stale logprobs otherwise)
             worker_extension_cls=EXTENSION,
             logprobs_mode="processed_logprobs",  # behaviour logprobs after temperature, as sampled
+            # A prefill split across scheduler steps makes vLLM rewind each seeded request's RNG
+            # (Generator.set_offset), which CPU generators do not support ("CPU Generator does
+            # not use offset"). generate() therefore submits at most this many prompt tokens
+            # at once, so prefills are never chunked.
+            max_num_batched_tokens=self.TOKEN_BUDGET,
+            max_num_seqs=256,
         )
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
@@ -63,6 +70,24 @@ class VLLMEngine:
         seed: int | None = None,
         stop_token_ids: list[int] | None = None,
     ) -> list[list[Sample]]:
+        # Waves whose prompt tokens (× n samples) fit the scheduler budget: see TOKEN_BUDGET.
+        waves, cur, used = [], [], 0
+        for i, p in enumerate(prompts):
+            cost = len(p) * n
+            if cur and used + cost > self.TOKEN_BUDGET:
+                waves.append(cur)
+                cur, used = [], 0
+            cur.append(i)
+            used += cost
+        if cur:
+            waves.append(cur)
+        out: list[list[Sample]] = []
+        for wave in waves:
+            out += self._generate([prompts[i] for i in wave], [i for i in wave], n=n, temperature=temperature,
+                                  top_p=top_p, max_tokens=max_tokens, seed=seed, stop_token_ids=stop_token_ids)
+        return out
+
+    def _generate(self, prompts, indices, *, n, temperature, top_p, max_tokens, seed, stop_token_ids):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -77,7 +102,7 @@ class VLLMEngine:
                 seed=None if seed is None else seed + i,  # per-prompt seed: reproducible, not identical
                 stop_token_ids=stop_token_ids,
             )
-            for i in range(len(prompts))
+            for i in indices
         ]
         results = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
@@ -196,6 +221,3 @@ def make_engine(kind: str, model: str, **kwargs: Any):
         case _:
             raise ValueError(f"unknown engine '{kind}' (valid: vllm, hf)")
 
-
-def cpu_threads() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS", "1"))

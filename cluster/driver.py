@@ -125,6 +125,7 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, sto
         if do_eval:
             m.update(_evaluate(spec, roles, enc, eval_set))
         metrics.write(step, m)
+        _log_samples(run_dir, step, enc, rollouts, scores, batch_examples)
         if step % spec.checkpoint.interval == 0 or step == spec.steps:
             _save(spec, roles, stream, step, version)
         bar.update(1)
@@ -206,6 +207,14 @@ def _evaluate(spec, roles: Roles, enc: Encoder, eval_set) -> dict:
     return {"eval/accuracy": acc, "eval/reward": float(np.mean([s.value for s in scores])),
             "eval/response_len": float(np.mean([len(r.sample.response_ids) for r in rollouts])),
             "eval/seconds": time.perf_counter() - t0}
+
+
+def _log_samples(run_dir: Path, step: int, enc: Encoder, rollouts, scores, examples, k: int = 4) -> None:
+    """A few (prompt, response, reward) triples per step in samples.jsonl: what the student actually says."""
+    with open(run_dir / "samples.jsonl", "a") as f:
+        for r, s in list(zip(rollouts, scores))[:k]:
+            f.write(json.dumps({"step": step, "question": examples[r.example_index].prompt, "answer": examples[r.example_index].answer,
+                                "response": r.sample.text, "reward": s.value, "version": r.policy_version}) + "\n")
 
 
 def _accuracy(spec, scores) -> float:

@@ -54,6 +54,7 @@ class TrainRow:
     teacher_topk_logprobs: list[list[float]] | None = None  # [T_resp, K]
     gate: float = 0.0  # KEPO: 1.0 when this response passed the quality gate
     ref_seq_logprob: float | None = None  # DPO with the teacher as reference
+    rollout_logprobs: list[float] | None = None  # [T_resp] the engine's, for the train/infer mismatch metric
     weight: float = 1.0  # 0.0 for padding rows (keeps DeepSpeed collectives in step across ranks)
 
 

@@ -74,6 +74,7 @@ def _row(ro: Rollout, adv: float, t: TeacherScores | None, gate: float) -> Train
         teacher_topk_ids=t.topk_ids if t is not None else None,
         teacher_topk_logprobs=t.topk_logprobs if t is not None else None,
         gate=gate,
+        rollout_logprobs=ro.sample.logprobs,
     )
 
 

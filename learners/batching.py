@@ -35,7 +35,7 @@ def _padding(row: TrainRow) -> TrainRow:
         prompt_ids=row.prompt_ids, response_ids=row.response_ids, advantage=0.0,
         teacher_logprobs=row.teacher_logprobs, teacher_topk_ids=row.teacher_topk_ids,
         teacher_topk_logprobs=row.teacher_topk_logprobs, gate=0.0,
-        ref_seq_logprob=row.ref_seq_logprob, weight=0.0,
+        ref_seq_logprob=row.ref_seq_logprob, rollout_logprobs=row.rollout_logprobs, weight=0.0,
     )
 
 
@@ -67,6 +67,7 @@ def collate(rows: list[TrainRow], pad_id: int) -> dict[str, torch.Tensor]:
     targets = torch.full((B, T), pad_id, dtype=torch.long)
     mask = torch.zeros((B, T))
     teacher = torch.zeros((B, T)) if any(r.teacher_logprobs is not None for r in rows) else None
+    behaviour = torch.zeros((B, T)) if all(r.rollout_logprobs is not None for r in rows) else None
     k = next((len(r.teacher_topk_ids[0]) for r in rows if r.teacher_topk_ids), 0)
     topk_ids = torch.zeros((B, T, k), dtype=torch.long) if k else None
     topk_lp = torch.zeros((B, T, k)) if k else None
@@ -80,6 +81,8 @@ def collate(rows: list[TrainRow], pad_id: int) -> dict[str, torch.Tensor]:
             resp_pos[i, :R] = torch.arange(P - 1, P - 1 + R)
             targets[i, :R] = torch.tensor(r.response_ids)
             mask[i, :R] = 1.0 if r.weight > 0 else 0.0
+        if behaviour is not None:
+            behaviour[i, :R] = torch.tensor(r.rollout_logprobs[:R])
         if teacher is not None and r.teacher_logprobs is not None:
             teacher[i, :R] = torch.tensor(r.teacher_logprobs[:R])
         if k and r.teacher_topk_ids:
@@ -93,6 +96,8 @@ def collate(rows: list[TrainRow], pad_id: int) -> dict[str, torch.Tensor]:
     }
     if teacher is not None:
         out["teacher_logprobs"] = teacher
+    if behaviour is not None:
+        out["rollout_logprobs"] = behaviour
     if k:
         out["teacher_topk_ids"] = topk_ids
         out["teacher_topk_logprobs"] = topk_lp

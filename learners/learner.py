@@ -137,6 +137,10 @@ class Learner:
 
         sums: dict[str, float] = {}
         count = 0
+        # Train/infer mismatch: |log π_old(learner) − log π(engine)| on the sampled tokens. Large
+        # values mean the engine did not generate from the weights the learner has.
+        mism = [((b["old_logprobs"] - b["rollout_logprobs"]).abs() * b["mask"]).sum() / b["mask"].sum().clamp(min=1)
+                for b in mbs if "rollout_logprobs" in b]
         for _ in range(self.spec.updates_per_step):
             for b in mbs:
                 lp, entropy, topk = self._token_logprobs(self.engine, b, want_topk=True)
@@ -154,6 +158,8 @@ class Learner:
                 count += 1
             self.steps_done += 1
         out = {k: v / max(1, count) for k, v in sums.items()}
+        if mism:
+            out["rollout/logprob_mismatch"] = float(torch.stack(mism).mean())
         out["learner/step_s"] = time.perf_counter() - t0
         out["learner/lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else self.spec.lr
         out["learner/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)

@@ -74,6 +74,13 @@ TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 #: ``skip_special_tokens=True`` must keep them, or answer extraction would see nothing.
 TINY_MARKUP_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
 
+#: Qwen2's pre-tokenizer split (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX):
+#: single digits, words with one leading non-letter, punctuation runs, newlines, spaces.
+_QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
 #: Fixed seed of the tokenizer corpus. Independent of the model seed on purpose: every tiny model,
 #: whatever its seed, shares one tokenizer, so any tiny teacher pairs with any tiny student.
 _TOKENIZER_CORPUS_SEED = 1234
@@ -144,6 +151,9 @@ def _publish_dir(tmp: Path, final: Path, *, replace: bool) -> Path:
     that appeared meanwhile wins and ours is discarded (two workers raced; both built the same thing).
     """
     final = Path(final)
+    for f in Path(tmp).iterdir():  # some writers (safetensors) create 0600 files; make them readable
+        if f.is_file():
+            f.chmod(0o644)
     if final.exists():
         if not replace:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -242,7 +252,7 @@ def _train_tiny_tokenizer(vocab_size: int):
     Special and markup tokens are added after training so their ids sit at the end and the total
     stays exactly ``vocab_size``.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     n_added = len(TINY_SPECIAL_TOKENS) + len(TINY_MARKUP_TOKENS)
@@ -251,9 +261,16 @@ def _train_tiny_tokenizer(vocab_size: int):
         raise ValueError(f"vocab_size={vocab_size} too small for a byte-level BPE (min {len(byte_alphabet) + n_added + 16})")
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Exactly the pipeline transformers' Qwen2Tokenizer builds: for model_type "qwen2",
+    # AutoTokenizer (and therefore vLLM) ignores tokenizer_class in tokenizer_config.json and
+    # re-creates the normalizer/pre-tokenizer itself, keeping only vocab and merges. Training with
+    # any other pre-tokenizer would give a tokenizer that splits text differently once reloaded.
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - n_added,
         min_frequency=2,
@@ -320,6 +337,21 @@ def _tiny_model(arch: str, vocab_size: int, sizes: dict[str, int], seed: int, to
     return model.eval()
 
 
+def _check_reload(tok, folder: Path) -> None:
+    """The saved tokenizer, loaded the way transformers and vLLM load it (AutoTokenizer, which may
+    substitute a model-specific class), must tokenize exactly like the one we trained."""
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    ok, msg = tokenizers_match(tok, reloaded)
+    if not ok:
+        raise RuntimeError(f"tiny tokenizer changes when reloaded by AutoTokenizer "
+                           f"({type(reloaded).__name__}): {msg}")
+    for line in _tokenizer_corpus(200):
+        if tok(line)["input_ids"] != reloaded(line)["input_ids"]:
+            raise RuntimeError(f"tiny tokenizer changes when reloaded: {line!r}")
+
+
 def build_tiny(out_dir: str | os.PathLike, *, seed: int = 0, arch: str = "qwen2",
                vocab_size: int = 512) -> dict:
     """Write ``out_dir/teacher`` and ``out_dir/student``: random-init causal LMs sharing one tokenizer.
@@ -355,6 +387,8 @@ def build_tiny(out_dir: str | os.PathLike, *, seed: int = 0, arch: str = "qwen2"
             "kind": "tiny", "role": role, "arch": arch, "seed": role_seed, "vocab_size": vocab_size,
             "num_parameters": int(sum(p.numel() for p in model.parameters())),
         })
+        if role == "teacher":
+            _check_reload(tok, tmp)
         result[role] = _publish_dir(tmp, final, replace=True)
         del model
     result["seconds"] = round(time.perf_counter() - t0, 3)
