@@ -61,8 +61,9 @@ def reserve(requests: list[RoleRequest], timeout_s: float) -> dict[str, object]:
             remove_placement_group(pg)
         avail = ray.available_resources()
         total = ray.cluster_resources()
+        # Placement-group bookkeeping resources (CPU_group_..., bundle_group_...) mean nothing to users.
         have = ", ".join(f"{k}: {total[k]:g} ({avail.get(k, 0):g} free)" for k in sorted(total)
-                         if k in {"CPU", "GPU"} or not k.startswith(("node:", "memory", "object_store")))
+                         if "_group_" not in k and not k.startswith(("node:", "memory", "object_store", "accelerator_type")))
         asks = "; ".join(q.describe() for q in pending)
         raise PlacementError(
             f"cannot place the job within {timeout_s:g}s: {asks}. The cluster has {have}. "
