@@ -152,7 +152,8 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.seed = seed
 
     @torch.no_grad()
@@ -163,7 +164,7 @@ class HFEngine:
         for i, p in enumerate(prompts):
             if seed is not None:
                 torch.manual_seed(seed + i)
-            ids = torch.tensor([p] * n)
+            ids = torch.tensor([p] * n, device=self.device)
             greedy = temperature == 0
             gen = self.model.generate(
                 ids, attention_mask=torch.ones_like(ids), do_sample=not greedy,
@@ -190,7 +191,7 @@ class HFEngine:
 
     @torch.no_grad()
     def score(self, prompt_ids, response_ids):
-        full = torch.tensor([list(prompt_ids) + list(response_ids)])
+        full = torch.tensor([list(prompt_ids) + list(response_ids)], device=self.device)
         lp = self.model(full).logits[0, :-1].float().log_softmax(-1)
         tgt = full[0, 1:]
         vals = lp.gather(-1, tgt[:, None])[:, 0]
@@ -200,7 +201,7 @@ class HFEngine:
         from safetensors.torch import load
 
         t0 = time.perf_counter()
-        state = load(payload)
+        state = {k: v.to(self.device) for k, v in load(payload).items()}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected:
             raise ValueError(f"weights for an unknown model: unexpected keys {unexpected[:5]}")

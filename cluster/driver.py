@@ -21,7 +21,7 @@ import numpy as np
 import ray
 import torch
 
-from protege.cluster import checkpoints
+from protege.cluster import checkpoints, hints
 from protege.cluster.jobdata import Encoder, load_job_data
 from protege.cluster.launch import Roles, connect, start_roles
 from protege.cluster.metrics import MetricsWriter, plot_curves
@@ -99,9 +99,15 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, sto
         teacher = scored[1]["scores"] if len(scored) > 1 else None
         t_score = time.perf_counter() - t0
 
+        # 2b. KEPO: teacher hints for groups that all failed, hinted samples injected back
+        explore_metrics = {}
+        if algo.type == "kepo" and algo.hints and rollouts:
+            rollouts, scores, teacher, explore_metrics = _explore_with_hints(
+                spec, roles, enc, rollouts, scores, teacher, batch_examples, step)
+
         # 3. credit assignment → rows for the learners
         rewards = [s.value for s in scores]
-        rows, credit_metrics = _rows_for_step(spec, enc, rollouts, rewards, teacher, batch_examples)
+        rows, credit_metrics = _rows_for_step(spec, roles, enc, rollouts, rewards, teacher, batch_examples)
 
         # 4. learner step (all ranks, one wait)
         t0 = time.perf_counter()
@@ -118,7 +124,7 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, sto
             pending = _submit_generation(spec, roles, enc, stream, step)
 
         # 6. metrics, eval, checkpoint
-        m = {**learner_metrics, **credit_metrics, **sync_metrics, **_rollout_metrics(spec, rollouts, scores, version)}
+        m = {**learner_metrics, **credit_metrics, **explore_metrics, **sync_metrics, **_rollout_metrics(spec, rollouts, scores, version)}
         m.update({"time/generate": t_gen, "time/score": t_score, "time/train": t_train,
                   "time/sync": sync_metrics.get("sync/seconds", 0.0), "time/step": time.perf_counter() - t_step,
                   "rollout/tokens_per_s": sum(g["tokens"] for g in gen) / max(t_gen, 1e-9)})
@@ -162,10 +168,59 @@ def _submit_generation(spec, roles: Roles, enc: Encoder, stream: PromptStream, s
     return examples, refs, time.perf_counter()
 
 
-def _rows_for_step(spec, enc, rollouts, rewards, teacher, examples) -> tuple[list[TrainRow], dict]:
+def _explore_with_hints(spec, roles: Roles, enc: Encoder, rollouts, scores, teacher, examples, step: int):
+    """KEPO knowledge-enhanced exploration (cluster/hints.py has the rules and guards)."""
+    algo, G = spec.algorithm, spec.rollout.samples_per_prompt
+    failed = hints.failed_groups([s.value for s in scores], G, algo.gate_threshold)
+    m = {"kepo/hints_requested": float(len(failed)), "kepo/hints_valid": 0.0, "kepo/hint_samples_accepted": 0.0,
+         "kepo/injected": 0.0}
+    if not failed:
+        return rollouts, scores, teacher, m
+    asks = [enc.prompt(hints.hint_request(examples[rollouts[g * G].example_index].prompt,
+                                          examples[rollouts[g * G].example_index].answer), raw=True) for g in failed]
+    texts = ray.get(roles.teacher.generate.remote(asks, n=1, temperature=0.0, max_tokens=algo.hint_max_tokens))
+    valid = [(g, h) for g, t in zip(failed, texts) if (h := hints.extract_hint(t[0])) is not None]
+    m["kepo/hints_valid"] = float(len(valid))
+    if not valid:
+        return rollouts, scores, teacher, m
+    ro = spec.rollout
+    hinted = [enc.prompt(examples[rollouts[g * G].example_index].prompt, hint=h) for g, h in valid]
+    gen = ray.get(roles.rollout[0].generate.remote(hinted, n=algo.hint_attempts, temperature=ro.temperature,
+                                                   top_p=ro.top_p, max_tokens=ro.max_new_tokens, seed=step * 7919))
+    tries = gen["rollouts"]
+    ex = [examples[rollouts[valid[i // algo.hint_attempts][0] * G].example_index] for i in range(len(tries))]
+    tried = ray.get(roles.reward.score.remote([r.sample.text for r in tries], [e.answer for e in ex], [e.meta for e in ex]))
+    rollouts, scores = list(rollouts), list(scores)
+    changed = []
+    for j, (g, _) in enumerate(valid):
+        ok = [i for i in range(j * algo.hint_attempts, (j + 1) * algo.hint_attempts)
+              if tried[i].value >= algo.gate_threshold]  # rejection sampling: keep correct ones only
+        m["kepo/hint_samples_accepted"] += len(ok)
+        rollouts[g * G:(g + 1) * G], k = hints.inject(rollouts[g * G:(g + 1) * G], [tries[i] for i in ok], algo.hint_replace)
+        for i in range(k):
+            scores[g * G + i] = tried[ok[i]]
+            changed.append(g * G + i)
+        m["kepo/injected"] += k
+    if changed and teacher is not None:
+        # Teacher log-probs of the injected responses under the hint-free prompt.
+        top_k = algo.top_k if algo.divergence != "reverse_kl" else 0
+        fresh = ray.get(roles.teacher.score.remote([(rollouts[i].prompt_ids, rollouts[i].sample.response_ids)
+                                                    for i in changed], top_k))["scores"]
+        teacher = list(teacher)
+        for i, t in zip(changed, fresh):
+            teacher[i] = t
+    return rollouts, scores, teacher, m
+
+
+def _rows_for_step(spec, roles: Roles, enc, rollouts, rewards, teacher, examples) -> tuple[list[TrainRow], dict]:
     algo = spec.algorithm
     if algo.type == "sft":
-        return [TrainRow(prompt_ids=enc.prompt(e.prompt), response_ids=enc.answer_target(e.answer)) for e in examples], {}
+        prompts = [enc.prompt(e.prompt) for e in examples]
+        if algo.targets == "teacher":
+            targets = ray.get(roles.teacher.generate_ids.remote(prompts, max_tokens=spec.rollout.max_new_tokens))
+        else:
+            targets = [enc.answer_target(e.answer) for e in examples]
+        return [TrainRow(prompt_ids=p, response_ids=t) for p, t in zip(prompts, targets)], {}
     if algo.type == "dpo" and algo.mode == "offline":
         rows = []
         for p in examples:

@@ -34,9 +34,10 @@ class Encoder:
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
 
-    def prompt(self, question: str, hint: str | None = None) -> list[int]:
+    def prompt(self, question: str, hint: str | None = None, *, raw: bool = False) -> list[int]:
+        """Chat-templated prompt ids. ``raw`` skips the answer-format instruction (teacher requests)."""
         text = question if hint is None else f"{question}\n\nHint: {hint}"
-        messages = format_prompt(text, system_prompt=self.system_prompt)
+        messages = format_prompt(text, system_prompt=self.system_prompt, template="{question}" if raw else None)
         rendered = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = self.tok.encode(rendered, add_special_tokens=False)
         # Keep the end (the instruction and the generation prompt) when a question is too long.

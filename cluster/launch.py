@@ -112,7 +112,8 @@ def start_roles(spec) -> Roles:
     if "teacher" in groups:
         t = spec.models.teacher
         roles.teacher = TeacherActor.options(**_opts(groups["teacher"], 0, reqs["teacher"].bundle)).remote(
-            t.path, dtype=t.dtype, temperature=spec.rollout.temperature
+            t.path, dtype=t.dtype, temperature=spec.rollout.temperature, engine=spec.rollout.engine,
+            max_model_len=max_len, kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
         )
     # Fixed micro-batch count per rank, so every rank runs the same number of forward/backward
     # calls each step (DeepSpeed collectives) whatever the batch's real size.

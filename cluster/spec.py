@@ -11,6 +11,7 @@ Defaults for each algorithm are the vetted settings in ../shared/docs/algorithms
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -60,11 +61,11 @@ class DataSpec(_Strict):
     @model_validator(mode="after")
     def _source_fields(self) -> "DataSpec":
         if self.source == "reasoning_gym" and not self.task:
-            raise ValueError("source 'reasoning_gym' needs a task name (data.task)")
+            raise ValueError("task: source 'reasoning_gym' needs a task name")
         if self.source == "file" and not self.path:
-            raise ValueError("source 'file' needs a path (data.path)")
+            raise ValueError("path: source 'file' needs a path")
         if self.source == "reasoning_gym" and self.eval_size >= self.size:
-            raise ValueError(f"eval_size ({self.eval_size}) must be smaller than size ({self.size})")
+            raise ValueError(f"eval_size: must be smaller than size ({self.size})")
         return self
 
 
@@ -209,7 +210,7 @@ class AutoscaleSpec(_Strict):
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscaleSpec":
         if self.max_replicas < self.min_replicas:
-            raise ValueError("max_replicas must be at least min_replicas")
+            raise ValueError("max_replicas: must be at least min_replicas")
         return self
 
 
@@ -260,26 +261,26 @@ class JobSpec(_Strict):
     def _cross_field(self) -> "JobSpec":
         algo = self.algorithm
         if algo.type in TEACHER_ALGORITHMS and self.models.teacher is None:
-            raise ValueError(f"algorithm '{algo.type}' needs a teacher model (models.teacher)")
+            raise ValueError(f"models.teacher: algorithm '{algo.type}' needs a teacher model")
         if algo.type == "dpo" and algo.reference == "teacher" and self.models.teacher is None:
-            raise ValueError("dpo with reference 'teacher' needs a teacher model (models.teacher)")
+            raise ValueError("models.teacher: dpo with reference 'teacher' needs a teacher model")
         if algo.type == "sft" and algo.targets == "teacher" and self.models.teacher is None:
-            raise ValueError("sft with targets 'teacher' needs a teacher model (models.teacher)")
+            raise ValueError("models.teacher: sft with targets 'teacher' needs a teacher model")
         if algo.type == "dpo" and algo.mode == "offline" and self.data.source != "file":
-            raise ValueError("offline dpo reads (prompt, chosen, rejected) rows: set data.source to 'file'")
+            raise ValueError("data.source: offline dpo reads (prompt, chosen, rejected) rows from a file: set it to 'file'")
         needs_groups = algo.type in {"grpo", "rlad", "kepo"} or (algo.type == "dpo" and algo.mode == "online")
         if needs_groups and self.rollout.samples_per_prompt < 2:
             raise ValueError(
-                f"algorithm '{algo.type}' compares samples within a group: rollout.samples_per_prompt must be at least 2"
+                f"rollout.samples_per_prompt: must be at least 2, algorithm '{algo.type}' compares samples within a group"
             )
         if algo.type == "kepo" and algo.hint_replace > self.rollout.samples_per_prompt:
-            raise ValueError("algorithm.hint_replace cannot exceed rollout.samples_per_prompt")
+            raise ValueError("algorithm.hint_replace: cannot exceed rollout.samples_per_prompt")
         if self.eval.size > self.data.eval_size and self.data.eval_size > 0:
-            raise ValueError(f"eval.size ({self.eval.size}) cannot exceed data.eval_size ({self.data.eval_size})")
+            raise ValueError(f"eval.size: cannot exceed data.eval_size ({self.data.eval_size})")
         if any(r.name == "reasoning_gym" for r in self.rewards) and self.data.source != "reasoning_gym":
-            raise ValueError("the 'reasoning_gym' reward scores reasoning-gym tasks: use data.source reasoning_gym")
+            raise ValueError("rewards: the 'reasoning_gym' reward scores reasoning-gym tasks; data.source is not reasoning_gym")
         if not self.rewards and algo.type not in {"sft", "opd"} and not (algo.type == "dpo" and algo.mode == "offline"):
-            raise ValueError(f"algorithm '{algo.type}' needs at least one reward (rewards)")
+            raise ValueError(f"rewards: algorithm '{algo.type}' needs at least one reward")
         return self
 
     @property
@@ -301,6 +302,9 @@ class SpecError(ValueError):
         super().__init__(f"{source}: invalid job spec ({len(errors)} error{'s' * (len(errors) != 1)})\n{lines}")
 
 
+_FIELD_PREFIX = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*): ")
+
+
 def format_validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
     """Turn pydantic errors into ``(dotted.field.path, plain sentence)`` pairs.
 
@@ -318,6 +322,11 @@ def format_validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
                 msg = msg[len(prefix):]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
+        # Cross-field validators start their message with the field they blame: "eval.size: ...".
+        m = _FIELD_PREFIX.match(msg)
+        if m and err["type"] == "value_error":
+            loc = [*loc, m.group(1)]
+            msg = msg[m.end():]
         out.append((".".join(loc) or "(spec)", msg))
     return out
 

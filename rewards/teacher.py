@@ -18,9 +18,13 @@ from protege.learners.batching import collate
 
 
 class TeacherScorer:
-    def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, temperature: float = 1.0):
+    def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, temperature: float = 1.0,
+                 engine: str = "vllm", max_model_len: int = 512, kv_cache_bytes: int = 128 << 20):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self.model_path, self.dtype, self.engine_kind = model, dtype, engine
+        self.engine_kwargs = {"max_model_len": max_model_len, "kv_cache_bytes": kv_cache_bytes}
+        self._generator = None
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
@@ -63,6 +67,27 @@ class TeacherScorer:
         finally:
             self.temperature = saved
         return [sum(s.logprobs) for s in scores]
+
+    def generate(self, prompts: list[list[int]], *, n: int = 1, temperature: float = 0.0, max_tokens: int = 64,
+                 seed: int | None = None) -> list[list[str]]:
+        """The teacher as a generator (KEPO hints, SFT on teacher responses)."""
+        groups = self._engine().generate(prompts, n=n, temperature=temperature, top_p=1.0, max_tokens=max_tokens,
+                                          seed=seed, stop_token_ids=[self.tokenizer.eos_token_id])
+        return [[s.text for s in g] for g in groups]
+
+    def generate_ids(self, prompts: list[list[int]], *, max_tokens: int = 64) -> list[list[int]]:
+        """Greedy teacher responses as token ids (with the end-of-turn token), for SFT targets."""
+        groups = self._engine().generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens,
+                                          stop_token_ids=[self.tokenizer.eos_token_id])
+        return [g[0].response_ids for g in groups]
+
+    def _engine(self):
+        # Started on first use, so scoring-only jobs never pay for a second engine.
+        if self._generator is None:
+            from protege.actors.engine import make_engine
+
+            self._generator = make_engine(self.engine_kind, self.model_path, dtype=self.dtype, **self.engine_kwargs)
+        return self._generator
 
     def pid(self) -> int:
         return os.getpid()

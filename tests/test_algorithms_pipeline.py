@@ -1,0 +1,121 @@
+"""Every algorithm through the real pipeline (Ray + vLLM + DeepSpeed, tiny models), a few steps each."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from protege.cluster.spec import parse_spec
+
+pytestmark = pytest.mark.slow
+
+TASK = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
+        "allow_negation": False, "allow_parentheses": False}
+
+
+def spec_for(tmp_path, tiny, name, algorithm, *, teacher=True, steps=2, **over):
+    d = {
+        "name": name, "seed": 0, "steps": steps,
+        "models": {"student": {"path": tiny["student"]}, **({"teacher": {"path": tiny["teacher"]}} if teacher else {})},
+        "data": {"source": "reasoning_gym", "task": "basic_arithmetic", "task_config": TASK, "size": 100, "eval_size": 4},
+        "algorithm": algorithm,
+        "rollout": {"samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 8},
+        "learner": {"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 8},
+        "rewards": [{"name": "exact_match"}],
+        "checkpoint": {"dir": str(tmp_path / name), "interval": 10},
+        "eval": {"interval": 10, "size": 4},
+    }
+    d.update(over)
+    return parse_spec(d)
+
+
+def metrics(spec):
+    return [json.loads(x) for x in (spec.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run(spec):
+    from protege.cluster.driver import run as drive
+
+    summary = drive(spec, progress=False)
+    assert summary["steps"] == spec.steps
+    return metrics(spec)
+
+
+def test_rlad_alpha_one_reproduces_grpo(tmp_path, tiny_models, ray_local):
+    """α = 1 is plain GRPO (Eq. 3): same seed → the same rewards, losses and weights."""
+    g = run(spec_for(tmp_path, tiny_models, "grpo", {"type": "grpo"}, teacher=False, steps=3))
+    r = run(spec_for(tmp_path, tiny_models, "rlad1", {"type": "rlad", "alpha": 1.0}, steps=3))
+    for a, b in zip(g[1:], r[1:]):
+        for k in ("reward/mean", "loss/pg", "loss/total", "policy/entropy", "learner/grad_norm"):
+            assert a[k] == b[k], k
+    from safetensors.torch import load_file
+
+    from protege.cluster import checkpoints
+
+    wa = load_file(checkpoints.latest(tmp_path / "grpo") / "model" / "model.safetensors")
+    wb = load_file(checkpoints.latest(tmp_path / "rlad1") / "model" / "model.safetensors")
+    assert all(bool((wa[k] == wb[k]).all()) for k in wa)
+
+
+def test_rlad_uses_the_teacher(tmp_path, tiny_models, ray_local):
+    m = run(spec_for(tmp_path, tiny_models, "rlad", {"type": "rlad", "alpha": 0.5}))
+    assert "rlad/teacher_logratio_mean" in m[1] and m[1]["rlad/teacher_logratio_mean"] != 0.0
+
+
+def test_kepo_reverse_kl_with_hints(tmp_path, tiny_models, ray_local):
+    m = run(spec_for(tmp_path, tiny_models, "kepo", {"type": "kepo", "hints": True, "hint_attempts": 2}))
+    for k in ("kepo/gate_open_frac", "kepo/distill", "kepo/hints_requested", "kepo/hints_valid", "kepo/injected"):
+        assert k in m[1], k
+    # the tiny random teacher never writes <hint> tags: every request is skipped, nothing injected
+    assert m[1]["kepo/hints_requested"] >= m[1]["kepo/hints_valid"] == 0 == m[1]["kepo/injected"]
+
+
+def test_kepo_topk_jsd(tmp_path, tiny_models, ray_local):
+    m = run(spec_for(tmp_path, tiny_models, "kepojsd", {"type": "kepo", "divergence": "jsd", "top_k": 8, "hints": False,
+                                                        "gate_threshold": 0.0}))
+    assert m[1]["kepo/gate_open_frac"] == 1.0  # τ = 0 opens the gate for every response
+    assert m[1]["kepo/distill"] > 0
+
+
+def test_opd(tmp_path, tiny_models, ray_local):
+    m = run(spec_for(tmp_path, tiny_models, "opd", {"type": "opd"}))
+    assert m[1]["opd/reverse_kl"] != 0.0
+
+
+def test_online_dpo_initial_and_teacher_reference(tmp_path, tiny_models, ray_local):
+    for ref in ("initial", "teacher"):
+        m = run(spec_for(tmp_path, tiny_models, f"dpo-{ref}", {"type": "dpo", "mode": "online", "reference": ref},
+                         rewards=[{"name": "exact_match"}, {"name": "format", "weight": 0.1}]))
+        assert "dpo/pairs" in m[1]
+
+
+def test_offline_dpo_from_file(tmp_path, tiny_models, ray_local):
+    # The rejected answer is the same refusal everywhere, so the preference generalises across
+    # batches even for a tiny random model (a per-prompt off-by-one would not, at 3 steps).
+    rows = [{"prompt": f"What is {a} + 1?", "chosen": f"<answer>{a + 1}</answer>", "rejected": "I do not know."}
+            for a in range(12)]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = spec_for(tmp_path, tiny_models, "dpo-off", {"type": "dpo", "mode": "offline"}, teacher=False, steps=3,
+                 data={"source": "file", "path": str(path), "eval_size": 2}, eval={"interval": 10, "size": 2})
+    m = run(s)
+    assert m[-1]["dpo/reward_margin"] > m[1]["dpo/reward_margin"]  # the student learns to prefer chosen
+
+
+def test_sft_on_data_and_on_teacher_responses(tmp_path, tiny_models, ray_local):
+    m = run(spec_for(tmp_path, tiny_models, "sft", {"type": "sft"}, teacher=False, steps=3))
+    assert m[-1]["sft/nll"] < m[1]["sft/nll"]
+    m = run(spec_for(tmp_path, tiny_models, "sft-t", {"type": "sft", "targets": "teacher"}))
+    assert "sft/nll" in m[1]
+
+
+def test_mismatched_teacher_tokenizer_is_refused(tmp_path, tiny_models):
+    from protege.cluster.driver import JobError, run as drive
+    from protege.models import build_tiny
+
+    other = build_tiny(tmp_path / "other", vocab_size=600)
+    s = spec_for(tmp_path, tiny_models, "mismatch", {"type": "rlad"})
+    s.models.teacher.path = str(other["teacher"])
+    with pytest.raises(JobError, match="must share a tokenizer"):
+        drive(s, progress=False)
