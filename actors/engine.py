@@ -11,8 +11,10 @@ the running engine; the version is tracked by the caller.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, AsyncIterator, NamedTuple
 
 import torch
 
@@ -222,3 +224,157 @@ def make_engine(kind: str, model: str, **kwargs: Any):
         case _:
             raise ValueError(f"unknown engine '{kind}' (valid: vllm, hf)")
 
+
+
+# ------------------------------------------------------------------------------------- serving
+# The classes below back serve/ (the student endpoint). Serving differs from rollouts: requests
+# arrive one at a time from many clients and must stream tokens, so the engine batches
+# concurrent requests itself (vLLM's AsyncLLM: continuous batching) instead of taking a list.
+
+
+class StreamDelta(NamedTuple):
+    """New output of one choice since the previous delta. ``tokens`` counts the new tokens."""
+
+    index: int
+    text: str
+    tokens: int
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished, else None
+
+
+def safetensors_payload(model_dir: str | Path) -> bytes:
+    """All weights of a Hugging Face folder as one safetensors blob (the format ``load_weights`` takes)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    if len(files) == 1:
+        return files[0].read_bytes()
+    from safetensors.torch import load_file, save
+
+    merged: dict[str, torch.Tensor] = {}
+    for f in files:  # sharded checkpoints: merge so one reload sees every tensor
+        merged.update(load_file(f))
+    return save(merged)
+
+
+class AsyncVLLMEngine:
+    """vLLM's ``AsyncLLM`` for the student endpoint: concurrent requests, token streaming.
+
+    AsyncLLM always runs its engine core in a child process (13 s start on 2 CPU cores, against 3 s
+    for the in-process ``LLM``); that is the price of continuous batching across independent
+    asyncio requests. Weight reload goes through the same worker extension as RL weight sync.
+    """
+
+    def __init__(self, model: str, *, dtype: str = "float32", max_model_len: int = 1024,
+                 kv_cache_bytes: int = 256 << 20, seed: int = 0, max_num_seqs: int = 64,
+                 gpu_memory_utilization: float = 0.5):
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cuda = torch.cuda.is_available()
+        kwargs: dict[str, Any] = dict(
+            model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            enforce_eager=not cuda,  # CPU: compiling costs more start time than it saves on a tiny model
+            enable_prefix_caching=True,  # reset after every reload (stale KV otherwise)
+            worker_extension_cls=EXTENSION, max_num_seqs=max_num_seqs, disable_log_stats=True,
+            # Worker inside the engine-core process: one child process, not two (CPU vLLM keeps this only
+            # with VLLM_ENABLE_V1_MULTIPROCESSING=0, which protege sets on CPU).
+            distributed_executor_backend="uni",
+        )
+        if cuda:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+            # Seeded requests cannot survive a chunked prefill on CPU (see VLLMEngine.TOKEN_BUDGET):
+            # schedule whole prompts only; every prompt fits because the budget is >= max_model_len.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(VLLMEngine.TOKEN_BUDGET, max_model_len)
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.max_model_len = max_model_len
+
+    async def stream(self, prompt_ids: list[int], *, request_id: str, n: int = 1, temperature: float = 1.0,
+                     top_p: float = 1.0, max_tokens: int = 16, stop: list[str] | None = None,
+                     seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                     ignore_eos: bool = False) -> AsyncIterator[list[StreamDelta]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop or None, seed=seed,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, ignore_eos=ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        # Closing this generator early (client gone) aborts the request inside vLLM.
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
+                                           request_id=request_id):
+            yield [StreamDelta(c.index, c.text, len(c.token_ids), c.finish_reason) for c in out.outputs]
+
+    async def reload(self, model_dir: str | Path) -> float:
+        """Load the weights of ``model_dir`` (same architecture) in place. Caller drains requests first."""
+        payload = await asyncio.to_thread(safetensors_payload, model_dir)
+        t0 = time.perf_counter()
+        await self.llm.collective_rpc("protege_reload", args=(payload,))
+        await self.llm.reset_prefix_cache()  # KV computed with the old weights must not be reused
+        return time.perf_counter() - t0
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.shutdown()  # stops the engine-core process (and frees its /dev/shm segments)
+
+
+class AsyncHFEngine:
+    """The HF fallback behind the same streaming surface: one request at a time, one delta per choice.
+
+    transformers has no continuous batching, so concurrent requests queue on a lock; the endpoint
+    still works (and versions still switch) where vLLM is not available.
+    """
+
+    def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 1024, **_: Any):
+        self.engine = HFEngine(model, dtype=dtype, seed=seed)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = max_model_len
+        self._lock = asyncio.Lock()
+
+    async def stream(self, prompt_ids: list[int], *, request_id: str, n: int = 1, temperature: float = 1.0,
+                     top_p: float = 1.0, max_tokens: int = 16, stop: list[str] | None = None,
+                     seed: int | None = None, ignore_eos: bool = False, **_: Any) -> AsyncIterator[list[StreamDelta]]:
+        # ignore_eos and the penalties are vLLM sampling options that transformers' generate lacks here.
+        async with self._lock:
+            groups = await asyncio.to_thread(
+                self.engine.generate, [list(prompt_ids)], n=n, temperature=temperature, top_p=top_p,
+                max_tokens=max_tokens, seed=seed)
+        deltas = []
+        for i, s in enumerate(groups[0]):
+            text, finish = s.text, s.finish_reason
+            cut = min((text.find(x) for x in stop or [] if x in text), default=-1)
+            if cut >= 0:  # stop strings: vLLM stops at them; here, truncate after the fact
+                text, finish = text[:cut], "stop"
+            deltas.append(StreamDelta(i, text, len(s.response_ids), finish))
+        yield deltas
+
+    async def reload(self, model_dir: str | Path) -> float:
+        payload = await asyncio.to_thread(safetensors_payload, model_dir)
+        async with self._lock:
+            return await asyncio.to_thread(self.engine.load_weights, payload)
+
+    async def check_health(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def make_async_engine(kind: str, model: str, **kwargs: Any):
+    match kind:
+        case "vllm":
+            return AsyncVLLMEngine(model, **kwargs)
+        case "hf":
+            return AsyncHFEngine(model, **kwargs)
+        case _:
+            raise ValueError(f"unknown engine '{kind}' (valid: vllm, hf)")

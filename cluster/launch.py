@@ -34,6 +34,11 @@ def connect() -> dict[str, Any]:
         return {"address": "existing", "embedded": False}
     address = os.environ.get("RAY_ADDRESS")
     env = {"env_vars": worker_env()}
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # Inside a Ray job: the job's runtime_env already carries our env vars, and Ray refuses
+        # a second, overlapping one from the driver.
+        ray.init(address=address or "auto", log_to_driver=True)
+        return {"address": address or "auto", "embedded": False}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return {"address": address, "embedded": False}

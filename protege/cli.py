@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep-every", type=int, default=3)
     m.set_defaults(fn=cmd_models)
 
+    from protege.cluster.jobs_cli import register as register_jobs
+
+    register_jobs(sub)
+
     d = sub.add_parser("demo", help="build tiny models, train a student with GRPO on CPU, show the result")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=None, help="override the demo's step count")

@@ -1,0 +1,288 @@
+"""Protégé jobs on a Ray cluster, through the Ray Jobs API (the dashboard's job server).
+
+    submit(spec)   validate → stage the project + spec.json → JobSubmissionClient.submit_job → id
+    list / status / logs / follow / stop / wait
+
+What a job is on the cluster:
+
+* working_dir: the project (this repository), minus :data:`EXCLUDES` (virtualenvs, caches, run and
+  model folders, ``.git``, weights), plus the resolved spec as ``spec.json`` at its root. Relative
+  paths in the spec (``examples/data/...``) therefore resolve inside the uploaded copy; ``models/``
+  and ``runs/`` are *not* uploaded, so model paths and ``checkpoint.dir`` should be absolute paths
+  on storage the cluster shares (or hub ids), and :func:`spec_warnings` says so.
+* entrypoint: ``python -m protege.cli run spec.json``. The code that runs is the ``protege``
+  installed in the cluster's Python (an image with ``pip install protege[gpu]`` or ``[cpu]``);
+  the uploaded ``protege/`` folder is excluded so it cannot shadow that install (the repository
+  layout maps ``protege.cluster`` to ``cluster/``, which only an install resolves). Against a local
+  head (127.0.0.1 / localhost) the entrypoint uses this process's interpreter, ``sys.executable``,
+  so a head started from the project's venv runs the project's code.
+* env_vars: the CPU/threading defaults from :func:`protege.env.worker_env` as set in the submitting
+  process, plus ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1`` because the driver's own ``ray.init`` passes the
+  same variables again (launch.connect) and Ray refuses overlapping keys otherwise.
+* metadata: ``protege_name`` / ``protege_run_dir`` / ``protege_steps`` / ``protege_algorithm``, so
+  ``status`` can find the run directory's ``metrics.jsonl`` and checkpoints.
+
+Authentication (Ray 2.60 token auth, on by default for ``ray start``): the token is read the way
+Ray's own loader reads it, ``$RAY_AUTH_TOKEN``, then the file ``$RAY_AUTH_TOKEN_PATH``, then
+``~/.ray/auth_token``, and sent as ``Authorization: Bearer`` on every request, whether or not
+``RAY_AUTH_MODE=token`` is set here: Ray's client adds the header only if ``RAY_AUTH_MODE=token`` was
+in the environment when Ray's config was first loaded in this process, so a CLI or API process that
+imported Ray earlier would not. ``RAY_AUTH_MODE=disabled`` sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from protege.cluster.checkpoints import list_checkpoints, read_state
+
+# Ray applies these with .gitignore syntax, relative to the working dir's root. "/protege": the
+# installed package must win over the uploaded folder (see the module docstring).
+EXCLUDES = [".venv", ".cache", "runs", "models", ".git", "bench/results", "__pycache__", "*.safetensors", "*.gguf",
+            "/protege"]
+SPEC_FILE = "spec.json"
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+def project_root() -> Path:
+    """The repository this module lives in (editable install), else the current directory."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").is_file() else Path.cwd()
+
+
+def default_address() -> str:
+    return os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+
+
+def ray_auth_headers() -> dict[str, str]:
+    """``Authorization: Bearer <token>`` from Ray's token sources, or {} (none, or auth disabled)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), Path.home() / ".ray" / "auth_token"):
+        if token:
+            break
+        if path and Path(path).is_file():
+            token = Path(path).read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def entrypoint(python: str) -> str:
+    return f"{shlex.quote(python)} -m protege.cli run {SPEC_FILE}"
+
+
+def default_python(address: str) -> str:
+    """This interpreter for a head on this machine; ``python`` (the image's) for a remote one."""
+    host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
+    return sys.executable if host in _LOOPBACK else "python"
+
+
+def runtime_env(working_dir: str | Path, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    from protege.env import worker_env
+
+    env = {**worker_env(), **(extra_env or {}), "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": env}
+
+
+def stage_working_dir(spec, project: Path, into: Path) -> Path:
+    """A folder holding links to the project's top-level entries plus ``spec.json``.
+
+    Ray follows the links when it packs the working dir and applies :data:`EXCLUDES` (and the
+    project's .gitignore) to what lies behind them; nothing under the project is written.
+    """
+    from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray itself applies
+
+    top = PathSpec.from_lines("gitwildmatch", EXCLUDES)
+    into.mkdir(parents=True, exist_ok=True)
+    for entry in project.iterdir():
+        if entry.name != SPEC_FILE and not top.match_file(entry.name):
+            (into / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    (into / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
+    return into
+
+
+def spec_warnings(spec, project: Path) -> list[str]:
+    """Paths in the spec that will not mean on the cluster what they mean here."""
+    out = []
+    if not Path(spec.checkpoint.dir).is_absolute():
+        out.append(f"checkpoint.dir '{spec.checkpoint.dir}' is relative: the run lands in the job's working "
+                   "directory on the cluster, which Ray deletes later and this side cannot read; use an "
+                   "absolute path on shared storage")
+    models = spec.models
+    for role, ref in (("student", models.student), ("teacher", models.teacher), ("reward_model", models.reward_model)):
+        if ref is not None and not Path(ref.path).is_absolute() and (project / ref.path).exists():
+            out.append(f"models.{role}.path '{ref.path}' is a relative local folder; models/ is not uploaded: "
+                       "use an absolute path the cluster can read, or a hub id")
+    return out
+
+
+def run_progress(run_dir: str | Path | None) -> dict[str, Any]:
+    """Step, latest metrics and checkpoints of a run, read from its directory.
+
+    Only works where the run directory is readable from this process: the same machine as the
+    job, or storage the cluster shares. Otherwise ``readable`` is False and the rest empty.
+    """
+    out: dict[str, Any] = {"run_dir": str(run_dir) if run_dir else None, "readable": False, "step": None,
+                           "metrics": None, "checkpoints": []}
+    if not run_dir or not Path(run_dir).is_absolute() or not Path(run_dir).is_dir():
+        return out
+    run_dir = Path(run_dir)
+    out["readable"] = True
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # the line being written right now
+                pass
+        if rows:
+            out["step"], out["metrics"] = rows[-1].get("step"), rows[-1]
+    for ckpt in list_checkpoints(run_dir):
+        try:
+            state = read_state(ckpt)
+        except (OSError, json.JSONDecodeError):
+            continue  # pruned between the listing and the read
+        out["checkpoints"].append({"step": state.get("step"), "policy_version": state.get("version"),
+                                   "path": str(ckpt)})
+    return out
+
+
+class JobsClient:
+    """Ray Jobs API for Protégé jobs at ``address`` (the dashboard, ``http://HEAD:8265``)."""
+
+    def __init__(self, address: str | None = None, *, project: Path | None = None):
+        self.address = address or default_address()
+        self.project = project or project_root()
+        self._client = None
+
+    @property
+    def client(self):
+        # Created on first use: the constructor already talks to the cluster.
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.address, headers=ray_auth_headers())
+        return self._client
+
+    def submit(self, spec, *, python: str | None = None, extra_env: dict[str, str] | None = None,
+               submission_id: str | None = None) -> str:
+        """Submit a validated JobSpec; returns the job id (``NAME-xxxxxxxx`` unless given)."""
+        job_id = submission_id or f"{spec.name}-{secrets.token_hex(4)}"
+        with tempfile.TemporaryDirectory(prefix="protege-job-") as tmp:
+            wd = stage_working_dir(spec, self.project, Path(tmp))
+            # submit_job packs and uploads the working dir before it returns, so tmp may go after.
+            return self.client.submit_job(
+                entrypoint=entrypoint(python or default_python(self.address)),
+                submission_id=job_id,
+                runtime_env=runtime_env(wd, extra_env),
+                metadata={"protege_name": spec.name, "protege_run_dir": str(spec.run_dir),
+                          "protege_steps": str(spec.steps), "protege_algorithm": spec.algorithm.type},
+            )
+
+    def list(self) -> list[dict[str, Any]]:
+        """Protégé jobs (those submitted with our metadata), oldest first."""
+        jobs = [d for d in self.client.list_jobs() if d.submission_id and "protege_name" in (d.metadata or {})]
+        return [self._brief(d) for d in sorted(jobs, key=lambda d: d.start_time or 0)]
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        """Ray's state of the job plus its run's step, latest metrics and checkpoints (see run_progress)."""
+        d = self._info(job_id)
+        return {**self._brief(d), "message": d.message, "entrypoint": d.entrypoint,
+                **run_progress((d.metadata or {}).get("protege_run_dir"))}
+
+    def state(self, job_id: str) -> str:
+        return str(self._info(job_id).status.value)
+
+    def logs(self, job_id: str) -> str:
+        self._info(job_id)
+        return self.client.get_job_logs(job_id)
+
+    def follow(self, job_id: str) -> Iterator[str]:
+        """Log chunks as the job writes them, until it ends."""
+        self._info(job_id)
+        agen = self.client.tail_job_logs(job_id)
+        loop = asyncio.new_event_loop()
+        try:
+            while True:
+                try:
+                    yield loop.run_until_complete(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(agen.aclose())
+            loop.close()
+
+    def stop(self, job_id: str) -> bool:
+        """Ask Ray to stop the job; False if it had already ended."""
+        self._info(job_id)
+        return bool(self.client.stop_job(job_id))
+
+    def wait(self, job_id: str, timeout: float, states: set[str] = TERMINAL, poll: float = 1.0) -> str:
+        deadline = time.monotonic() + timeout
+        while (s := self.state(job_id)) not in states:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {s} after {timeout:.0f} s")
+            time.sleep(poll)
+        return s
+
+    def _info(self, job_id: str):
+        try:
+            return self.client.get_job_info(job_id)
+        except RuntimeError as exc:
+            if "404" in str(exc) or "does not exist" in str(exc):
+                raise JobNotFound(job_id) from None
+            raise
+
+    @staticmethod
+    def _brief(d) -> dict[str, Any]:
+        meta = d.metadata or {}
+        return {"id": d.submission_id, "name": meta.get("protege_name"), "state": str(d.status.value),
+                "algorithm": meta.get("protege_algorithm"), "steps": int(meta.get("protege_steps", 0)) or None,
+                "start_time": d.start_time, "end_time": d.end_time}
+
+
+def format_status(s: dict[str, Any]) -> str:
+    """Human-readable lines for ``protege jobs status``."""
+    lines = [f"{s['id']}  {s['state']}  ({s.get('algorithm')}, {s.get('name')})"]
+    if s.get("message"):
+        lines.append(f"  message: {s['message']}")
+    if s.get("run_dir"):
+        lines.append(f"  run dir: {s['run_dir']}" + ("" if s.get("readable") else " (not readable from here)"))
+    if s.get("step") is not None:
+        lines.append(f"  step:    {s['step']} / {s.get('steps')}")
+        keys = ("reward/mean", "reward/accuracy", "eval/accuracy", "loss/total", "time/step")
+        shown = {k: s["metrics"][k] for k in keys if k in (s.get("metrics") or {})}
+        if shown:
+            lines.append("  latest:  " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    if s.get("checkpoints"):
+        ckpts = ", ".join(f"step {c['step']} (v{c['policy_version']})" for c in s["checkpoints"])
+        lines.append(f"  checkpoints: {ckpts}")
+    return "\n".join(lines)
+
+
+def shell_env_hint() -> str:
+    """Shown when the job server answers 401: where Ray looks for the token."""
+    return ("the Ray job server wants a token: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH, or put it in "
+            "~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
+
+
+__all__ = ["EXCLUDES", "JobNotFound", "JobsClient", "entrypoint", "format_status", "project_root", "ray_auth_headers",
+           "run_progress", "runtime_env", "spec_warnings", "stage_working_dir"]

@@ -1,0 +1,200 @@
+"""The student endpoint as a Ray Serve application (style §15: a typed app builder over a plain class).
+
+    build_app(ServeArgs) -> Application       also: serve run protege.serve.app:build_app target=RUN_DIR
+
+One deployment, ``StudentServer``: a thin shell that builds a :class:`StudentGenerator`, follows the
+run dir for newly published versions, and routes OpenAI's REST API to it:
+
+    GET  /health                 no key needed (load balancers, Serve's own probes use check_health)
+    GET  /v1/models              the served model and its checkpoint version
+    POST /v1/completions         text or token-id prompt; "stream": true for server-sent events
+    POST /v1/chat/completions    chat template applied server side; "stream": true likewise
+
+Replicas follow load between ``serve.autoscale`` bounds. Each replica admits at most
+``serve.max_concurrent`` requests and answers 503 beyond (the openai client retries 503 with
+backoff by itself); Serve's router queue in front of the replicas is bounded as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve import Application
+
+from protege.cluster.spec import ServeSpec
+from protege.serve import versions
+from protege.serve.api import ApiError, ChatCompletionRequest, CompletionRequest, ServeArgs, validation_error
+from protege.serve.generator import StudentGenerator
+
+APP_NAME = "protege"
+log = logging.getLogger("protege.serve")
+
+
+# ------------------------------------------------------------------------------------- HTTP layer
+def make_asgi_app(gen: StudentGenerator, key_hash: str | None) -> FastAPI:
+    """OpenAI routes over ``gen``. A plain FastAPI app: tests drive it without Serve too."""
+    app = FastAPI(title="Protégé student endpoint", docs_url=None, redoc_url=None)
+
+    def require_key(request: Request) -> None:
+        # A dependency, so it runs before body validation: no field-level hints without a key.
+        if key_hash is None:
+            return
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(_sha256(presented.strip()), key_hash):
+            raise ApiError(401, "invalid API key", code="invalid_api_key")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        err = validation_error(exc)  # OpenAI answers 400, with the offending field named
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.get("/health")
+    async def health():
+        return gen.health()
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def models():
+        return gen.models()
+
+    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    async def completions(req: CompletionRequest):
+        if req.stream:
+            return StreamingResponse(gen.stream_completion(req), media_type="text/event-stream")
+        return await gen.complete(req)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def chat_completions(req: ChatCompletionRequest):
+        if req.stream:
+            return StreamingResponse(gen.stream_chat(req), media_type="text/event-stream")
+        return await gen.chat(req)
+
+    return app
+
+
+@serve.deployment
+@serve.ingress()
+class StudentServer:
+    """Serve shell: everything it does is build, delegate, and stop (style §5)."""
+
+    async def __init__(self, args: dict, key_hash: str | None):
+        a = ServeArgs.model_validate(args)
+        target = versions.resolve(a.target)
+        # Version switches belong in the replica's log, which Serve writes through its own logger.
+        log.setLevel(logging.INFO)
+        for handler in logging.getLogger("ray.serve").handlers:
+            log.addHandler(handler)
+        self.key_hash = key_hash
+        self.gen = StudentGenerator(
+            target.version, model_name=a.model_name or default_model_name(target), engine=a.engine,
+            max_tokens=a.serve.max_tokens, max_n=a.max_n, max_concurrent=a.serve.max_concurrent,
+            max_model_len=a.max_model_len, dtype=a.dtype, kv_cache_bytes=int(a.kv_cache_gb * (1 << 30)),
+            seed=a.seed)
+        # Runs on the replica's event loop, next to the requests it pauses during a switch.
+        self._follow = asyncio.create_task(self.gen.follow(target.run_dir, a.poll_s)) if target.run_dir else None
+
+    def __serve_build_asgi_app__(self):
+        return make_asgi_app(self.gen, self.key_hash)
+
+    async def check_health(self) -> None:
+        await self.gen.check_health()
+
+    def __del__(self):
+        if getattr(self, "_follow", None) is not None:
+            self._follow.cancel()
+        if getattr(self, "gen", None) is not None:
+            self.gen.close()
+
+
+# ------------------------------------------------------------------------------------- builder
+def build_app(args: ServeArgs) -> Application:
+    """Check everything that can fail here, in the caller's process, before any replica starts."""
+    if isinstance(args, dict):
+        args = ServeArgs.model_validate(args)
+    target = versions.resolve(args.target)
+    key_hash = api_key_hash(args.serve)
+    # Absolute: replicas do not share the caller's working directory.
+    args = args.model_copy(update={"target": str(Path(args.target).resolve()),
+                                   "model_name": args.model_name or default_model_name(target)})
+    # The key itself never travels: replicas get its hash and compare hashes.
+    return StudentServer.options(**deployment_options(args)).bind(args.model_dump(mode="json"), key_hash)
+
+
+def deployment_options(args: ServeArgs) -> dict:
+    from protege.env import worker_env
+
+    spec = args.serve
+    return {
+        "name": "StudentServer",
+        "autoscaling_config": {
+            "min_replicas": spec.autoscale.min_replicas,
+            "initial_replicas": max(1, spec.autoscale.min_replicas),  # answer the first request without a cold start
+            "max_replicas": spec.autoscale.max_replicas,
+            "target_ongoing_requests": spec.autoscale.target_ongoing_requests,
+        },
+        # Above max_concurrent the replica itself answers 503 (an OpenAI-shaped error), so Serve may
+        # route it more; the router's own queue (no replica free, e.g. while scaling up) is bounded too.
+        "max_ongoing_requests": 2 * spec.max_concurrent,
+        "max_queued_requests": spec.max_concurrent,
+        "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus,
+                              "runtime_env": {"env_vars": worker_env()}},
+        "health_check_period_s": 10,
+        # A stopping replica finishes its requests first: at most max_tokens decoding steps each.
+        "graceful_shutdown_timeout_s": 30,
+    }
+
+
+def api_key_hash(spec: ServeSpec) -> str | None:
+    """The key is required beyond localhost, and whenever its env var is set."""
+    key = os.environ.get(spec.api_key_env, "")
+    if key:
+        return _sha256(key)
+    if not is_loopback(spec.host):
+        raise ValueError(f"serve.host {spec.host} listens beyond localhost: set {spec.api_key_env} to an API key "
+                         "(clients send it as 'Authorization: Bearer <key>')")
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve to anything
+        return False
+
+
+def default_model_name(target: versions.Target) -> str:
+    if target.run_dir is not None:
+        return Path(target.run_dir).resolve().name
+    path = Path(target.version.model_path).resolve()
+    # step_N/model -> the run's name, which is what a user calls the student
+    return path.parent.parent.parent.name if path.name == "model" and path.parent.name.startswith("step_") else path.name
+
+
+def run(args: ServeArgs) -> str:
+    """Start (or update) the app on the connected Ray cluster; returns the base URL. Does not block."""
+    serve.start(http_options={"host": args.serve.host, "port": args.serve.port})
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{args.serve.host}:{args.serve.port}"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
