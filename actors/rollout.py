@@ -15,6 +15,10 @@ from protege.actors.engine import make_engine
 from protege.cluster.records import Rollout, WeightsVersion
 
 
+class StaleWeights(RuntimeError):
+    """The worker's weights are not the version the driver expects (e.g. it was restarted)."""
+
+
 class RolloutWorker:
     def __init__(self, model: str, *, engine: str = "vllm", dtype: str = "float32", seed: int = 0,
                  max_model_len: int = 512, kv_cache_bytes: int = 256 << 20):
@@ -25,8 +29,15 @@ class RolloutWorker:
         self.eos_id = self.engine.tokenizer.eos_token_id
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int | None = None, first_index: int = 0) -> dict[str, Any]:
-        """Returns {"rollouts": [Rollout] group-major, "tokens": int, "seconds": float, "version": int}."""
+                 max_tokens: int, seed: int | None = None, first_index: int = 0,
+                 expected_version: int | None = None) -> dict[str, Any]:
+        """Returns {"rollouts": [Rollout] group-major, "tokens": int, "seconds": float, "version": int}.
+
+        ``expected_version`` guards against generating from the wrong weights: a worker that Ray
+        restarted comes back with the initial student (version 0) until the driver re-syncs it.
+        """
+        if expected_version is not None and expected_version != self.version:
+            raise StaleWeights(f"worker holds policy version {self.version}, driver expects {expected_version}")
         t0 = time.perf_counter()
         groups = self.engine.generate(prompts, n=n, temperature=temperature, top_p=top_p,
                                       max_tokens=max_tokens, seed=seed, stop_token_ids=[self.eos_id])

@@ -23,7 +23,8 @@ import torch
 
 from protege.cluster import checkpoints, hints
 from protege.cluster.jobdata import Encoder, load_job_data
-from protege.cluster.launch import Roles, connect, start_roles
+from protege.actors.rollout import StaleWeights
+from protege.cluster.launch import Roles, connect, gather, start_learners, start_roles
 from protege.cluster.metrics import MetricsWriter, plot_curves
 from protege.cluster.records import TrainBatch, TrainRow
 from protege.cluster.weight_sync import ObjectStoreSync
@@ -46,13 +47,57 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
     enc = Encoder(tok, system_prompt=spec.data.system_prompt, max_prompt_tokens=spec.rollout.max_prompt_tokens)
     connect()
     roles = start_roles(spec)
+    start = (checkpoints.read_state(c)["step"] if resume and (c := checkpoints.latest(run_dir)) else 0)
+    until = spec.steps if stop_after is None else min(spec.steps, start + stop_after)
+    faults = {"fault/rollout_restarts": 0.0, "fault/learner_restarts": 0.0}
     try:
-        return _train(spec, roles, enc, train_set, eval_set, resume=resume, stop_after=stop_after, progress=progress)
+        while True:
+            _write_actor_table(run_dir, roles)
+            try:
+                return _train(spec, roles, enc, train_set, eval_set, resume=resume, until=until, progress=progress,
+                              faults=faults)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+                if not _learner_group_broken(roles, err):
+                    raise
+                faults["fault/learner_restarts"] += 1
+                if faults["fault/learner_restarts"] > spec.fault_tolerance.learner_restarts:
+                    last = checkpoints.latest(run_dir)
+                    raise JobError(
+                        f"a learner rank died {int(faults['fault/learner_restarts'])} times "
+                        f"(fault_tolerance.learner_restarts = {spec.fault_tolerance.learner_restarts}); stopping. "
+                        f"Last checkpoint: {last or 'none'}; continue with `protege run SPEC --resume`.") from err
+                # A dead rank breaks the group's collectives: rebuild all ranks, reload the last checkpoint.
+                print(f"learner rank died ({err.__class__.__name__}); reloading the learner group from the last "
+                      "checkpoint", file=sys.stderr)
+                start_learners(spec, roles)
+                resume = True
     finally:
         roles.kill_all()
 
 
-def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, stop_after, progress) -> dict:
+def _write_actor_table(run_dir: Path, roles: Roles) -> None:
+    """actors.json: which process is which role (for operators, and for fault-injection tests)."""
+    table = {"rollout": ray.get([w.pid.remote() for w in roles.rollout]),
+             "learner": ray.get([ln.pid.remote() for ln in roles.learners]),
+             "teacher": ray.get(roles.teacher.pid.remote()) if roles.teacher is not None else None}
+    (run_dir / "actors.json").write_text(json.dumps(table))
+
+
+def _learner_group_broken(roles: Roles, err) -> bool:
+    """Did a learner rank die? Either the error names a learner actor, or a surviving rank failed
+    first (its collective lost a peer: gloo 'connection reset') and some rank no longer answers."""
+    dead = getattr(err, "actor_id", None)
+    if isinstance(err, ray.exceptions.RayActorError) and dead is not None:
+        return any(ln._actor_id.hex() == dead for ln in roles.learners)
+    for ln in roles.learners:
+        try:
+            ray.get(ln.pid.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return True
+    return False
+
+
+def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, until, progress, faults) -> dict:
     algo, ro = spec.algorithm, spec.rollout
     run_dir = spec.run_dir
     sync = ObjectStoreSync(roles.learners, roles.rollout, zero_stage=spec.learner.zero_stage, dtype=spec.models.student.dtype)
@@ -61,29 +106,29 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, sto
     ckpt = checkpoints.latest(run_dir) if resume else None
     if ckpt is not None:
         state = checkpoints.read_state(ckpt)
-        ray.get([ln.load_checkpoint.remote(str(ckpt)) for ln in roles.learners])
+        gather([ln.load_checkpoint.remote(str(ckpt)) for ln in roles.learners])
         stream.load_state_dict(state["data"])
         _set_rng(state["rng"])
         step, version = state["step"], state["version"]
-        sync.push(version)
+        _sync(spec, roles, sync, version, faults)
     metrics = MetricsWriter(run_dir, resume=ckpt is not None)
     if ckpt is not None:
         metrics.truncate_after(step)
     elif eval_set:
-        metrics.write(0, _evaluate(spec, roles, enc, eval_set))
+        metrics.write(0, _evaluate(spec, roles, sync, enc, eval_set, version, faults))
 
-    last = spec.steps if stop_after is None else min(spec.steps, step + stop_after)
+    last = until
     bar = _progress(step, spec.steps, progress)
-    pending = _submit_generation(spec, roles, enc, stream, step) if step < last else None
+    pending = _submit_generation(spec, roles, enc, stream, step, version) if step < last else None
     while step < last:
         t_step = time.perf_counter()
         # 1. generate (or take the overlapped generation submitted last iteration)
-        batch_examples, gen_refs, t_gen0 = pending
-        gen = ray.get(gen_refs)
+        batch_examples, jobs, t_gen0 = pending
+        gen = _collect_generation(spec, roles, sync, jobs, version, faults)
         t_gen = time.perf_counter() - t_gen0
         rollouts = [r for g in gen for r in g["rollouts"]]
         if algo.max_staleness >= 1 and step + 1 < last:
-            pending = _submit_generation(spec, roles, enc, stream, step + 1)
+            pending = _submit_generation(spec, roles, enc, stream, step + 1, version)
 
         # 2. score: rewards and teacher in parallel, one wait
         t0 = time.perf_counter()
@@ -119,17 +164,17 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, sto
         step += 1
         do_eval = bool(eval_set) and (step % spec.eval.interval == 0 or step == spec.steps)
         # SFT and offline DPO never sample from the student, so they sync only to evaluate.
-        sync_metrics = sync.push(version) if _generates(spec) or do_eval else {}
+        sync_metrics = _sync(spec, roles, sync, version, faults) if _generates(spec) or do_eval else {}
         if algo.max_staleness == 0 and step < last:
-            pending = _submit_generation(spec, roles, enc, stream, step)
+            pending = _submit_generation(spec, roles, enc, stream, step, version)
 
         # 6. metrics, eval, checkpoint
-        m = {**learner_metrics, **credit_metrics, **explore_metrics, **sync_metrics, **_rollout_metrics(spec, rollouts, scores, version)}
+        m = {**learner_metrics, **credit_metrics, **explore_metrics, **faults, **sync_metrics, **_rollout_metrics(spec, rollouts, scores, version)}
         m.update({"time/generate": t_gen, "time/score": t_score, "time/train": t_train,
                   "time/sync": sync_metrics.get("sync/seconds", 0.0), "time/step": time.perf_counter() - t_step,
                   "rollout/tokens_per_s": sum(g["tokens"] for g in gen) / max(t_gen, 1e-9)})
         if do_eval:
-            m.update(_evaluate(spec, roles, enc, eval_set))
+            m.update(_evaluate(spec, roles, sync, enc, eval_set, version, faults))
         metrics.write(step, m)
         _log_samples(run_dir, step, enc, rollouts, scores, batch_examples)
         if step % spec.checkpoint.interval == 0 or step == spec.steps:
@@ -150,8 +195,8 @@ def _generates(spec) -> bool:
     return not (a.type == "sft" or (a.type == "dpo" and a.mode == "offline"))
 
 
-def _submit_generation(spec, roles: Roles, enc: Encoder, stream: PromptStream, step: int):
-    """Take the next prompts and submit them, split over the rollout workers. Returns (examples, refs, t0)."""
+def _submit_generation(spec, roles: Roles, enc: Encoder, stream: PromptStream, step: int, version: int):
+    """Take the next prompts and submit them, split over the rollout workers. Returns (examples, jobs, t0)."""
     examples = stream.next_batch(spec.rollout.prompts_per_step)
     if not _generates(spec):
         return examples, [], time.perf_counter()
@@ -160,12 +205,68 @@ def _submit_generation(spec, roles: Roles, enc: Encoder, stream: PromptStream, s
     n_w = len(roles.rollout)
     chunk = -(-len(prompts) // n_w)
     seed = spec.seed * 1_000_003 + step * 1009  # per step: reproducible, and a resumed run samples the same
-    refs = [
-        w.generate.remote(prompts[i * chunk:(i + 1) * chunk], n=ro.samples_per_prompt, temperature=ro.temperature,
-                          top_p=ro.top_p, max_tokens=ro.max_new_tokens, seed=seed + i * chunk, first_index=i * chunk)
-        for i, w in enumerate(roles.rollout) if prompts[i * chunk:(i + 1) * chunk]
-    ]
-    return examples, refs, time.perf_counter()
+    jobs = []
+    for i, w in enumerate(roles.rollout):
+        part = prompts[i * chunk:(i + 1) * chunk]
+        if part:
+            kwargs = dict(prompts=part, n=ro.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
+                          max_tokens=ro.max_new_tokens, seed=seed + i * chunk, first_index=i * chunk,
+                          expected_version=version)
+            jobs.append([i, kwargs, w.generate.remote(**kwargs)])
+    return examples, jobs, time.perf_counter()
+
+
+ACTOR_DOWN = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def _collect_generation(spec, roles: Roles, sync, jobs, version: int, faults: dict) -> list[dict]:
+    """Wait for each worker's share; a worker that died (or came back with stale weights) is
+    re-synced to the current version and its share re-submitted, so no prompt is lost or doubled."""
+    out = []
+    for i, kwargs, ref in jobs:
+        for _ in range(spec.fault_tolerance.actor_restarts + 1):
+            try:
+                out.append(ray.get(ref))
+                break
+            except (*ACTOR_DOWN, StaleWeights):
+                faults["fault/rollout_restarts"] += 1
+                _resync_worker(spec, roles.rollout[i], sync, version)
+                kwargs["expected_version"] = version
+                ref = roles.rollout[i].generate.remote(**kwargs)
+        else:
+            raise JobError(f"rollout worker {i} kept failing; gave up after {spec.fault_tolerance.actor_restarts} retries")
+    return out
+
+
+def _alive(worker, timeout: float = 180.0) -> bool:
+    """Wait for a (restarting) actor to answer; False when Ray has given up on it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            ray.get(worker.get_version.remote(), timeout=30)
+            return True
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(0.5)
+        except ray.exceptions.GetTimeoutError:
+            continue
+        except ray.exceptions.RayActorError:
+            return False
+    return False
+
+
+def _resync_worker(spec, worker, sync, version: int) -> None:
+    if not _alive(worker):
+        raise JobError("a rollout worker died and did not come back (fault_tolerance.actor_restarts exhausted)")
+    sync.push(version, workers=[worker])
+
+
+def _sync(spec, roles: Roles, sync, version: int, faults: dict) -> dict:
+    """Push ``version`` everywhere; workers that died during the push are re-synced after their restart."""
+    m = sync.push(version)
+    for i in list(sync.failed):
+        faults["fault/rollout_restarts"] += 1
+        _resync_worker(spec, roles.rollout[i], sync, version)
+    return m
 
 
 def _explore_with_hints(spec, roles: Roles, enc: Encoder, rollouts, scores, teacher, examples, step: int):
@@ -241,7 +342,7 @@ def _learner_step(spec, roles: Roles, rows: list[TrainRow], version: int) -> dic
             r.ref_seq_logprob = v
     shards = shard_rows(rows, len(roles.learners), group=2 if pairs else 1)
     global_tokens = sum(len(r.response_ids) for r in rows)
-    out = ray.get([
+    out = gather([
         ln.train_step.remote(TrainBatch(rows=shard, policy_version=version, global_tokens=global_tokens,
                                         global_rows=len(rows), pairs=pairs))
         for ln, shard in zip(roles.learners, shards)
@@ -249,13 +350,14 @@ def _learner_step(spec, roles: Roles, rows: list[TrainRow], version: int) -> dic
     return out[0]  # ranks agree on the loss; rank 0 speaks for the group
 
 
-def _evaluate(spec, roles: Roles, enc: Encoder, eval_set) -> dict:
-    """Greedy accuracy on the fixed held-out set, with rollout worker 0 at its current version."""
+def _evaluate(spec, roles: Roles, sync, enc: Encoder, eval_set, version: int, faults: dict) -> dict:
+    """Greedy accuracy on the fixed held-out set, with rollout worker 0 at the current version."""
     examples = eval_set[: spec.eval.size]
     t0 = time.perf_counter()
-    gen = ray.get(roles.rollout[0].generate.remote([enc.prompt(e.prompt) for e in examples], n=1, temperature=0.0,
-                                                   top_p=1.0, max_tokens=spec.rollout.max_new_tokens))
-    rollouts = gen["rollouts"]
+    kwargs = dict(prompts=[enc.prompt(e.prompt) for e in examples], n=1, temperature=0.0, top_p=1.0,
+                  max_tokens=spec.rollout.max_new_tokens, expected_version=version)
+    job = [0, kwargs, roles.rollout[0].generate.remote(**kwargs)]
+    rollouts = _collect_generation(spec, roles, sync, [job], version, faults)[0]["rollouts"]
     scores = ray.get(roles.reward.score.remote([r.sample.text for r in rollouts], [e.answer for e in examples],
                                                [e.meta for e in examples]))
     acc = _accuracy(spec, scores)
@@ -296,7 +398,7 @@ def _rollout_metrics(spec, rollouts, scores, version: int) -> dict:
 # ---------------------------------------------------------------------------------------- state
 def _save(spec, roles: Roles, stream: PromptStream, step: int, version: int) -> Path:
     tmp = checkpoints.tmp_dir(spec.run_dir, step)
-    ray.get([ln.save_checkpoint.remote(str(tmp)) for ln in roles.learners])
+    gather([ln.save_checkpoint.remote(str(tmp)) for ln in roles.learners])
     state = {"step": step, "version": version, "data": stream.state_dict(), "rng": _get_rng(), "time": time.time()}
     return checkpoints.commit(tmp, state, keep=spec.checkpoint.keep)
 

@@ -80,6 +80,16 @@ def _opts(pg, index: int, bundle: dict[str, float], **extra) -> dict:
     )
 
 
+def gather(refs: list) -> list:
+    """ray.get over a group that fails fast: a rank that died raises at once, instead of waiting
+    for its peers, which may be blocked in a collective with it."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)  # raises the first failure
+    return ray.get(list(refs))
+
+
 @ray.remote(num_cpus=0)
 def _rendezvous() -> tuple[str, int]:
     """Address and a free port on the node that hosts learner rank 0."""
@@ -104,19 +114,25 @@ def start_roles(spec) -> Roles:
     roles = Roles(groups=groups)
     student = spec.models.student
     max_len = spec.rollout.max_prompt_tokens + max(spec.rollout.max_new_tokens, getattr(spec.algorithm, "hint_max_tokens", 0)) + 64
+    ft = spec.fault_tolerance
+    # Stateless helpers restart and retry by themselves. Rollout workers restart but never retry
+    # on their own: a restarted worker holds the initial weights, so the driver re-syncs it first.
+    restart = dict(max_restarts=ft.actor_restarts)
     for i in range(spec.rollout.workers):
         roles.rollout.append(
-            RolloutActor.options(**_opts(groups["rollout"], i, reqs["rollout"].bundle)).remote(
+            RolloutActor.options(**_opts(groups["rollout"], i, reqs["rollout"].bundle), **restart, max_task_retries=0).remote(
                 student.path, engine=spec.rollout.engine, dtype=student.dtype, seed=spec.seed + i,
                 max_model_len=max_len, kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
             )
         )
-    roles.reward = RewardActor.options(**_opts(groups["reward"], 0, reqs["reward"].bundle)).remote(
-        [(r.name, r.weight) for r in spec.rewards]
+    roles.reward = RewardActor.options(**_opts(groups["reward"], 0, reqs["reward"].bundle), **restart,
+                                       max_task_retries=ft.actor_restarts).remote(
+        [(r.name, r.weight) for r in spec.rewards], timeout_s=ft.reward_timeout_s
     )
     if "teacher" in groups:
         t = spec.models.teacher
-        roles.teacher = TeacherActor.options(**_opts(groups["teacher"], 0, reqs["teacher"].bundle)).remote(
+        roles.teacher = TeacherActor.options(**_opts(groups["teacher"], 0, reqs["teacher"].bundle), **restart,
+                                             max_task_retries=ft.actor_restarts).remote(
             t.path, dtype=t.dtype, temperature=spec.rollout.temperature, engine=spec.rollout.engine,
             max_model_len=max_len, kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
         )
@@ -124,18 +140,32 @@ def start_roles(spec) -> Roles:
     # calls each step (DeepSpeed collectives) whatever the batch's real size.
     per_rank = math.ceil(rows_per_step(spec) / spec.learner.ranks)
     roles.grad_accum = max(1, math.ceil(per_rank / spec.learner.micro_batch))
+    start_learners(spec, roles, reqs["learner"].bundle)
+    return roles
+
+
+def start_learners(spec, roles: Roles, bundle: dict[str, float] | None = None) -> None:
+    """(Re)build the DeepSpeed group. A rank that dies breaks the collectives of all ranks, so a
+    failed group is replaced whole (the driver then reloads the last checkpoint)."""
+    for ln in roles.learners:
+        try:
+            ray.kill(ln)
+        except Exception:
+            pass
+    roles.learners = []
+    bundle = bundle or {q.role: q for q in role_requests(spec)}["learner"].bundle
     algo = spec.algorithm
     needs_ref = (getattr(algo, "kl_coef", 0) > 0) or (algo.type == "dpo" and algo.reference == "initial")
+    pg = roles.groups["learner"]
     for rank in range(spec.learner.ranks):
         roles.learners.append(
-            LearnerActor.options(**_opts(groups["learner"], rank, reqs["learner"].bundle)).remote(
-                rank=rank, world_size=spec.learner.ranks, model_path=student.path, learner_spec=spec.learner,
+            LearnerActor.options(**_opts(pg, rank, bundle)).remote(
+                rank=rank, world_size=spec.learner.ranks, model_path=spec.models.student.path, learner_spec=spec.learner,
                 algo=algo, temperature=spec.rollout.temperature, grad_accum=roles.grad_accum,
                 seed=spec.seed, needs_ref=needs_ref,
             )
         )
     addr, port = ray.get(_rendezvous.options(
-        scheduling_strategy=PlacementGroupSchedulingStrategy(groups["learner"], placement_group_bundle_index=0)
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
     ).remote())
     ray.get([ln.setup.remote(addr, port) for ln in roles.learners])
-    return roles

@@ -239,6 +239,14 @@ class ResourcesSpec(_Strict):
     placement_timeout_s: float = Field(default=30, gt=0, description="fail fast when roles cannot be placed")
 
 
+class FaultToleranceSpec(_Strict):
+    """How many failures a job absorbs before it stops (with an intact checkpoint)."""
+
+    actor_restarts: int = Field(default=3, ge=0, description="restarts per rollout / reward / teacher actor")
+    learner_restarts: int = Field(default=2, ge=0, description="learner-group reloads from the last checkpoint")
+    reward_timeout_s: float = Field(default=5.0, gt=0, description="per reward call; a hung call scores 0")
+
+
 # --------------------------------------------------------------------------- the job
 class JobSpec(_Strict):
     """A whole Protégé job. Load with :func:`load_spec`; validate with ``protege validate``."""
@@ -256,6 +264,7 @@ class JobSpec(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    fault_tolerance: FaultToleranceSpec = Field(default_factory=FaultToleranceSpec)
 
     @model_validator(mode="after")
     def _cross_field(self) -> "JobSpec":

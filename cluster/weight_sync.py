@@ -17,6 +17,7 @@ from typing import Protocol
 
 import ray
 
+from protege.cluster.launch import gather
 from protege.cluster.records import WeightsVersion
 
 
@@ -30,25 +31,35 @@ class ObjectStoreSync:
         self.workers = workers
         self.zero_stage = zero_stage
         self.dtype = dtype
+        self.failed: list[int] = []
 
     def export(self) -> bytes:
         # ZeRO-3 shards parameters: every rank must enter the gather together.
         callers = self.learners if self.zero_stage == 3 else self.learners[:1]
-        payloads = ray.get([ln.export_weights.remote(self.dtype) for ln in callers])
+        payloads = gather([ln.export_weights.remote(self.dtype) for ln in callers])
         return payloads[0]
 
     def push(self, version: int, workers: list | None = None) -> dict[str, float]:
+        """Load ``version`` into the workers. Workers that died during the load are listed in
+        ``failed`` (indices into ``workers``) for the caller to re-sync after their restart."""
         t0 = time.perf_counter()
         payload = self.export()
         t_export = time.perf_counter() - t0
         ref = ray.put(WeightsVersion(version=version, payload=payload, num_bytes=len(payload)))
-        results = ray.get([w.load_weights.remote(ref) for w in (workers or self.workers)])
+        targets = workers or self.workers
+        refs = [w.load_weights.remote(ref) for w in targets]
+        results, self.failed = [], []
+        for i, r in enumerate(refs):
+            try:
+                results.append(ray.get(r))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self.failed.append(i)
         bad = [r for r in results if r["version"] != version]
         if bad:
             raise RuntimeError(f"weight sync to version {version} failed on {len(bad)} worker(s): {bad}")
         return {
             "sync/seconds": time.perf_counter() - t0,
             "sync/export_s": t_export,
-            "sync/load_s": max(r["seconds"] for r in results),
+            "sync/load_s": max((r["seconds"] for r in results), default=0.0),
             "sync/mbytes": len(payload) / 1e6,
         }

@@ -44,6 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("--name", help="model name in /v1/models (default: the run dir's name)")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--poll-s", type=float, default=2.0, help="how often replicas look for a newer version")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs per replica (default: %(default)s)")
+    p.add_argument("--replica-gpus", type=float, default=None, help="Ray GPUs per replica (default: 1 if a GPU is seen, else 0)")
     p.set_defaults(fn=cmd_serve)
 
 
@@ -100,7 +102,7 @@ def serve_spec_for(target: Path, spec_path: str | None):
 
 
 def _serve(args) -> int:
-    from protege.env import configure_defaults
+    from protege.env import configure_defaults, has_cuda
     from protege.serve.api import ServeArgs
 
     target = Path(args.target)
@@ -112,7 +114,8 @@ def _serve(args) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     spec = spec.model_copy(update=overrides)
     serve_args = ServeArgs(target=str(target), serve=spec, engine=args.engine, model_name=args.name,
-                           max_model_len=args.max_model_len, poll_s=args.poll_s)
+                           max_model_len=args.max_model_len, poll_s=args.poll_s, replica_cpus=args.replica_cpus,
+                           replica_gpus=args.replica_gpus if args.replica_gpus is not None else float(has_cuda()))
     configure_defaults()
     return serve_forever(serve_args)
 
@@ -127,9 +130,10 @@ def serve_forever(serve_args, *, block: bool = True) -> int:
     from ray import serve
 
     from protege.env import worker_env
-    from protege.serve.app import APP_NAME, run
+    from protege.serve.app import APP_NAME, api_key_hash, run
 
-    versions.resolve(serve_args.target)  # a clear error before Ray starts
+    versions.resolve(serve_args.target)  # clear errors before Ray starts
+    api_key_hash(serve_args.serve)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": worker_env()})
     url = run(serve_args)

@@ -213,17 +213,20 @@ class StudentGenerator:
                 choices = []
                 for d in deltas:
                     tokens += d.tokens
-                    if not chat:
+                    first = d.index not in started
+                    started.add(d.index)
+                    if not (d.text or d.finish_reason or first):
+                        continue  # tokens that do not yet decode to whole characters: nothing to send
+                    if chat:  # OpenAI opens each choice with the role
+                        delta = {"role": "assistant", "content": d.text} if first else \
+                            ({"content": d.text} if d.text else {})
+                        choices.append({"index": d.index, "delta": delta, "finish_reason": d.finish_reason,
+                                        "logprobs": None})
+                    else:
                         choices.append({"index": d.index, "text": d.text, "finish_reason": d.finish_reason,
                                         "logprobs": None})
-                        continue
-                    delta = {"content": d.text} if d.text else {}
-                    if d.index not in started:  # OpenAI opens each choice with the role
-                        started.add(d.index)
-                        delta = {"role": "assistant", "content": d.text}
-                    choices.append({"index": d.index, "delta": delta, "finish_reason": d.finish_reason,
-                                    "logprobs": None})
-                yield _event({**head(), "choices": choices})
+                if choices:
+                    yield _event({**head(), "choices": choices})
             if include_usage:
                 usage = Usage(prompt_tokens=len(ids), completion_tokens=tokens, total_tokens=len(ids) + tokens)
                 yield _event({**head(), "choices": [], "usage": usage.model_dump()})

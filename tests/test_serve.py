@@ -399,3 +399,13 @@ def test_serve_switches_version_in_flight_and_rolls_back(served):
         time.sleep(0.2)
     assert _served_version(served) == 1
     assert greedy().choices[0].message.content == before  # v1's weights, exactly, again
+
+
+def test_serve_modules_import_without_heavy_libraries():
+    """Versions, request models, the CLI and the generator import without Ray, vLLM or torch (style §6)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfor m in ('vllm', 'ray', 'torch', 'transformers', 'fastapi'): sys.modules[m] = None\n"
+            "import protege.serve.api, protege.serve.versions, protege.serve.cli, protege.serve.generator")
+    subprocess.run([sys.executable, "-c", code], check=True)
