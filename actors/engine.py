@@ -296,7 +296,8 @@ class AsyncVLLMEngine:
     async def stream(self, prompt_ids: list[int], *, request_id: str, n: int = 1, temperature: float = 1.0,
                      top_p: float = 1.0, max_tokens: int = 16, stop: list[str] | None = None,
                      seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                     ignore_eos: bool = False) -> AsyncIterator[list[StreamDelta]]:
+                     ignore_eos: bool = False, final_only: bool = False) -> AsyncIterator[list[StreamDelta]]:
+        """Yields each choice's new text as it is generated, or (``final_only``) once, whole, at the end."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -304,7 +305,8 @@ class AsyncVLLMEngine:
         params = SamplingParams(
             n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop or None, seed=seed,
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, ignore_eos=ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
+            # A caller that does not stream needs no per-token wake-ups.
+            output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
         )
         # Closing this generator early (client gone) aborts the request inside vLLM.
         async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,

@@ -9,7 +9,7 @@
 2. **plain**: the same load against the same engine class (actors/engine.py AsyncVLLMEngine) built
    in this process, with no Serve, no HTTP: N coroutines calling ``engine.stream``.
 
-Every request is the same prompt and asks for exactly --max-tokens tokens (``ignore_eos``), so the
+Every request is the same prompt and asks for exactly --max-tokens tokens (``ignore_eos``), answered whole (not streamed), so the
 two runs do the same generation work; the ratio serve / plain is the serving overhead (HTTP, the
 proxy, the replica hop, JSON, and the load client's own CPU, which shares the machine). Reports
 requests/s, generated tokens/s, p50/p95 latency and errors for each; the load average is recorded
@@ -110,7 +110,7 @@ async def load_plain(args) -> dict:
     async def one() -> int:
         n = 0
         async for deltas in engine.stream(ids, request_id=uuid.uuid4().hex, max_tokens=args.max_tokens,
-                                          temperature=1.0, ignore_eos=True):
+                                          temperature=1.0, ignore_eos=True, final_only=True):
             n += sum(d.tokens for d in deltas)
         return n
 

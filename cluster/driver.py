@@ -123,7 +123,8 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
     while step < last:
         t_step = time.perf_counter()
         # 1. generate (or take the overlapped generation submitted last iteration)
-        batch_examples, jobs, t_gen0 = pending
+        batch_examples, jobs, t_gen0, _ = pending
+        pending = None  # consumed: from here on the stream position includes this batch
         gen = _collect_generation(spec, roles, sync, jobs, version, faults)
         t_gen = time.perf_counter() - t_gen0
         rollouts = [r for g in gen for r in g["rollouts"]]
@@ -178,7 +179,8 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
         metrics.write(step, m)
         _log_samples(run_dir, step, enc, rollouts, scores, batch_examples)
         if step % spec.checkpoint.interval == 0 or step == spec.steps:
-            _save(spec, roles, stream, step, version)
+            # The next batch may already be in flight: store the data position before it.
+            _save(spec, roles, pending[3] if pending is not None else stream.state_dict(), step, version)
         bar.update(1)
         bar.set_postfix(reward=f"{m.get('reward/mean', 0):.3f}", acc=f"{m.get('eval/accuracy', float('nan')):.3f}")
     bar.close()
@@ -196,10 +198,14 @@ def _generates(spec) -> bool:
 
 
 def _submit_generation(spec, roles: Roles, enc: Encoder, stream: PromptStream, step: int, version: int):
-    """Take the next prompts and submit them, split over the rollout workers. Returns (examples, jobs, t0)."""
+    """Take the next prompts and submit them, split over the rollout workers.
+
+    Returns (examples, jobs, t0, data position before this batch); a checkpoint taken while the
+    batch is in flight stores that position, so a resumed run generates this batch again."""
+    before = stream.state_dict()
     examples = stream.next_batch(spec.rollout.prompts_per_step)
     if not _generates(spec):
-        return examples, [], time.perf_counter()
+        return examples, [], time.perf_counter(), before
     ro = spec.rollout
     prompts = [enc.prompt(e.prompt) for e in examples]
     n_w = len(roles.rollout)
@@ -213,7 +219,7 @@ def _submit_generation(spec, roles: Roles, enc: Encoder, stream: PromptStream, s
                           max_tokens=ro.max_new_tokens, seed=seed + i * chunk, first_index=i * chunk,
                           expected_version=version)
             jobs.append([i, kwargs, w.generate.remote(**kwargs)])
-    return examples, jobs, time.perf_counter()
+    return examples, jobs, time.perf_counter(), before
 
 
 ACTOR_DOWN = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -396,10 +402,10 @@ def _rollout_metrics(spec, rollouts, scores, version: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- state
-def _save(spec, roles: Roles, stream: PromptStream, step: int, version: int) -> Path:
+def _save(spec, roles: Roles, data_state: dict, step: int, version: int) -> Path:
     tmp = checkpoints.tmp_dir(spec.run_dir, step)
     gather([ln.save_checkpoint.remote(str(tmp)) for ln in roles.learners])
-    state = {"step": step, "version": version, "data": stream.state_dict(), "rng": _get_rng(), "time": time.time()}
+    state = {"step": step, "version": version, "data": data_state, "rng": _get_rng(), "time": time.time()}
     return checkpoints.commit(tmp, state, keep=spec.checkpoint.keep)
 
 

@@ -186,14 +186,14 @@ class StudentGenerator:
         finally:
             self._active -= 1
 
-    async def _run(self, ids, params, rid) -> AsyncIterator[tuple[list, int]]:
+    async def _run(self, ids, params, rid, final_only: bool = False) -> AsyncIterator[tuple[list, int]]:
         async with self._use_engine() as (engine, version):
-            async for deltas in engine.stream(ids, request_id=rid, **params):
+            async for deltas in engine.stream(ids, request_id=rid, final_only=final_only, **params):
                 yield deltas, version
 
     async def _collect(self, ids, params, rid, n):
         texts, finish, tokens, version = [""] * n, [None] * n, 0, -1
-        async for deltas, version in self._run(ids, params, rid):
+        async for deltas, version in self._run(ids, params, rid, final_only=True):
             for d in deltas:
                 texts[d.index] += d.text
                 tokens += d.tokens

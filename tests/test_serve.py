@@ -349,8 +349,9 @@ def test_serve_overload_answers_503(served):
         if 503 in codes:
             break
     assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) >= 8, codes
-    rejected = next(r for r in responses if r.status_code == 503)
-    assert "overloaded" in rejected.json()["error"]["message"]
+    rejected = [r.text for r in responses if r.status_code == 503]
+    print("REJ", rejected[:3])
+    assert "overloaded" in rejected[0]
 
 
 @pytest.mark.slow

@@ -1,0 +1,237 @@
+"""GPU weight sync: learner → rollout engines over vLLM's native weight transfer.
+
+Same interface as :class:`~protege.cluster.weight_sync.ObjectStoreSync`: ``push(version,
+workers=None) -> metrics`` and ``failed`` (indices into ``workers``, for the driver to re-sync
+after their restart). Every learner rank takes part (ZeRO-3 gathers bucket by bucket, all ranks
+together); rank 0 sends (learners/nccl_sender.py); each rollout worker receives through its vLLM
+engine's start_weight_update / update_weights / finish_weight_update (actors/nccl_receiver.py),
+then re-ties tied embeddings, resets the prefix cache and takes the version, as in the CPU path.
+
+Transport per rollout worker, from where Ray placed it (:func:`plan_routes`):
+- ``ipc``: its GPU is a learner rank's GPU (colocated) → CUDA IPC from that rank's memory;
+- ``nccl``: otherwise → its own NCCL group with learner rank 0 (world size 2), opened at the
+  first push and again after the worker restarts (its pid changed); packed buffers of
+  ``bucket_mb``.
+
+Status: written against the installed vLLM 0.32 source and unit-tested on CPU where it can be
+(bucketing, metadata, routes, orchestration with stand-in actors); the data plane needs a GPU
+(tests/test_nccl_sync.py, ``-m gpu --gpu``) and has not run on one yet.
+
+Known limit: NCCL has no peer-failure detection, so a rollout worker that dies *during* a
+broadcast can leave learner rank 0 blocked; ``timeout_s`` turns that into an error the driver
+sees instead of a hang. A worker that is already dead when a push starts is detected first and
+reported in ``failed``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import ray
+
+from protege.cluster.weight_sync import ObjectStoreSync
+from protege.learners.nccl_sender import DEFAULT_BUCKET_MB, param_bytes, plan_buckets  # noqa: F401 (re-export)
+
+DEAD = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+MODES = ("auto", "object_store", "nccl")
+
+
+class NoGpuTransfer(RuntimeError):
+    """The GPU path is not possible here (no CUDA, HF engine, mixins missing, odd placement)."""
+
+
+class WeightSyncTimeout(RuntimeError):
+    pass
+
+
+def _norm(uuid: str | None) -> str | None:
+    return None if uuid is None else str(uuid).lower().removeprefix("gpu-")
+
+
+def plan_routes(learner_uuids: list[str | None], worker_uuids: list[list[str | None]]) -> list[dict[str, Any]]:
+    """How each rollout worker receives, from the GPU of each learner rank and of each of the
+    worker's vLLM processes. Pure.
+
+    IPC when every GPU of the engine is some learner rank's GPU; NCCL with rank 0 when none of them
+    is rank 0's (NCCL refuses two ranks of one group on one GPU); anything else cannot be served.
+    """
+    ranks = [_norm(u) for u in learner_uuids]
+    if not ranks or ranks[0] is None:
+        raise NoGpuTransfer("learner rank 0 has no CUDA device")
+    routes = []
+    for i, uuids in enumerate(worker_uuids):
+        mine = [_norm(u) for u in uuids]
+        if not mine or any(u is None for u in mine):
+            raise NoGpuTransfer(f"rollout worker {i} has no CUDA device")
+        if all(u in ranks for u in mine):
+            routes.append({"kind": "ipc", "ranks": sorted({ranks.index(u) for u in mine})})
+        elif ranks[0] in mine:
+            raise NoGpuTransfer(f"rollout worker {i} shares learner rank 0's GPU with only part of its engine: "
+                                "neither CUDA IPC nor NCCL can reach all of it")
+        else:
+            routes.append({"kind": "nccl", "world_size": 1 + len(mine)})
+    return routes
+
+
+class NcclWeightSync:
+    def __init__(self, learners: list, workers: list, *, zero_stage: int, dtype: str,
+                 bucket_mb: float = DEFAULT_BUCKET_MB, timeout_s: float = 900.0):
+        self.learners = learners
+        self.workers = workers
+        self.zero_stage = zero_stage  # every rank always takes part; kept for the interface
+        self.dtype = dtype
+        self.bucket_mb = bucket_mb
+        self.timeout_s = timeout_s
+        self.failed: list[int] = []
+        self.routes: list[dict] | None = None
+        self._pids: dict[int, int] = {}  # worker index → pid its transfer state was set up in
+        self._initialized = False
+
+    # ----------------------------------------------------------------- setup
+    def probe(self) -> list[dict]:
+        """Where everything runs → ``routes`` (cached). Raises :class:`NoGpuTransfer` when the GPU path
+        cannot serve this placement."""
+        if self.routes is None:
+            lrefs = [ln.nccl_device_uuid.remote() for ln in self.learners]
+            wrefs = [w.wt_probe.remote() for w in self.workers]
+            learner_uuids = self._wait(lrefs, "learner GPU probe")
+            probes = self._wait(wrefs, "rollout GPU probe")
+            self.routes = plan_routes(learner_uuids, [p["uuids"] for p in probes])
+        return self.routes
+
+    def _indices(self, workers: list | None) -> list[int]:
+        if workers is None:
+            return list(range(len(self.workers)))
+        ids = [w._actor_id for w in self.workers]
+        try:
+            return [ids.index(w._actor_id) for w in workers]
+        except ValueError:
+            raise ValueError("push(workers=...) got an actor that is not one of this sync's rollout workers") from None
+
+    def _connect(self, targets: list[int]) -> tuple[float, list[int]]:
+        """(Re)open transfer state for targets that are new or restarted. Returns (seconds, dead)."""
+        refs = {i: self.workers[i].pid.remote() for i in targets}
+        pids, dead = {}, []
+        for i, ref in refs.items():
+            try:
+                pids[i] = ray.get(ref, timeout=self.timeout_s)
+            except DEAD:
+                dead.append(i)
+        stale = [i for i in pids if self._pids.get(i) != pids[i]]
+        if not stale and self._initialized:
+            return 0.0, dead
+        t0 = time.perf_counter()
+        routes = self.probe()
+        nccl = [i for i in stale if routes[i]["kind"] == "nccl"]
+        connect: list[tuple[int, str, int]] = []
+        if nccl:
+            address, ports = ray.get(self.learners[0].nccl_rendezvous.remote(len(nccl)), timeout=self.timeout_s)
+            connect = [(i, address, port) for i, port in zip(nccl, ports)]
+        self._wait([ln.nccl_init.remote(workers=self.workers if rank == 0 else None, routes=routes,
+                                        connect=connect if rank == 0 else [], dtype=self.dtype,
+                                        bucket_mb=self.bucket_mb)
+                    for rank, ln in enumerate(self.learners)], "NCCL group setup")
+        for i in stale:
+            self._pids[i] = pids[i]
+        self._initialized = True
+        return time.perf_counter() - t0, dead
+
+    def _wait(self, refs: list, what: str) -> list:
+        """ray.get over a group, failing fast on the first error and after ``timeout_s``."""
+        pending, deadline = list(refs), time.monotonic() + self.timeout_s
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise WeightSyncTimeout(
+                    f"{what} did not finish within {self.timeout_s:g}s (a rollout worker that died during an NCCL "
+                    "broadcast leaves learner rank 0 waiting; the learner group has to be restarted)")
+            ray.get(done)
+        return ray.get(list(refs))
+
+    # ----------------------------------------------------------------- the interface
+    def push(self, version: int, workers: list | None = None) -> dict[str, float]:
+        """Load ``version`` into the workers (all by default). Workers that died before or during
+        the push are listed in ``failed`` (indices into ``workers``) for the caller to re-sync."""
+        t0 = time.perf_counter()
+        targets = self._indices(workers)
+        setup_s, dead = self._connect(targets)
+        live = [i for i in targets if i not in dead]
+        results = self._wait([ln.nccl_send.remote(version, live) for ln in self.learners], "weight send")
+        r0 = results[0]
+        lost = sorted(set(dead) | set(r0["failed"]))
+        for i in lost:
+            self._pids.pop(i, None)  # a restarted worker reconnects on its next push
+        self.failed = [targets.index(i) for i in lost]
+        got = {int(i): r for i, r in r0["workers"].items()}
+        bad = {i: r["version"] for i, r in got.items() if r["version"] != version}
+        missing = [i for i in live if i not in got and i not in lost]
+        if bad or missing:
+            raise RuntimeError(f"weight sync to version {version} failed: workers at other versions {bad}, "
+                               f"workers that never confirmed {missing}")
+        routes = self.routes or []
+        return {
+            "sync/seconds": time.perf_counter() - t0,
+            "sync/setup_s": setup_s,
+            "sync/send_s": float(r0["send_s"]),
+            "sync/load_s": max((float(r["seconds"]) for r in got.values()), default=0.0),
+            "sync/mbytes": float(r0["mbytes"]),
+            "sync/buckets": float(r0["buckets"]),
+            "sync/ipc_workers": float(sum(routes[i]["kind"] == "ipc" for i in live)),
+            "sync/nccl_workers": float(sum(routes[i]["kind"] == "nccl" for i in live)),
+        }
+
+    def close(self) -> None:
+        """Tear the groups down (best effort; killing the actors does it too)."""
+        refs = [ln.nccl_close.remote() for ln in self.learners] + [w.wt_shutdown.remote() for w in self.workers]
+        for r in refs:
+            try:
+                ray.get(r, timeout=60)
+            except Exception:
+                pass
+
+
+# --------------------------------------------------------------------------------- selection
+def _why_not_gpu(spec, roles) -> str | None:
+    """None when the GPU path can serve this job, else the reason (cheap checks first)."""
+    if spec.rollout.engine != "vllm":
+        return f"rollout.engine is '{spec.rollout.engine}' (vLLM's weight transfer needs the vllm engine)"
+    if spec.resources.rollout.gpus <= 0 or spec.resources.learner.gpus <= 0:
+        return "the rollout workers or the learner ranks have no GPU (resources.*.gpus)"
+    from protege.actors.rollout import RolloutWorker
+    from protege.learners.learner import Learner
+
+    if not hasattr(RolloutWorker, "wt_probe") or not hasattr(Learner, "nccl_send"):
+        return "RolloutWorker / Learner do not include the weight-transfer mixins"
+    return None
+
+
+def pick_weight_sync(spec, roles, *, mode: str | None = None):
+    """``NcclWeightSync`` when CUDA is available on the rollout workers and the spec allows it,
+    else ``ObjectStoreSync``. ``mode`` (default ``spec.learner.weight_sync`` when the spec has it,
+    else ``auto``): ``object_store`` never uses the GPU path, ``nccl`` requires it (raises
+    :class:`NoGpuTransfer` with the reason), ``auto`` falls back to the object store."""
+    mode = mode or getattr(spec.learner, "weight_sync", "auto")
+    if mode not in MODES:
+        raise ValueError(f"weight_sync must be one of {MODES} (got {mode!r})")
+    dtype = spec.models.student.dtype
+    fallback = ObjectStoreSync(roles.learners, roles.rollout, zero_stage=spec.learner.zero_stage, dtype=dtype)
+    if mode == "object_store":
+        return fallback
+    reason = _why_not_gpu(spec, roles)
+    sync = None
+    if reason is None:
+        sync = NcclWeightSync(roles.learners, roles.rollout, zero_stage=spec.learner.zero_stage, dtype=dtype,
+                              bucket_mb=getattr(spec.learner, "weight_sync_bucket_mb", DEFAULT_BUCKET_MB))
+        try:
+            sync.probe()  # asks each worker's vLLM engine for its GPU: "CUDA is available" for real
+        except (NoGpuTransfer, RuntimeError, ray.exceptions.RayError) as err:
+            reason, sync = str(err), None
+    if sync is not None:
+        return sync
+    if mode == "nccl":
+        raise NoGpuTransfer(f"learner.weight_sync is 'nccl' but the GPU path cannot be used: {reason}")
+    if spec.resources.rollout.gpus > 0 and spec.resources.learner.gpus > 0:
+        print(f"weight sync: object store, not NCCL/IPC ({reason})", file=sys.stderr)
+    return fallback
