@@ -34,7 +34,17 @@ import torch
 
 
 # ------------------------------------------------------------------ inside the vLLM worker process
+def _real(worker):
+    """A function sent through ``collective_rpc`` gets vLLM's ``WorkerWrapperBase``, which forwards
+    reads to the worker but would keep attributes set on it; methods of the extension get the
+    worker itself."""
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    return worker.worker if isinstance(worker, WorkerWrapperBase) else worker
+
+
 def _device_uuid(worker) -> str | None:
+    worker = _real(worker)
     if not torch.cuda.is_available():
         return None
     index = worker.device.index if worker.device.index is not None else torch.cuda.current_device()
@@ -46,6 +56,7 @@ def _create_transfer_engine(worker, backend: str) -> str:
     from vllm.config.weight_transfer import WeightTransferConfig
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+    worker = _real(worker)
     current = getattr(worker, "weight_transfer_engine", None)
     if current is not None and current.config.backend == backend:
         return backend
@@ -61,6 +72,7 @@ def _create_transfer_engine(worker, backend: str) -> str:
 def _retie(worker) -> bool:
     from protege.actors.vllm_ext import _retie_lm_head
 
+    worker = _real(worker)
     _retie_lm_head(worker.model_runner.get_model())
     return True
 
@@ -138,6 +150,10 @@ class WeightTransferReceiver:
         if getattr(self, "_wt_started", None) is not None:
             self._wt_abandon(llm)
         t0 = time.perf_counter()
+        try:  # a previous connection (e.g. to a learner group since restarted) is released first
+            llm.shutdown_weight_transfer_engine()
+        except RuntimeError:
+            pass
         worker_rpc(llm, "protege_wt_create", backend)
         llm.init_weight_transfer_engine({"init_info": dict(init_info)})
         return {"backend": backend, "seconds": time.perf_counter() - t0}

@@ -123,6 +123,8 @@ class NcclWeightSync:
         if not stale and self._initialized:
             return 0.0, dead
         t0 = time.perf_counter()
+        if any(i in self._pids for i in stale):
+            self.routes = None  # a restarted worker may have come back on another GPU
         routes = self.probe()
         nccl = [i for i in stale if routes[i]["kind"] == "nccl"]
         connect: list[tuple[int, str, int]] = []

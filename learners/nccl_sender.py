@@ -167,7 +167,8 @@ class NcclSenderMixin:
             if sender:
                 failed += client.failed
                 results.update(client.results)
-        if nccl:
+        # Off rank 0 the NCCL pass only joins ZeRO-3 gathers; without ZeRO-3 there is nothing to join.
+        if nccl and (sender or self.spec.zero_stage == 3):
             engines = {i: state["engines"][i] for i in nccl if i in state["engines"]} if sender else {}
             if sender:
                 failed += [i for i in nccl if i not in engines]  # never connected: the driver reconnects it

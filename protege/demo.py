@@ -61,4 +61,33 @@ def main(out: Path = Path("runs/demo"), steps: int | None = None) -> int:
     samples = [json.loads(x) for x in (grpo.run_dir / "samples.jsonl").read_text().splitlines()[-4:]]
     for s in samples:
         print(f"   step {s['step']}: {s['question']!r} -> {s['response']!r} (answer {s['answer']}, reward {s['reward']})")
+    _serve_and_ask(grpo)
     return 0
+
+
+def _serve_and_ask(spec) -> None:
+    """Serve the trained run over the OpenAI API (Ray Serve), ask it once with curl, stop."""
+    import subprocess
+
+    from ray import serve
+
+    from protege.serve.api import ServeArgs
+    from protege.serve.app import APP_NAME
+    from protege.serve.cli import serve_forever
+
+    print("== serving the student (Ray Serve, OpenAI-compatible)")
+    port = spec.serve.port
+    serve_forever(ServeArgs(target=str(spec.run_dir), serve=spec.serve, dtype=spec.models.student.dtype), block=False)
+    body = json.dumps({"model": spec.run_dir.name, "max_tokens": 16, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Calculate 4 + 3.\n\nGive only the final answer inside <answer></answer>."}]})
+    cmd = ["curl", "-s", f"http://127.0.0.1:{port}/v1/chat/completions", "-H", "Content-Type: application/json", "-d", body]
+    print("$ " + " ".join(c if " " not in c and "{" not in c else repr(c) for c in cmd))
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+        reply = json.loads(out)
+        print(f"-> {reply['choices'][0]['message']['content']!r}  (served version {reply.get('system_fingerprint')})")
+    except Exception as err:  # the demo reports instead of failing: training already succeeded
+        print(f"-> request failed: {err}")
+    finally:
+        serve.delete(APP_NAME)
+    print(f"serve it yourself: protege serve {spec.run_dir}")

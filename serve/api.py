@@ -36,8 +36,9 @@ def validation_error(exc: ValidationError | Any) -> ApiError:
     """A pydantic / FastAPI validation error as one 400 whose message names every bad field."""
     parts, first = [], None
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if p not in ("body",)]
-        field = ".".join(loc) or "body"
+        loc = [str(p) for p in err["loc"]]
+        loc = loc[1:] if loc[:1] == ["body"] else loc  # FastAPI prefixes the request part
+        field = "body" if err["type"] == "json_invalid" else ".".join(loc) or "body"
         msg = "unknown or unsupported field" if err["type"] == "extra_forbidden" else err["msg"]
         msg = msg.removeprefix("Value error, ")
         parts.append(f"{field}: {msg}")

@@ -95,9 +95,10 @@ def serve_spec_for(target: Path, spec_path: str | None):
 
     if spec_path:
         return load_spec(spec_path).serve
-    resolved = target / "resolved_spec.json"
-    if resolved.is_file():
-        return ServeSpec.model_validate(json.loads(resolved.read_text()).get("serve", {}))
+    # RUN_DIR, RUN_DIR/checkpoints/step_N or .../step_N/model: the run's spec is up to 3 levels up.
+    for d in [target, *list(target.resolve().parents)[:3]]:
+        if (d / "resolved_spec.json").is_file():
+            return ServeSpec.model_validate(json.loads((d / "resolved_spec.json").read_text()).get("serve", {}))
     return ServeSpec()
 
 

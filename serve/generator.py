@@ -68,6 +68,8 @@ class StudentGenerator:
             self._engine_kw["max_num_seqs"] = max_concurrent * max_n
         self.engine = self._make_engine(version.model_path)
         self.version = version
+        # Kept, not re-read: the served checkpoint's folder may be pruned (checkpoint.keep) meanwhile.
+        self._signature = model_signature(version.model_path)
         self.admitted = 0  # requests holding a slot (waiting at the gate or generating)
         self._active = 0  # requests inside the engine now
         self._gate = asyncio.Event()
@@ -132,8 +134,10 @@ class StudentGenerator:
             if version == self.version:
                 return {"version": version.number, "seconds": 0.0}
             t0 = time.perf_counter()
-            # A new engine is built before pausing, so the pause covers only the drain and the swap.
-            fresh = None if _same_model(self.version.model_path, version.model_path) else \
+            # Same architecture and tokenizer: new weights load in place. Otherwise a new engine is
+            # built before pausing, so the pause covers only the drain and the swap.
+            signature = model_signature(version.model_path)
+            fresh = None if signature == self._signature else \
                 await asyncio.to_thread(self._make_engine, version.model_path)
             self._gate.clear()
             try:
@@ -145,7 +149,7 @@ class StudentGenerator:
                 else:
                     old, self.engine = self.engine, fresh
                     await asyncio.to_thread(old.close)
-                self.version, self._loaded_at = version, now()
+                self.version, self._signature, self._loaded_at = version, signature, now()
             finally:
                 self._gate.set()
             done = time.perf_counter()
@@ -285,12 +289,8 @@ def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _same_model(a: Path, b: Path) -> bool:
-    """Same architecture and tokenizer: new weights can be loaded in place into the running engine."""
-    return _model_signature(a) == _model_signature(b)
-
-
-def _model_signature(path: Path) -> str:
+def model_signature(path: Path) -> str:
+    """Equal for two folders whose weights are interchangeable in one engine (config and tokenizer)."""
     cfg = json.loads((Path(path) / "config.json").read_text())
     for k in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
         cfg.pop(k, None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -55,8 +56,10 @@ def autoscaler_config(gcs_address: str, max_workers: int = 3) -> dict:
     return {
         "cluster_name": "protege-autoscaling-test",
         "max_workers": max_workers,
+        # launch_multiple: start as many nodes as the autoscaler asks for at once (the provider's
+        # default starts one per request, whatever the count).
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+                     "disable_launch_config_check": True, "gcs_address": gcs_address, "launch_multiple": True},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
             NODE_TYPE: {"resources": {"CPU": 1, "gpu_node": 1, "object_store_memory": 200 * 1024 * 1024},
@@ -111,9 +114,9 @@ class FakeAutoscalingCluster:
     def head_log(self) -> str:
         return (Path(self.temp_dir) / "head.log").read_text()[-3000:]
 
-    def autoscaler_log(self) -> str:
+    def autoscaler_log(self, tail: int | None = 3000) -> str:
         logs = sorted(Path(self.temp_dir).glob("session_*/logs/monitor.*"))
-        return "\n".join(p.read_text()[-3000:] for p in logs)
+        return "\n".join(p.read_text()[-tail if tail else 0:] for p in logs)
 
     def stop(self) -> None:
         """SIGTERM `ray start --block` (it drains and stops its node), then SIGKILL by pid whatever this
@@ -227,6 +230,7 @@ def test_job_scales_cluster_up_then_idle_nodes_are_removed(tmp_path, tiny_models
         stop.touch()
         if observer is not None and observer.poll() is None:
             observer.kill()
+        (tmp_path / "autoscaler.log").write_text(cluster.autoscaler_log(tail=None))
         cluster.stop()
 
     during = [r for r in rows if t_submit <= r["t"] <= t_done]
@@ -244,12 +248,17 @@ def test_job_scales_cluster_up_then_idle_nodes_are_removed(tmp_path, tiny_models
         "job_s": round(t_done - t_submit, 1), "scale_down_s_after_release": round(t_after - t_released, 1),
         "idle_timeout_s": IDLE_TIMEOUT_MIN * 60,
     }
+    log = (tmp_path / "autoscaler.log").read_text()
+    # worker nodes the provider started (ids fff...0000N; 00000 is the head)
+    numbers["workers_started"] = len(set(re.findall(r"f{51}(\d{4}[1-9]|\d{3}[1-9]\d)", log)))
     print("autoscaling:", json.dumps(numbers))
     (tmp_path / "autoscaling_numbers.json").write_text(json.dumps(numbers, indent=2))
 
     assert before == 1  # the head alone: it has no gpu_node, so the job cannot start on it
     assert peak == 3  # rollout and learner each got a new worker node
-    assert min(r["gpu_node_free"] for r in during) == 0  # and the roles really sit on them
+    assert numbers["workers_started"] == 2  # and no more were started
+    # and the roles really sit on them: two gpu_node in use at once (one per worker node)
+    assert max(r["workers"] - r["gpu_node_free"] for r in during) == 2
     assert summary["steps"] == 2 and summary["policy_version"] == 2
     assert Path(summary["checkpoint"]).name == "step_000002"
     assert numbers["nodes_after"] == 1

@@ -251,6 +251,116 @@ def test_modules_import_and_name_the_vllm_api():
     assert set(nccl_receiver._BY_NAME) == {m for m in dir(nccl_receiver.TransferWorkerExtension) if m.startswith("protege_")}
 
 
+# ------------------------------------------------------------------------------------ receiver on CPU
+_LOOPBACK = "protege_loopback_test"
+
+
+def _register_loopback() -> None:
+    """A test-only vLLM weight-transfer backend: same lifecycle as vLLM's NCCL/IPC engines
+    (layerwise reload started, ``model.load_weights`` per chunk, layerwise reload finished), but
+    the chunk arrives as safetensors bytes in the update info instead of over NCCL/IPC."""
+    from dataclasses import dataclass
+
+    from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightTransferInitInfo,
+                                                       WeightTransferUpdateInfo)
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if _LOOPBACK in WeightTransferEngineFactory._registry:
+        return
+
+    @dataclass
+    class Init(WeightTransferInitInfo):
+        packed: bool = False
+
+    @dataclass
+    class Update(WeightTransferUpdateInfo):
+        payload: bytes
+
+    class Loopback(WeightTransferEngine):
+        init_info_cls, update_info_cls = Init, Update
+
+        def init_transfer_engine(self, init_info):
+            self.inits = getattr(self, "inits", 0) + 1
+
+        def start_weight_update(self):
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+            initialize_layerwise_reload(self.model)
+
+        def finish_weight_update(self):
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+            finalize_layerwise_reload(self.model, self.model_config)
+
+        def update_weights(self, update_info):  # the base class synchronises an accelerator
+            self.receive_weights(self.parse_update_info(update_info))
+
+        def receive_weights(self, update_info):
+            from safetensors.torch import load
+
+            self.model.load_weights(list(load(update_info.payload).items()))
+
+        def shutdown(self):
+            pass
+
+    WeightTransferEngineFactory.register_engine(_LOOPBACK, Loopback)
+
+
+def test_receiver_lifecycle_on_cpu_vllm(tiny_models):
+    """The rollout side for real on CPU vLLM (in-process engine): the transfer engine created in the
+    worker through collective_rpc, start/update (two chunks)/finish through LLM's RL methods, tied
+    lm_head re-tied, prefix cache reset, version stamped. Only the transport is a stand-in."""
+    from safetensors.torch import save
+    from transformers import AutoModelForCausalLM
+
+    from protege.actors.engine import HFEngine
+    from protege.actors.nccl_receiver import WeightTransferReceiver
+    from protege.actors.rollout import RolloutWorker
+
+    _register_loopback()
+    cls = (RolloutWorker if issubclass(RolloutWorker, WeightTransferReceiver)
+           else type("RolloutWorker", (WeightTransferReceiver, RolloutWorker), {}))
+    worker = cls(tiny_models["student"], engine="vllm", max_model_len=128, kv_cache_bytes=64 << 20)
+    try:
+        prompt, resp = [5, 17, 42, 9, 100], [33, 7, 250, 11]
+        before = worker.score(prompt, resp)  # also fills the prefix cache
+        hf = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32)
+        assert hf.config.tie_word_embeddings
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        state = {n: p.detach().contiguous() for n, p in hf.named_parameters()}  # tied: embedding only
+        names = list(state)
+        chunks = [save({n: state[n] for n in names[: len(names) // 2]}), save({n: state[n] for n in names[len(names) // 2:]})]
+        ref = HFEngine(tiny_models["student"])
+        ref.model.load_state_dict(state, strict=False)
+        ref.model.tie_weights()
+        expected = ref.score(prompt, resp)
+
+        info = worker.wt_probe()
+        assert info["uuids"] == [None] and info["engine"] == "vllm"  # no CUDA here: the driver would not pick this path
+        worker.wt_init(_LOOPBACK, {})
+        worker.wt_start()
+        for c in chunks:
+            worker.wt_update({"payload": c})
+        out = worker.wt_finish(7)
+        assert out["version"] == 7 and worker.version == 7 and out["seconds"] >= 0
+        after = worker.score(prompt, resp)
+        assert max(abs(a - b) for a, b in zip(before, expected)) > 1e-2
+        assert max(abs(a - b) for a, b in zip(after, expected)) < 1e-3, (after, expected)
+        assert worker.engine.llm.get_weight_version() == "7"
+        # a second round, and a second init (a re-connect) keeps working
+        worker.wt_init(_LOOPBACK, {})
+        worker.wt_start()
+        worker.wt_update({"payload": save(state)})
+        worker.wt_finish(8)
+        assert worker.version == 8
+        assert max(abs(a - b) for a, b in zip(worker.score(prompt, resp), expected)) < 1e-3
+    finally:
+        worker.close()
+
+
 # ------------------------------------------------------------------------------------ orchestration
 class FakeLearner:
     def __init__(self, rank, uuid):
@@ -310,6 +420,18 @@ def ray_cpu():
     ray.shutdown()
 
 
+def _kill(ray, actor) -> None:
+    """ray.kill returns before the actor is gone: wait until calls to it fail."""
+    ray.kill(actor, no_restart=True)
+    for _ in range(200):
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            return
+        time.sleep(0.05)
+    raise AssertionError("actor still answers after ray.kill")
+
+
 def test_fanout_client_skips_dead_workers(ray_cpu):
     ray = ray_cpu
     from protege.actors.nccl_trainer import FanOutGroup, RolloutClient
@@ -332,7 +454,7 @@ def test_fanout_client_skips_dead_workers(ray_cpu):
             return {"version": version, "seconds": 0.1}
 
     ws = [W.remote() for _ in range(3)]
-    ray.kill(ws[1], no_restart=True)
+    _kill(ray, ws[1])
     client = RolloutClient(dict(enumerate(ws)), backend="nccl", version=7)
     client.init_weight_transfer_engine({"packed": True})
     client.start_weight_update()
@@ -351,6 +473,101 @@ def test_fanout_client_skips_dead_workers(ray_cpu):
     client.update_weights({"names": []})
     client.finish_weight_update()
     assert client.results == {0: {"version": 7, "seconds": 0.1}, 2: {"version": 7, "seconds": 0.1}}
+
+
+class RecordingWorker:
+    """A rollout worker that records the weight-transfer calls it gets."""
+
+    def __init__(self):
+        self.calls = []
+
+    def wt_init(self, backend, init_info):
+        self.calls.append(("init", backend, init_info))
+        return {}
+
+    def wt_start(self):
+        self.calls.append(("start",))
+
+    def wt_update(self, info):
+        self.calls.append(("update", info))
+
+    def wt_finish(self, version):
+        self.calls.append(("finish", version))
+        return {"version": version, "seconds": 0.5}
+
+    def get_calls(self):
+        return self.calls
+
+
+def test_send_nccl_drives_vllm_send_weights(ray_cpu, monkeypatch):
+    """vLLM's NCCLTrainerWeightTransferEngine.send_weights over the fan-out group and the
+    RolloutClient, with the CUDA-stream producer replaced by its CPU equivalent: every live engine
+    gets start → update (full metadata) → finish(version), and every packed buffer in turn."""
+    ray = ray_cpu
+    import vllm.distributed.weight_transfer.nccl_engine as ne
+    from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
+
+    from protege.actors.nccl_trainer import BucketSource, send_nccl
+
+    def producer(iterator, group, src, post_iter_func, buffer_size_bytes, num_buffers):
+        while (chunk := pack_tensors(iterator, post_iter_func, buffer_size_bytes)) is not None:
+            group.broadcast(chunk.packed_tensor, src=src)
+
+    monkeypatch.setattr(ne, "packed_nccl_broadcast_producer", producer)
+    got: dict[int, list] = {0: [], 1: [], 2: []}
+
+    class Comm:
+        def __init__(self, i):
+            self.i = i
+
+        def broadcast(self, t, src=0, stream=None):
+            assert src == 0
+            got[self.i].append(t.clone())
+
+    class Eng:
+        def __init__(self, i):
+            self.model_update_group = Comm(i)
+
+    W = ray.remote(num_cpus=0)(RecordingWorker)
+    ws = {i: W.remote() for i in range(3)}
+    _kill(ray, ws[1])
+    model = _tiny_tied_lm()
+    sender = _Sender(model, zero_stage=3)
+    meta = wire_meta(model, "bfloat16")
+    plan = plan_buckets(meta, 2048)
+    src = BucketSource(meta, lambda: sender._bucket_pairs(plan, "bfloat16", materialize=True))
+    client = send_nccl({i: Eng(i) for i in ws}, ws, src, is_sender=True, version=9, bucket_bytes=4096)
+    assert client.failed == [1] and client.results == {0: {"version": 9, "seconds": 0.5}, 2: {"version": 9, "seconds": 0.5}}
+    assert len(sender.gathers) == len(plan)
+    calls = ray.get(ws[0].get_calls.remote())
+    assert [c[0] for c in calls] == ["start", "update", "finish"] and calls[2] == ("finish", 9)
+    info = calls[1][1]
+    assert info["names"] == [n for n, _, _ in meta] and set(info["dtype_names"]) == {"bfloat16"}
+    assert info["shapes"] == [s for _, s, _ in meta]
+    assert got[1] == [] and len(got[0]) > 1 and all(torch.equal(a, b) for a, b in zip(got[0], got[2]))
+    wire = torch.cat([p.detach().to(torch.bfloat16).reshape(-1).view(torch.uint8) for _, p in model.named_parameters()])
+    assert torch.equal(torch.cat(got[0]), wire)
+    # other ranks only walk the source (their ZeRO-3 gathers), no client, no group
+    assert send_nccl({}, {}, src, is_sender=False, version=9, bucket_bytes=4096) is None
+    assert len(sender.gathers) == 2 * len(plan)
+
+
+def test_connect_nccl_ships_the_wire_parameters(ray_cpu, monkeypatch):
+    """What the rollout worker receives at the handshake (rank offset, world size, packed buffer
+    size) comes from vLLM's NCCLTrainerInitInfo; the CUDA endpoint itself is stubbed."""
+    ray = ray_cpu
+    import vllm.distributed.weight_transfer.nccl_engine as ne
+
+    from protege.actors.nccl_trainer import connect_nccl
+
+    monkeypatch.setattr(ne, "open_trainer_endpoint", lambda info: ("group", info.master_port, info.world_size))
+    w = ray.remote(num_cpus=0)(RecordingWorker).remote()
+    eng = connect_nccl(w, address="10.0.0.5", port=29555, world_size=2, bucket_bytes=64 * MB)
+    assert eng.model_update_group == ("group", 29555, 2) and eng.packed_buffer_size_bytes == 64 * MB
+    (kind, backend, info), = ray.get(w.get_calls.remote())
+    assert (kind, backend) == ("init", "nccl")
+    assert info == {"master_address": "10.0.0.5", "master_port": 29555, "rank_offset": 1, "world_size": 2,
+                    "packed": True, "packed_buffer_size_bytes": 64 * MB, "packed_num_buffers": 2}
 
 
 def test_push_orchestration(ray_cpu):
@@ -388,7 +605,7 @@ def test_push_orchestration(ray_cpu):
     assert ("init", [1], True) in calls0 and calls0[-1] == ("send", 4, [1])
     assert sync.failed == []
 
-    ray.kill(workers[0], no_restart=True)
+    _kill(ray, workers[0])
     sync.push(5, workers=[workers[2], workers[0]])
     assert sync.failed == [1]  # index into the workers passed
     assert ray.get(learners[0].take_calls.remote())[-1] == ("send", 5, [2])
@@ -485,13 +702,16 @@ def _sync_roundtrip(ray, tiny_models, *, zero: int, gpus: float, kind: str, buck
                        **{f"steady/{k}": v for k, v in timings[1].items()}})
     finally:
         sync.close()
-        ray.kill(learner)
-        ray.kill(worker)
+        for actor in (worker, learner):
+            try:
+                ray.get(actor.close.remote(), timeout=120)  # stops vLLM's engine core (else /dev/shm leaks)
+            except Exception:
+                pass
+            ray.kill(actor)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("zero", [2, 3])
-@pytest.mark.parametrize("bucket_mb", [1, 512])
+@pytest.mark.parametrize("zero,bucket_mb", [(2, 1), (3, 1), (2, 512)])
 def test_ipc_sync_colocated_matches_learner_logprobs(tiny_models, ray_gpu, zero, bucket_mb):
     """1 learner rank + 1 vLLM engine on one GPU: CUDA IPC, several packed buffers when the bucket
     is 1 MB (the tiny student is ~5 MB), tied embeddings re-tied, prefix cache reset."""

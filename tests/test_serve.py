@@ -227,6 +227,10 @@ def test_generator_switches_versions_without_failing_requests(hf_run, tiny_model
         versions.rollback(run, to=1)
         await gen.load_version(versions.current(run))
         assert (await gen.complete(req)).choices[0].text == before
+        # keep=1 prunes every older checkpoint, the served one included: the switch must not need it.
+        versions.write_pin(run, None)
+        publish(run, 4, 4, tiny_models["student"], noise=0.3, keep=1)
+        assert (await gen.load_version(versions.current(run)))["version"] == 4
 
     asyncio.run(main())
     gen.close()
@@ -349,9 +353,9 @@ def test_serve_overload_answers_503(served):
         if 503 in codes:
             break
     assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) >= 8, codes
-    rejected = [r.text for r in responses if r.status_code == 503]
-    print("REJ", rejected[:3])
-    assert "overloaded" in rejected[0]
+    # Refused by a full replica (OpenAI-shaped error), or by Serve's bounded queue in front of it.
+    for text in [r.text for r in responses if r.status_code == 503]:
+        assert "overloaded" in text or "dropped due to backpressure" in text, text
 
 
 @pytest.mark.slow
