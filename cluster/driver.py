@@ -79,7 +79,8 @@ def _write_actor_table(run_dir: Path, roles: Roles) -> None:
     """actors.json: which process is which role (for operators, and for fault-injection tests)."""
     table = {"rollout": ray.get([w.pid.remote() for w in roles.rollout]),
              "learner": ray.get([ln.pid.remote() for ln in roles.learners]),
-             "teacher": ray.get(roles.teacher.pid.remote()) if roles.teacher is not None else None}
+             "teacher": ray.get(roles.teacher.pid.remote()) if roles.teacher is not None else None,
+             "reward": ray.get(roles.reward.pid.remote())}
     (run_dir / "actors.json").write_text(json.dumps(table))
 
 
@@ -403,10 +404,19 @@ def _rollout_metrics(spec, rollouts, scores, version: int) -> dict:
 
 # ---------------------------------------------------------------------------------------- state
 def _save(spec, roles: Roles, data_state: dict, step: int, version: int) -> Path:
-    tmp = checkpoints.tmp_dir(spec.run_dir, step)
-    gather([ln.save_checkpoint.remote(str(tmp)) for ln in roles.learners])
-    state = {"step": step, "version": version, "data": data_state, "rng": _get_rng(), "time": time.time()}
-    return checkpoints.commit(tmp, state, keep=spec.checkpoint.keep)
+    try:
+        tmp = checkpoints.tmp_dir(spec.run_dir, step)
+        gather([ln.save_checkpoint.remote(str(tmp)) for ln in roles.learners])
+        state = {"step": step, "version": version, "data": data_state, "rng": _get_rng(), "time": time.time()}
+        return checkpoints.commit(tmp, state, keep=spec.checkpoint.keep)
+    except (OSError, ray.exceptions.RayTaskError) as err:
+        if isinstance(err, ray.exceptions.RayTaskError) and not isinstance(err.cause, OSError):
+            raise
+        cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
+        last = checkpoints.latest(spec.run_dir)
+        raise JobError(f"could not write the checkpoint of step {step} under {spec.run_dir}: {cause}. "
+                       f"The previous checkpoint is intact: {last or 'none yet'}. Free space and run "
+                       "`protege run SPEC --resume`.") from err
 
 
 def _get_rng() -> dict:

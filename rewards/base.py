@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -89,6 +90,10 @@ class RewardRunner:
         self._live: list[_Worker] = []
         self._abandoned: list[_Worker] = []
         self._closed = False
+
+    def pid(self) -> int:
+        """The process id (fault-injection tests and actors.json)."""
+        return os.getpid()
 
     def score_one(self, completion: str, reference: str, meta: dict[str, Any] | None = None) -> Score:
         return self.score([completion], [reference], [meta])[0]

@@ -54,7 +54,7 @@ def _kill_when(spec, role: str, index: int, at_step: int, killed: list):
                 time.sleep(0.05)
                 continue
             if steps and steps[-1] >= at_step:
-                pid = pids[index]
+                pid = pids if index is None else pids[index]
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
@@ -109,4 +109,43 @@ def test_learner_failures_past_the_bound_stop_with_an_intact_checkpoint(tmp_path
         run(spec, progress=False)
     last = checkpoints.latest(spec.run_dir)
     assert last is not None and checkpoints.read_state(last)["step"] >= 1  # the kill may land mid-save of step 2
+    AutoModelForCausalLM.from_pretrained(last / "model")
+
+
+@pytest.mark.parametrize("role", ["reward", "teacher"])
+def test_scorer_actor_killed_mid_run(tmp_path, tiny_models, ray_local, role):
+    """Reward and teacher scorers are stateless: Ray restarts them and retries the lost call."""
+    from protege.cluster.driver import run
+
+    spec = make_spec(tmp_path, tiny_models, f"kill-{role}", algorithm={"type": "rlad"},
+                     models={"student": {"path": tiny_models["student"]}, "teacher": {"path": tiny_models["teacher"]}},
+                     learner={"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 16})
+    killed: list = []
+    t = _kill_when(spec, role, None, 2, killed)
+    summary = run(spec, progress=False)
+    t.join(5)
+    assert killed
+    assert summary["steps"] == 6
+    assert [r["step"] for r in _metrics(spec)] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, tiny_models, ray_local, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from protege.cluster import driver
+    from protege.cluster.driver import JobError, run
+
+    real_commit = checkpoints.commit
+
+    def commit(tmp, state, *, keep):
+        if state["step"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_commit(tmp, state, keep=keep)
+
+    monkeypatch.setattr(driver.checkpoints, "commit", commit)
+    spec = make_spec(tmp_path, tiny_models, "disk-full", learner={"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 16})
+    with pytest.raises(JobError, match=r"checkpoint of step 2 .*No space left on device.*previous checkpoint is intact: .*step_000001"):
+        run(spec, progress=False)
+    last = checkpoints.latest(spec.run_dir)
+    assert last.name == "step_000001"
     AutoModelForCausalLM.from_pretrained(last / "model")
