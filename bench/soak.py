@@ -26,20 +26,32 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 
-def serve_rss_mb() -> dict[str, float]:
-    """RSS of Ray Serve's replica and proxy processes (by process title) and of this process."""
+def serve_pids() -> dict[str, list[int]]:
+    """PIDs of this soak's Serve replica and proxy. The local Ray this script started (raylet and its
+    workers) descends from this process, so another Serve app on the same machine is never counted."""
+    import psutil
+
+    out: dict[str, list[int]] = {"replica": [], "proxy": []}
+    for p in psutil.Process().children(recursive=True):
+        cmd = " ".join(p.cmdline())
+        if "ServeReplica" in cmd:
+            out["replica"].append(p.pid)
+        elif "ProxyActor" in cmd:
+            out["proxy"].append(p.pid)
+    return out
+
+
+def serve_rss_mb(pids: dict[str, list[int]]) -> dict[str, float]:
+    """RSS of the given replica and proxy processes and of this process (the load client)."""
     import psutil
 
     out = {"replica": 0.0, "proxy": 0.0, "client": psutil.Process().memory_info().rss / 2**20}
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info.get("cmdline") or [])
-        try:
-            if "ServeReplica" in cmd:
-                out["replica"] += p.memory_info().rss / 2**20
-            elif "ProxyActor" in cmd:
-                out["proxy"] += p.memory_info().rss / 2**20
-        except psutil.Error:
-            continue
+    for role, ids in pids.items():
+        for pid in ids:
+            try:
+                out[role] += psutil.Process(pid).memory_info().rss / 2**20
+            except psutil.Error:
+                continue
     return {k: round(v, 1) for k, v in out.items()}
 
 
@@ -61,13 +73,15 @@ def main(argv=None) -> int:
     load_args = argparse.Namespace(model=args.model, clients=args.clients, seconds=args.window,
                                    max_tokens=args.max_tokens, max_model_len=512)
     url, name = serve_load.start_serve(load_args)
+    pids = serve_pids()
+    print(f"serve processes: {pids}", flush=True)
     windows = []
     deadline = time.time() + args.minutes * 60
     t_start = time.time()
     while time.time() < deadline:
         load_args.seconds = min(args.window, max(1.0, deadline - time.time()))
         res = asyncio.run(serve_load.load_serve(url, None, name, load_args))
-        res.update(t_min=round((time.time() - t_start) / 60, 2), rss_mb=serve_rss_mb(), load=os.getloadavg()[0])
+        res.update(t_min=round((time.time() - t_start) / 60, 2), rss_mb=serve_rss_mb(pids), load=os.getloadavg()[0])
         windows.append(res)
         print(f"{res['t_min']:5.1f} min  {res['requests_per_s']:6.1f} req/s  p50 {res['p50_ms']} ms  "
               f"p95 {res['p95_ms']} ms  errors {res['errors']}  rss {res['rss_mb']}", flush=True)
