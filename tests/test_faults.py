@@ -149,3 +149,47 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, tiny_mod
     last = checkpoints.latest(spec.run_dir)
     assert last.name == "step_000001"
     AutoModelForCausalLM.from_pretrained(last / "model")
+
+
+def test_driver_killed_then_resumed(tmp_path, tiny_models, ray_local):
+    """SIGKILL the `protege run` process (and its embedded Ray) after checkpoint 2, then
+    `protege run --resume`: the finished run equals an uninterrupted one, weight for weight."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from protege.cluster.driver import run
+
+    opd = dict(algorithm={"type": "opd"}, steps=4,
+               models={"student": {"path": tiny_models["student"]}, "teacher": {"path": tiny_models["teacher"]}},
+               learner={"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 16})
+    ref = make_spec(tmp_path, tiny_models, "uninterrupted", **opd)
+    run(ref, progress=False)
+
+    spec = make_spec(tmp_path, tiny_models, "killed-driver", **opd)
+    path = tmp_path / "spec.json"
+    path.write_text(spec.model_dump_json())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray
+    proc = subprocess.Popen([sys.executable, "-m", "protege.cli", "run", str(path)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (spec.run_dir / "checkpoints" / "step_000002" / "state.json").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    done = {int(p.name.split("_")[1]) for p in checkpoints.list_checkpoints(spec.run_dir)}
+    assert 2 in done and 4 not in done  # killed mid-run, with checkpoint 2 intact
+    r = subprocess.run([sys.executable, "-m", "protege.cli", "run", str(path), "--resume"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["step"] for m in _metrics(spec)] == [0, 1, 2, 3, 4]
+    a = load_file(checkpoints.latest(ref.run_dir) / "model" / "model.safetensors")
+    b = load_file(checkpoints.latest(spec.run_dir) / "model" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
