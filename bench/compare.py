@@ -43,12 +43,10 @@ def base_spec(name: str, student: str, out: Path, *, steps: int, seed: int, algo
         "checkpoint": {"dir": str(out / name), "interval": steps, "keep": 1},
         "eval": {"interval": eval_every, "size": 200},
     }
+    from protege.cluster.spec import set_dotted
+
     for k, v in over.items():
-        node = d
-        keys = k.split(".")
-        for key in keys[:-1]:
-            node = node[key]
-        node[keys[-1]] = v
+        set_dotted(d, k, v)
     return d
 
 

@@ -340,6 +340,17 @@ def format_validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
+def set_dotted(data: dict, dotted: str, value: Any) -> dict:
+    """``set_dotted(d, "rollout.temperature", 0.7)``: one field of a spec mapping, creating sections
+    as needed. Used by ``--set``, the demo and the benchmarks; the result is re-validated whole."""
+    node = data
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return data
+
+
 def parse_spec(data: Any, source: str = "<spec>") -> JobSpec:
     if not isinstance(data, dict):
         raise SpecError(source, [("(spec)", f"expected a mapping at the top level, got {type(data).__name__}")])

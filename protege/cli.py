@@ -45,7 +45,7 @@ def _apply_overrides(spec, overrides: list[str]):
         return spec
     import yaml
 
-    from protege.cluster.spec import SpecError, parse_spec
+    from protege.cluster.spec import SpecError, parse_spec, set_dotted
 
     data = spec.model_dump(mode="json")
     for item in overrides:
@@ -53,11 +53,7 @@ def _apply_overrides(spec, overrides: list[str]):
             print(f"error: --set expects key=value, got '{item}'", file=sys.stderr)
             raise SystemExit(EXIT_INVALID)
         key, value = item.split("=", 1)
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        set_dotted(data, key, yaml.safe_load(value))
     try:
         return parse_spec(data, "--set")
     except SpecError as err:

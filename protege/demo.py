@@ -15,18 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _spec(name: str, **overrides):
-    from protege.cluster.spec import load_spec
+    from protege.cluster.spec import load_spec, parse_spec, set_dotted
 
-    spec = load_spec(ROOT / "examples" / name)
-    data = spec.model_dump(mode="json")
+    data = load_spec(ROOT / "examples" / name).model_dump(mode="json")
     for dotted, value in overrides.items():
-        node = data
-        keys = dotted.split(".")
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
-    from protege.cluster.spec import parse_spec
-
+        set_dotted(data, dotted, value)
     return parse_spec(data, name)
 
 
