@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from protege.actors.engine import make_engine
+from protege.actors.nccl_receiver import WeightTransferReceiver
 from protege.cluster.records import Rollout, WeightsVersion
 
 
@@ -19,7 +20,7 @@ class StaleWeights(RuntimeError):
     """The worker's weights are not the version the driver expects (e.g. it was restarted)."""
 
 
-class RolloutWorker:
+class RolloutWorker(WeightTransferReceiver):  # the base adds the GPU (NCCL/IPC) receiver methods
     def __init__(self, model: str, *, engine: str = "vllm", dtype: str = "float32", seed: int = 0,
                  max_model_len: int = 512, kv_cache_bytes: int = 256 << 20):
         self.engine_kind = engine

@@ -27,7 +27,7 @@ from protege.actors.rollout import StaleWeights
 from protege.cluster.launch import Roles, connect, gather, start_learners, start_roles
 from protege.cluster.metrics import MetricsWriter, plot_curves
 from protege.cluster.records import TrainBatch, TrainRow
-from protege.cluster.weight_sync import ObjectStoreSync
+from protege.cluster.nccl_sync import pick_weight_sync
 from protege.data import PromptStream
 from protege.learners.algorithms import build_rows
 from protege.learners.batching import shard_rows
@@ -101,7 +101,7 @@ def _learner_group_broken(roles: Roles, err) -> bool:
 def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, until, progress, faults) -> dict:
     algo, ro = spec.algorithm, spec.rollout
     run_dir = spec.run_dir
-    sync = ObjectStoreSync(roles.learners, roles.rollout, zero_stage=spec.learner.zero_stage, dtype=spec.models.student.dtype)
+    sync = pick_weight_sync(spec, roles)  # object store unless learner.weight_sync asks for NCCL/IPC
     stream = PromptStream(train_set, seed=spec.seed)
     step, version = 0, 0
     ckpt = checkpoints.latest(run_dir) if resume else None

@@ -85,21 +85,38 @@ class NcclWeightSync:
         self.bucket_mb = bucket_mb
         self.timeout_s = timeout_s
         self.failed: list[int] = []
-        self.routes: list[dict] | None = None
+        self.routes: list[dict | None] | None = None
+        self._learner_uuids: list[str | None] | None = None
         self._pids: dict[int, int] = {}  # worker index → pid its transfer state was set up in
         self._initialized = False
 
     # ----------------------------------------------------------------- setup
-    def probe(self) -> list[dict]:
-        """Where everything runs → ``routes`` (cached). Raises :class:`NoGpuTransfer` when the GPU path
-        cannot serve this placement."""
-        if self.routes is None:
-            lrefs = [ln.nccl_device_uuid.remote() for ln in self.learners]
-            wrefs = [w.wt_probe.remote() for w in self.workers]
-            learner_uuids = self._wait(lrefs, "learner GPU probe")
-            probes = self._wait(wrefs, "rollout GPU probe")
-            self.routes = plan_routes(learner_uuids, [p["uuids"] for p in probes])
+    def probe(self) -> list[dict | None]:
+        """Routes from where everything runs (cached). Raises :class:`NoGpuTransfer` when the GPU
+        path cannot serve this placement, RuntimeError when a worker is down."""
+        dead = self._probe(None)
+        if dead:
+            raise RuntimeError(f"rollout worker(s) {dead} did not answer the GPU probe")
         return self.routes
+
+    def _probe(self, indices: list[int] | None) -> list[int]:
+        """Probe ``indices`` (default: every worker not probed yet) into ``routes``; returns the dead."""
+        if self._learner_uuids is None:
+            self._learner_uuids = self._wait([ln.nccl_device_uuid.remote() for ln in self.learners],
+                                             "learner GPU probe")
+        if self.routes is None:
+            self.routes = [None] * len(self.workers)
+        todo = [i for i, r in enumerate(self.routes) if r is None] if indices is None else list(indices)
+        refs = {i: self.workers[i].wt_probe.remote() for i in todo}
+        uuids, dead = {}, []
+        for i, ref in refs.items():
+            try:
+                uuids[i] = ray.get(ref, timeout=self.timeout_s)["uuids"]
+            except DEAD:
+                dead.append(i)
+        for i, route in zip(uuids, plan_routes(self._learner_uuids, list(uuids.values()))):
+            self.routes[i] = route
+        return dead
 
     def _indices(self, workers: list | None) -> list[int]:
         if workers is None:
@@ -123,9 +140,11 @@ class NcclWeightSync:
         if not stale and self._initialized:
             return 0.0, dead
         t0 = time.perf_counter()
-        if any(i in self._pids for i in stale):
-            self.routes = None  # a restarted worker may have come back on another GPU
-        routes = self.probe()
+        # New workers, and restarted ones (they may have come back on another GPU), are probed.
+        lost = self._probe([i for i in stale if i in self._pids or self.routes is None or self.routes[i] is None])
+        dead += lost
+        stale = [i for i in stale if i not in lost]
+        routes = self.routes
         nccl = [i for i in stale if routes[i]["kind"] == "nccl"]
         connect: list[tuple[int, str, int]] = []
         if nccl:

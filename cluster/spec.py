@@ -184,6 +184,11 @@ class LearnerSpec(_Strict):
     grad_clip: float = Field(default=1.0, gt=0)
     bf16: bool = False
     updates_per_step: int = Field(default=1, ge=1, description="optimizer steps per rollout batch")
+    weight_sync: Literal["auto", "object_store", "nccl"] = Field(
+        default="object_store",
+        description="object_store: safetensors blob via Ray (CPU and GPU, tested); nccl / auto: vLLM's "
+        "NCCL/IPC weight transfer on GPUs (written, not yet verified on hardware)")
+    weight_sync_bucket_mb: float = Field(default=512, gt=0, description="NCCL/IPC bucket size")
 
 
 class RewardSpec(_Strict):

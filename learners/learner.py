@@ -26,9 +26,10 @@ from protege.cluster.records import TrainBatch, TrainRow
 from protege.learners import algorithms, losses
 from protege.learners.batching import collate, micro_batches
 from protege.learners.ds_config import build_ds_config
+from protege.learners.nccl_sender import NcclSenderMixin
 
 
-class Learner:
+class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-sender methods
     def __init__(
         self,
         *,

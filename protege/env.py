@@ -24,6 +24,10 @@ def configure_defaults() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Ray would otherwise spread a worker's default env; we pass ours explicitly per actor.
+    if has_cuda():
+        # vLLM's IPC weight transfer passes CUDA IPC handles to its engine process pickled (as
+        # vLLM's own RLHF examples do); needed only by learner.weight_sync nccl/auto.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     if not has_cuda():
         # Engine in-process: 3 s start instead of 15-28 s, and Ray's CPU accounting stays true.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -39,6 +43,6 @@ def worker_env() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM", "VLLM_NO_USAGE_STATS", "VLLM_ENABLE_V1_MULTIPROCESSING",
         "VLLM_CPU_KVCACHE_SPACE", "DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE",
         "TORCH_EXTENSIONS_DIR", "HF_HOME", "VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY",
-        "HF_HUB_DISABLE_PROGRESS_BARS",
+        "HF_HUB_DISABLE_PROGRESS_BARS", "VLLM_ALLOW_INSECURE_SERIALIZATION",
     ]
     return {k: os.environ[k] for k in keys if k in os.environ}

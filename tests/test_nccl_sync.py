@@ -198,7 +198,10 @@ def test_zero3_bucket_walk_on_real_deepspeed(tiny_models):
         assert seen == len(full)
         assert all(p.numel() == 0 or p.ds_status.name == "NOT_AVAILABLE" for p in ln.engine.module.parameters())
     finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
         ln.close()
+        unset_hf_deepspeed_config()  # later from_pretrained calls in this process must not see ZeRO-3
 
 
 # ------------------------------------------------------------------------------------ routes
@@ -613,6 +616,23 @@ def test_push_orchestration(ray_cpu):
     ray.get(learners[0].set.remote(lie=True))
     with pytest.raises(RuntimeError, match="other versions"):
         sync.push(6, workers=[workers[1]])
+
+
+def test_first_push_with_a_dead_worker(ray_cpu):
+    """A worker that is down at the first push is reported, and the others are served."""
+    ray = ray_cpu
+    L, W = ray.remote(num_cpus=0)(FakeLearner), ray.remote(num_cpus=0)(FakeWorker)
+    learner = L.remote(0, "GPU-a")
+    workers = [W.remote("x"), W.remote("y")]
+    _kill(ray, workers[0])
+    sync = NcclWeightSync([learner], workers, zero_stage=2, dtype="float32")
+    sync.push(1)
+    assert sync.failed == [0]
+    calls = ray.get(learner.take_calls.remote())
+    assert ("init", [1], True) in calls and calls[-1] == ("send", 1, [1])
+    assert sync.routes[0] is None and sync.routes[1]["kind"] == "nccl"
+    with pytest.raises(RuntimeError, match="did not answer"):
+        NcclWeightSync([learner], workers, zero_stage=2, dtype="float32").probe()
 
 
 # ------------------------------------------------------------------------------------ GPU
