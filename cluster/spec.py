@@ -198,6 +198,15 @@ class RewardSpec(_Strict):
 
 class CheckpointSpec(_Strict):
     dir: str = Field(default="runs/{name}", description="run directory; '{name}' expands to the job name")
+
+    @field_validator("dir")
+    @classmethod
+    def _local_only(cls, v: str) -> str:
+        # Object-store URIs would silently become local folders named "s3:"; refuse them until
+        # they are supported (use a shared volume: deploy/README.md).
+        if "://" in v:
+            raise ValueError("object-store URIs are not supported yet: use a local or shared-volume path")
+        return v
     interval: int = Field(default=10, ge=1, description="save every N steps")
     keep: int = Field(default=2, ge=1, description="keep the last K checkpoints")
 

@@ -37,8 +37,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
-
 TASK = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
         "allow_negation": False, "allow_parentheses": False}
 NODE_TYPE = "gpu_sim"  # stands in for a GPU node group: what KubeRay calls a worker group
@@ -198,6 +196,7 @@ def test_spec_needs_worker_nodes():
         assert "gpu_node" not in head and q.bundle["gpu_node"] <= worker["gpu_node"] < 2 * q.bundle["gpu_node"]
 
 
+@pytest.mark.slow
 def test_job_scales_cluster_up_then_idle_nodes_are_removed(tmp_path, tiny_models):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(autoscaling_spec(tmp_path, tiny_models["student"])))
@@ -250,15 +249,19 @@ def test_job_scales_cluster_up_then_idle_nodes_are_removed(tmp_path, tiny_models
     }
     log = (tmp_path / "autoscaler.log").read_text()
     # worker nodes the provider started (ids fff...0000N; 00000 is the head)
-    numbers["workers_started"] = len(set(re.findall(r"f{51}(\d{4}[1-9]|\d{3}[1-9]\d)", log)))
+    numbers["workers_started"] = len(set(re.findall(r"f{51}(\d{5})", log)) - {"00000"})
     print("autoscaling:", json.dumps(numbers))
     (tmp_path / "autoscaling_numbers.json").write_text(json.dumps(numbers, indent=2))
 
     assert before == 1  # the head alone: it has no gpu_node, so the job cannot start on it
-    assert peak == 3  # rollout and learner each got a new worker node
-    assert numbers["workers_started"] == 2  # and no more were started
-    # and the roles really sit on them: two gpu_node in use at once (one per worker node)
+    # Rollout and learner each got a new worker node, and sit there: two gpu_node in use at once.
+    assert peak >= 3 and numbers["workers_started"] >= 2
     assert max(r["workers"] - r["gpu_node_free"] for r in during) == 2
+    # Ray's v1 autoscaler often starts one node more than needed (4 runs in 6 here): starting
+    # a fake node takes seconds on 2 busy cores, and while the second new node has not registered
+    # yet, the autoscaler counts the placement group meant for it as unplaceable and launches another.
+    # That node gets no work and is removed when idle. Never more than one extra, never past max_workers.
+    assert numbers["workers_started"] <= 3 and peak <= 1 + autoscaler_config("x")["max_workers"]
     assert summary["steps"] == 2 and summary["policy_version"] == 2
     assert Path(summary["checkpoint"]).name == "step_000002"
     assert numbers["nodes_after"] == 1

@@ -568,8 +568,10 @@ def test_readme_protege_commands_parse_with_the_real_cli():
     from protege.cli import build_parser
 
     parser = build_parser()
-    cmds = [c for c in readme_commands() if c.startswith("protege ")]
-    assert len(cmds) >= 6
+    # run here, or inside a pod (kubectl exec POD -- protege ...)
+    cmds = [c[c.index("protege "):] for c in readme_commands()
+            if c.startswith("protege ") or c.startswith("kubectl exec") and " -- protege " in c]
+    assert len(cmds) >= 9
     for cmd in cmds:
         argv = shlex.split(cmd.replace("JOB_ID", "job-1234"))[1:]
         args = parser.parse_args(argv)  # SystemExit on an unknown command or flag
@@ -621,6 +623,15 @@ def test_readme_image_rewrite_matches_every_manifest_image():
     for path in applied:
         images = re.findall(r"^\s*image: (\S+)$", (ROOT / path).read_text(), flags=re.M)
         assert images and all(i.startswith("protege:") for i in images), path
+
+
+def test_readme_pod_selector_matches_the_manifests():
+    labels = [c for c in readme_commands() if "kubectl get pods -l" in c]
+    assert labels
+    for cmd in labels:
+        key, _, value = re.search(r"-l (\S+)", cmd).group(1).partition("=")
+        heads = [tpl["metadata"]["labels"] for spec in cluster_specs().values() for g, tpl in pod_templates(spec)]
+        assert any(h.get(key) == value for h in heads), cmd
 
 
 def test_readme_kubectl_names_match_the_manifests():
