@@ -336,8 +336,12 @@ def test_submit_follow_status_logs_stop(ray_head, tmp_path, tiny_models, capsys)
     assert "already ended" in capsys.readouterr().out
 
     # a 2-step job, followed to the end through `jobs logs --follow`
+    # A stopped job's actors and placement groups are released asynchronously (slowly on 2 busy
+    # cores); give the next job longer than the default 30 s to be placed.
+    ok_spec = spec_dict(tmp_path, tiny_models["student"], name="ok", steps=2)
+    ok_spec["resources"] = {"placement_timeout_s": 180}
     ok = tmp_path / "ok.yaml"
-    ok.write_text(json.dumps(spec_dict(tmp_path, tiny_models["student"], name="ok", steps=2)))
+    ok.write_text(json.dumps(ok_spec))
     assert cli("submit", str(ok), "--address", address) == 0
     job_id = capsys.readouterr().out.strip()
     assert job_id.startswith("ok-")
