@@ -99,7 +99,7 @@ def _learner_group_broken(roles: Roles, err) -> bool:
 
 
 def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, until, progress, faults) -> dict:
-    algo, ro = spec.algorithm, spec.rollout
+    algo = spec.algorithm
     run_dir = spec.run_dir
     sync = pick_weight_sync(spec, roles)  # object store unless learner.weight_sync asks for NCCL/IPC
     stream = PromptStream(train_set, seed=spec.seed)

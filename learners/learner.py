@@ -14,7 +14,6 @@ process would compute over the whole batch, however the rows were split.
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from pathlib import Path
@@ -125,8 +124,6 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
         mbs = [collate(mb, self.pad_id) for mb in micro_batches(batch.rows, self.grad_accum, group=group)]
         units = algorithms.loss_units(self.algo)
         global_units = {"tokens": batch.global_tokens, "rows": batch.global_rows, "pairs": batch.global_rows // 2}[units]
-        model = self.engine.module
-
         # π_old (and π_ref) recomputed with the current weights, once per rollout batch.
         self.engine.eval()
         with torch.no_grad():

@@ -368,8 +368,6 @@ def build_tiny(out_dir: str | os.PathLike, *, seed: int = 0, arch: str = "qwen2"
     Existing ``teacher``/``student`` folders are replaced (atomically). Returns
     ``{"teacher": Path, "student": Path, "arch", "seed", "vocab_size", "seconds"}``.
     """
-    import torch
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -357,7 +357,7 @@ def test_launcher_installs_protege_with_the_projects_setup_script():
     assert c["file_mounts"]["~/protege"] == "."
     setup = " && ".join(c["setup_commands"])
     assert "scripts/setup.sh" in setup and "PROTEGE_PROFILE=gpu" in setup and (ROOT / "scripts" / "setup.sh").is_file()
-    assert f"mount -t nfs4" in setup and MOUNT in setup
+    assert "mount -t nfs4" in setup and MOUNT in setup
     for cmd in c["head_start_ray_commands"] + c["worker_start_ray_commands"]:
         if " start " in cmd:
             assert "$HOME/protege-venv/bin/ray start" in cmd and "RAY_AUTH_MODE=token" in cmd

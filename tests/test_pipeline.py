@@ -9,7 +9,6 @@ import json
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from protege.cluster import checkpoints
