@@ -7,6 +7,11 @@
 Atomic: everything is written into a hidden temp folder beside the final one, state.json
 last, then one ``os.rename``. A crash at any point leaves either the previous checkpoint or
 the complete new one; half-written temp folders are ignored and cleaned on the next save.
+
+A run dir may also be an object-store URI (``s3://bucket/runs/x``; ``cluster/storage.py``): the
+checkpoint is staged locally by the same code, uploaded, and ``state.json`` is uploaded last as the
+commit marker. Every reader here (``list_checkpoints``, ``latest``, ``read_state``) takes either a
+local path or a URI and returns locations of the same kind.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+from protege.cluster import storage
 
 _STEP = re.compile(r"^step_(\d{6,})$")
 
@@ -48,12 +55,54 @@ def commit(tmp: Path, state: dict, *, keep: int) -> Path:
     os.rename(tmp, final)
     _fsync_dir(final.parent)
     for old in list_checkpoints(tmp.parent.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_local(old)
     return final
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (with state.json), oldest first."""
+def _remove_local(ckpt: Path) -> None:
+    # state.json first: a crash mid-delete must not leave a folder that still looks complete
+    (ckpt / "state.json").unlink(missing_ok=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ object stores
+def remote_path(run_uri: str, step: int) -> str:
+    return storage.join(run_uri, "checkpoints", f"step_{step:06d}")
+
+
+def prepare_remote(run_uri: str, step: int) -> str:
+    """Make room for uploading step ``step``: drop leftovers of an upload cut short (step folders
+    without state.json) and an earlier complete copy of the same step. Returns its URI."""
+    root = storage.join(run_uri, "checkpoints")
+    complete = {_step_of(c) for c in list_checkpoints(run_uri)}
+    for name in storage.subdirs(root):
+        m = _STEP.match(name)
+        if m and (int(m.group(1)) not in complete or int(m.group(1)) == step):
+            storage.remove(storage.join(root, name), marker="state.json")
+    return remote_path(run_uri, step)
+
+
+def commit_remote(dest: str, state: dict, *, run_uri: str, keep: int) -> str:
+    """All files of ``dest`` are uploaded: write state.json (the commit marker), prune to ``keep``."""
+    storage.write_text(storage.join(dest, "state.json"), json.dumps(state))
+    for old in list_checkpoints(run_uri)[:-keep]:
+        storage.remove(old, marker="state.json")
+    return dest
+
+
+# ------------------------------------------------------------------------------ readers
+def list_checkpoints(run_dir: str | Path) -> list:
+    """Complete checkpoints (with state.json), oldest first: Paths, or URIs for a URI run dir."""
+    if storage.is_uri(run_dir):
+        root = storage.join(str(run_dir), "checkpoints")
+        fs, path = storage.filesystem(root)
+        markers = fs.glob(storage.join(path, "step_*", "state.json"))
+        found = []
+        for marker in markers:
+            name = marker.rstrip("/").rsplit("/", 2)[-2]
+            if m := _STEP.match(name):
+                found.append((int(m.group(1)), storage.join(root, name)))
+        return [u for _, u in sorted(found)]
     root = ckpt_root(run_dir)
     if not root.is_dir():
         return []
@@ -61,13 +110,19 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest(run_dir: str | Path) -> Path | None:
+def latest(run_dir: str | Path):
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
 
-def read_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / "state.json").read_text())
+def read_state(ckpt: str | Path) -> dict:
+    if storage.is_uri(ckpt):
+        return json.loads(storage.read_text(storage.join(str(ckpt), "state.json")))
+    return json.loads((Path(ckpt) / "state.json").read_text())
+
+
+def _step_of(ckpt: str | Path) -> int:
+    return int(_STEP.match(str(ckpt).rstrip("/").rsplit("/", 1)[-1]).group(1))
 
 
 def _fsync_dir(path: Path) -> None:

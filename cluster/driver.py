@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import ray
 import torch
 
-from protege.cluster import checkpoints, hints
+from protege.cluster import checkpoints, hints, storage
 from protege.cluster.jobdata import Encoder, load_job_data
 from protege.actors.rollout import StaleWeights
 from protege.cluster.launch import Roles, connect, gather, start_learners, start_roles
@@ -39,15 +40,17 @@ class JobError(RuntimeError):
 
 def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> dict:
     """Train as ``spec`` says. ``stop_after`` ends the session after that many steps (tests)."""
-    run_dir = spec.run_dir
+    run_dir, location = spec.run_dir, spec.run_location  # local files; where checkpoints live
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_spec.json").write_text(spec.model_dump_json(indent=2))
     train_set, eval_set = load_job_data(spec)  # bad data fails here, before any resource is taken
     tok = _check_tokenizers(spec)
     enc = Encoder(tok, system_prompt=spec.data.system_prompt, max_prompt_tokens=spec.rollout.max_prompt_tokens)
+    if spec.run_uri:  # a missing backend, bad credentials or an unwritable bucket fail here, too
+        _open_remote_run(spec, resume)
     connect()
     roles = start_roles(spec)
-    start = (checkpoints.read_state(c)["step"] if resume and (c := checkpoints.latest(run_dir)) else 0)
+    start = (checkpoints.read_state(c)["step"] if resume and (c := checkpoints.latest(location)) else 0)
     until = spec.steps if stop_after is None else min(spec.steps, start + stop_after)
     faults = {"fault/rollout_restarts": 0.0, "fault/learner_restarts": 0.0}
     try:
@@ -61,7 +64,7 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
                     raise
                 faults["fault/learner_restarts"] += 1
                 if faults["fault/learner_restarts"] > spec.fault_tolerance.learner_restarts:
-                    last = checkpoints.latest(run_dir)
+                    last = checkpoints.latest(location)
                     raise JobError(
                         f"a learner rank died {int(faults['fault/learner_restarts'])} times "
                         f"(fault_tolerance.learner_restarts = {spec.fault_tolerance.learner_restarts}); stopping. "
@@ -104,7 +107,7 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
     sync = pick_weight_sync(spec, roles)  # object store unless learner.weight_sync asks for NCCL/IPC
     stream = PromptStream(train_set, seed=spec.seed)
     step, version = 0, 0
-    ckpt = checkpoints.latest(run_dir) if resume else None
+    ckpt = checkpoints.latest(spec.run_location) if resume else None
     if ckpt is not None:
         state = checkpoints.read_state(ckpt)
         gather([ln.load_checkpoint.remote(str(ckpt)) for ln in roles.learners])
@@ -187,8 +190,10 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
     bar.close()
     metrics.close()
     plot = plot_curves(run_dir)
-    summary = _summary(run_dir, step, version, plot)
+    summary = _summary(spec, step, version, plot)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if spec.run_uri:
+        storage.upload_tree(run_dir, spec.run_uri, exclude=_NOT_MIRRORED)
     return summary
 
 
@@ -403,20 +408,55 @@ def _rollout_metrics(spec, rollouts, scores, version: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- state
-def _save(spec, roles: Roles, data_state: dict, step: int, version: int) -> Path:
+# Local-only files of the staging dir that are never mirrored to an object store.
+_NOT_MIRRORED = ("checkpoints", "actors.json")
+
+
+def _save(spec, roles: Roles, data_state: dict, step: int, version: int):
+    state = {"step": step, "version": version, "data": data_state, "rng": _get_rng(), "time": time.time()}
     try:
         tmp = checkpoints.tmp_dir(spec.run_dir, step)
         gather([ln.save_checkpoint.remote(str(tmp)) for ln in roles.learners])
-        state = {"step": step, "version": version, "data": data_state, "rng": _get_rng(), "time": time.time()}
-        return checkpoints.commit(tmp, state, keep=spec.checkpoint.keep)
+        if not spec.run_uri:
+            return checkpoints.commit(tmp, state, keep=spec.checkpoint.keep)
+        # Object store: each node uploads what its ranks wrote (nodes need not share a disk), then
+        # state.json goes up last as the commit marker; the metrics mirror follows.
+        dest = checkpoints.prepare_remote(spec.run_uri, step)
+        gather([ln.upload_checkpoint.remote(str(tmp), dest) for ln in _one_learner_per_node(roles)])
+        ckpt = checkpoints.commit_remote(dest, state, run_uri=spec.run_uri, keep=spec.checkpoint.keep)
+        storage.upload_tree(spec.run_dir, spec.run_uri, exclude=_NOT_MIRRORED)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return ckpt
     except (OSError, ray.exceptions.RayTaskError) as err:
         if isinstance(err, ray.exceptions.RayTaskError) and not isinstance(err.cause, OSError):
             raise
         cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
-        last = checkpoints.latest(spec.run_dir)
-        raise JobError(f"could not write the checkpoint of step {step} under {spec.run_dir}: {cause}. "
-                       f"The previous checkpoint is intact: {last or 'none yet'}. Free space and run "
-                       "`protege run SPEC --resume`.") from err
+        last = checkpoints.latest(spec.run_location)
+        raise JobError(f"could not write the checkpoint of step {step} under {spec.run_location}: {cause}. "
+                       f"The previous checkpoint is intact: {last or 'none yet'}. Free space (or fix access "
+                       "to the bucket) and run `protege run SPEC --resume`.") from err
+
+
+def _one_learner_per_node(roles: Roles) -> list:
+    nodes = ray.get([ln.node_id.remote() for ln in roles.learners])
+    first = {}
+    for ln, node in zip(roles.learners, nodes):
+        first.setdefault(node, ln)
+    return list(first.values())
+
+
+def _open_remote_run(spec, resume: bool) -> None:
+    """Check the object store before anything starts (the write of the spec is the probe) and, on
+    resume in a fresh staging dir (a new pod), fetch the run's metrics and samples so they continue."""
+    uri, run_dir = spec.run_uri, spec.run_dir
+    try:
+        if resume:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                if not (run_dir / name).exists() and storage.exists(storage.join(uri, name)):
+                    (run_dir / name).write_text(storage.read_text(storage.join(uri, name)))
+        storage.write_text(storage.join(uri, "resolved_spec.json"), spec.model_dump_json(indent=2))
+    except (OSError, RuntimeError) as err:
+        raise JobError(f"checkpoint.dir: cannot write to {uri}: {err}") from err
 
 
 def _get_rng() -> dict:
@@ -462,11 +502,11 @@ def _progress(start: int, total: int, enabled: bool):
                 dynamic_ncols=True)
 
 
-def _summary(run_dir: Path, step: int, version: int, plot) -> dict:
+def _summary(spec, step: int, version: int, plot) -> dict:
     from protege.cluster.metrics import read_metrics
 
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(spec.run_dir / "metrics.jsonl")
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
-    return {"run_dir": str(run_dir), "steps": step, "policy_version": version,
+    return {"run_dir": spec.run_location, "steps": step, "policy_version": version,
             "eval_accuracy_first": evals[0][1] if evals else None, "eval_accuracy_last": evals[-1][1] if evals else None,
-            "eval_curve": evals, "checkpoint": str(checkpoints.latest(run_dir) or ""), "plot": str(plot or "")}
+            "eval_curve": evals, "checkpoint": str(checkpoints.latest(spec.run_location) or ""), "plot": str(plot or "")}

@@ -80,7 +80,7 @@ def create_app(address: str | None = None, *, token: str | None = None, jobs: Jo
         except SpecError as err:
             return _invalid(err.errors)
         job_id = await run_in_threadpool(jobs.submit, spec)
-        body = {"id": job_id, "name": spec.name, "run_dir": str(spec.run_dir),
+        body = {"id": job_id, "name": spec.name, "run_dir": spec.run_location,
                 "warnings": spec_warnings(spec, jobs.project)}
         return JSONResponse(body, status_code=201, headers={"Location": f"/v1/jobs/{job_id}"})
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from protege.cluster import storage
 from protege.cluster.checkpoints import list_checkpoints, read_state
 
 # Ray applies these with .gitignore syntax, relative to the working dir's root. "/protege": the
@@ -137,18 +138,19 @@ def run_progress(run_dir: str | Path | None) -> dict[str, Any]:
     """Step, latest metrics and checkpoints of a run, read from its directory.
 
     Only works where the run directory is readable from this process: the same machine as the
-    job, or storage the cluster shares. Otherwise ``readable`` is False and the rest empty.
+    job, storage the cluster shares, or an object-store URI this process can read (there the
+    metrics are as of the last checkpoint: they are mirrored when one is saved). Otherwise
+    ``readable`` is False and the rest empty.
     """
     out: dict[str, Any] = {"run_dir": str(run_dir) if run_dir else None, "readable": False, "step": None,
                            "metrics": None, "checkpoints": []}
-    if not run_dir or not Path(run_dir).is_absolute() or not Path(run_dir).is_dir():
+    text = _read_metrics_text(run_dir)
+    if text is None:
         return out
-    run_dir = Path(run_dir)
     out["readable"] = True
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
+    if text:
         rows = []
-        for line in path.read_text().splitlines():
+        for line in text.splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:  # the line being written right now
@@ -163,6 +165,23 @@ def run_progress(run_dir: str | Path | None) -> dict[str, Any]:
         out["checkpoints"].append({"step": state.get("step"), "policy_version": state.get("version"),
                                    "path": str(ckpt)})
     return out
+
+
+def _read_metrics_text(run_dir) -> str | None:
+    """metrics.jsonl's text ('' if none yet), or None when the run dir cannot be read from here."""
+    if not run_dir:
+        return None
+    if storage.is_uri(run_dir):
+        try:
+            uri = storage.join(str(run_dir), "metrics.jsonl")
+            return storage.read_text(uri) if storage.exists(uri) else ""
+        except (OSError, RuntimeError, ValueError):  # no backend or no credentials here
+            return None
+    run_dir = Path(run_dir)
+    if not run_dir.is_absolute() or not run_dir.is_dir():
+        return None
+    path = run_dir / "metrics.jsonl"
+    return path.read_text() if path.is_file() else ""
 
 
 class JobsClient:
@@ -193,7 +212,7 @@ class JobsClient:
                 entrypoint=entrypoint(python or default_python(self.address)),
                 submission_id=job_id,
                 runtime_env=runtime_env(wd, extra_env),
-                metadata={"protege_name": spec.name, "protege_run_dir": str(spec.run_dir),
+                metadata={"protege_name": spec.name, "protege_run_dir": spec.run_location,
                           "protege_steps": str(spec.steps), "protege_algorithm": spec.algorithm.type},
             )
 

@@ -197,18 +197,32 @@ class RewardSpec(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    dir: str = Field(default="runs/{name}", description="run directory; '{name}' expands to the job name")
+    dir: str = Field(default="runs/{name}", description=(
+        "run directory (checkpoints, metrics, samples); '{name}' expands to the job name. A local or "
+        "shared-volume path, or an object-store URI (s3://bucket/runs/{name}, gs://…, any fsspec "
+        "URL; s3/gcs need `pip install 'protege[s3]'` / `'protege[gcs]'`)"))
+    local_dir: str = Field(default="runs/{name}", description=(
+        "with a URI `dir`: local staging folder for metrics and checkpoints before upload; ignored "
+        "for a local `dir`"))
+    interval: int = Field(default=10, ge=1, description="save every N steps")
+    keep: int = Field(default=2, ge=1, description="keep the last K checkpoints")
 
     @field_validator("dir")
     @classmethod
-    def _local_only(cls, v: str) -> str:
-        # Object-store URIs would silently become local folders named "s3:"; refuse them until
-        # they are supported (use a shared volume: deploy/README.md).
+    def _known_scheme(cls, v: str) -> str:
+        # Before anything starts: a typo'd scheme would otherwise fail only at the first save.
         if "://" in v:
-            raise ValueError("object-store URIs are not supported yet: use a local or shared-volume path")
+            from protege.cluster.storage import check_protocol
+
+            check_protocol(v)
         return v
-    interval: int = Field(default=10, ge=1, description="save every N steps")
-    keep: int = Field(default=2, ge=1, description="keep the last K checkpoints")
+
+    @field_validator("local_dir")
+    @classmethod
+    def _local(cls, v: str) -> str:
+        if "://" in v:
+            raise ValueError("must be a local path (the staging folder before upload)")
+        return v
 
 
 class EvalSpec(_Strict):
@@ -307,8 +321,22 @@ class JobSpec(_Strict):
         return self
 
     @property
+    def run_uri(self) -> str | None:
+        """``checkpoint.dir`` when it is an object-store URI, else None."""
+        d = self.checkpoint.dir.format(name=self.name)
+        return d.rstrip("/") if "://" in d else None
+
+    @property
     def run_dir(self) -> Path:
+        """The local run dir: ``checkpoint.dir``, or with a URI the staging folder ``local_dir``."""
+        if self.run_uri is not None:
+            return Path(self.checkpoint.local_dir.format(name=self.name))
         return Path(self.checkpoint.dir.format(name=self.name))
+
+    @property
+    def run_location(self) -> str:
+        """Where the run's durable files live: the URI, else the local run dir."""
+        return self.run_uri or str(self.run_dir)
 
     def needs_teacher_scoring(self) -> bool:
         return self.algorithm.type in TEACHER_ALGORITHMS

@@ -15,6 +15,8 @@ process would compute over the whole batch, however the rows were split.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -248,10 +250,35 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
             self.tokenizer.save_pretrained(str(p / "model"))
         return True
 
+    def upload_checkpoint(self, local: str, dest: str) -> int:
+        """Object-store checkpoints: copy what this node's ranks saved under ``local`` to ``dest``
+        (the driver calls one rank per node, then writes state.json last), then free the disk."""
+        from protege.cluster import storage
+
+        sent = storage.upload_tree(local, dest)
+        shutil.rmtree(local, ignore_errors=True)
+        return sent
+
     def load_checkpoint(self, path: str) -> int:
+        from protege.cluster import storage
+
+        if storage.is_uri(path):
+            # Every rank fetches the whole DeepSpeed folder: ZeRO-1/2 loading reads all ranks'
+            # optimizer shards (DeepSpeed's _get_all_zero_checkpoints), so a per-rank subset fails.
+            local = Path(tempfile.mkdtemp(prefix=f"protege-resume-r{self.rank}-"))
+            try:
+                storage.download_tree(storage.join(path, "deepspeed"), local / "deepspeed")
+                return self.load_checkpoint(str(local))
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
         _, client = self.engine.load_checkpoint(str(Path(path) / "deepspeed"), tag="state")
         self.steps_done = int((client or {}).get("steps_done", 0))
         return self.steps_done
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def close(self) -> None:
         import torch.distributed as dist

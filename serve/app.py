@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
 
+from protege.cluster import storage
 from protege.cluster.spec import ServeSpec
 from protege.serve import versions
 from protege.serve.api import ApiError, ChatCompletionRequest, CompletionRequest, ServeArgs, validation_error
@@ -135,7 +136,8 @@ def build_app(args: ServeArgs) -> Application:
     target = versions.resolve(args.target)
     key_hash = api_key_hash(args.serve)
     # Absolute: replicas do not share the caller's working directory.
-    args = args.model_copy(update={"target": str(Path(args.target).resolve()),
+    local = not storage.is_uri(args.target)
+    args = args.model_copy(update={"target": str(Path(args.target).resolve()) if local else args.target,
                                    "model_name": args.model_name or default_model_name(target)})
     # The key itself never travels: replicas get its hash and compare hashes.
     return StudentServer.options(**deployment_options(args)).bind(args.model_dump(mode="json"), key_hash)
@@ -187,6 +189,8 @@ def is_loopback(host: str) -> bool:
 
 def default_model_name(target: versions.Target) -> str:
     if target.run_dir is not None:
+        if storage.is_uri(target.run_dir):
+            return str(target.run_dir).rstrip("/").rsplit("/", 1)[-1]
         return Path(target.run_dir).resolve().name
     path = Path(target.version.model_path).resolve()
     # step_N/model -> the run's name, which is what a user calls the student

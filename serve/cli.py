@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from protege.cluster import storage
 from protege.serve import versions
 
 ACTIONS = ("rollback", "pin", "versions")
@@ -63,7 +64,7 @@ def _action(args) -> int:
     if len(args.rest) != (2 if args.target == "pin" else 1):
         usage = {"rollback": "rollback RUN_DIR [--to N]", "pin": "pin RUN_DIR N|latest", "versions": "versions RUN_DIR"}
         raise ValueError(f"usage: protege serve {usage[args.target]}")
-    run_dir = Path(args.rest[0])
+    run_dir = args.rest[0] if storage.is_uri(args.rest[0]) else Path(args.rest[0])
     if args.target == "rollback":
         before, now = versions.rollback(run_dir, args.to)
         print(f"{run_dir}: serving version {now} (was {before}); running servers switch within their poll interval")
@@ -95,6 +96,13 @@ def serve_spec_for(target: Path, spec_path: str | None):
 
     if spec_path:
         return load_spec(spec_path).serve
+    if storage.is_uri(target):  # a run in a bucket: its resolved_spec.json sits at the run's root
+        parts = str(target).rstrip("/").split("/")
+        for cut in range(4):
+            uri = storage.join("/".join(parts[:len(parts) - cut]), "resolved_spec.json")
+            if storage.exists(uri):
+                return ServeSpec.model_validate(json.loads(storage.read_text(uri)).get("serve", {}))
+        return ServeSpec()
     # RUN_DIR, RUN_DIR/checkpoints/step_N or .../step_N/model: the run's spec is up to 3 levels up.
     for d in [target, *list(target.resolve().parents)[:3]]:
         if (d / "resolved_spec.json").is_file():
@@ -106,9 +114,11 @@ def _serve(args) -> int:
     from protege.env import configure_defaults, has_cuda
     from protege.serve.api import ServeArgs
 
-    target = Path(args.target)
+    target = args.target if storage.is_uri(args.target) else Path(args.target)
     if args.version is not None:
-        if not (target / "checkpoints").is_dir():
+        has_ckpts = (storage.exists(storage.join(target, "checkpoints")) if storage.is_uri(target)
+                     else (target / "checkpoints").is_dir())
+        if not has_ckpts:
             raise ValueError(f"--version needs a run dir; {target} has no checkpoints/")
         _pin(target, args.version)
     spec = serve_spec_for(target, args.spec)

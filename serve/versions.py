@@ -9,6 +9,10 @@ A run's *published* versions are its complete checkpoints (``checkpoints.list_ch
 
 The version number is the checkpoint's policy version (``state.json["version"]``), the same
 number the rollout workers and metrics use.
+
+A run dir may be an object-store URI (``s3://bucket/runs/x``): versions are listed there, the pin
+is a file there, and the version to serve is downloaded once into a local cache
+(``storage.local_copy``) because vLLM and transformers load from disk.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from protege.cluster import storage
 from protege.cluster.checkpoints import list_checkpoints, read_state
 
 PIN_FILE = "published.json"
@@ -27,7 +32,7 @@ PIN_FILE = "published.json"
 class Version:
     number: int
     step: int | None
-    model_path: Path  # a Hugging Face folder (transformers / vLLM load it as is)
+    model_path: Path | str  # a Hugging Face folder (a URI in listings of a bucket run; see materialize)
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class Target:
     """What ``protege serve PATH`` serves: ``run_dir`` is set when it should follow new versions."""
 
     version: Version
-    run_dir: Path | None
+    run_dir: Path | str | None  # a URI for a run in an object store
 
 
 def list_versions(run_dir: str | Path) -> list[Version]:
@@ -43,13 +48,24 @@ def list_versions(run_dir: str | Path) -> list[Version]:
     return [_from_checkpoint(ckpt) for ckpt in list_checkpoints(run_dir)]
 
 
-def _from_checkpoint(ckpt: Path) -> Version:
+def _from_checkpoint(ckpt: Path | str) -> Version:
     state = read_state(ckpt)
     step = int(state["step"])
-    return Version(int(state.get("version", step)), step, ckpt / "model")
+    model = storage.join(ckpt, "model") if storage.is_uri(ckpt) else Path(ckpt) / "model"
+    return Version(int(state.get("version", step)), step, model)
+
+
+def materialize(version: Version) -> Version:
+    """The same version with a local model folder (downloads a bucket's checkpoint once)."""
+    if storage.is_uri(version.model_path):
+        return Version(version.number, version.step, storage.local_copy(str(version.model_path)))
+    return version
 
 
 def read_pin(run_dir: str | Path) -> int | None:
+    if storage.is_uri(run_dir):
+        uri = storage.join(str(run_dir), PIN_FILE)
+        return json.loads(storage.read_text(uri))["version"] if storage.exists(uri) else None
     path = Path(run_dir) / PIN_FILE
     if not path.is_file():
         return None
@@ -58,6 +74,14 @@ def read_pin(run_dir: str | Path) -> int | None:
 
 def write_pin(run_dir: str | Path, version: int | None) -> None:
     """Pin ``version``, or follow the newest (``None``). Atomic: servers polling never read half a file."""
+    if storage.is_uri(run_dir):
+        uri = storage.join(str(run_dir), PIN_FILE)
+        if version is None:
+            if storage.exists(uri):
+                storage.remove(uri)
+        else:
+            storage.write_text(uri, json.dumps({"version": int(version)}))
+        return
     path = Path(run_dir) / PIN_FILE
     if version is None:
         path.unlink(missing_ok=True)
@@ -75,13 +99,14 @@ def current(run_dir: str | Path) -> Version | None:
     """
     versions = list_versions(run_dir)
     pin = read_pin(run_dir)
-    if pin is None:
-        return versions[-1] if versions else None
-    return next((v for v in versions if v.number == pin), None)
+    chosen = (versions[-1] if versions else None) if pin is None else next((v for v in versions if v.number == pin), None)
+    return materialize(chosen) if chosen is not None else None
 
 
 def resolve(path: str | Path) -> Target:
     """A run dir, a checkpoint (``step_N``), or a model folder -> what to serve. Raises ValueError."""
+    if storage.is_uri(path):
+        return _resolve_uri(str(path).rstrip("/"))
     path = Path(path)
     if (path / "checkpoints").is_dir() or (path / "resolved_spec.json").is_file():
         version = current(path)
@@ -116,3 +141,22 @@ def rollback(run_dir: str | Path, to: int | None = None) -> tuple[int | None, in
         raise ValueError(f"{run_dir}: version {to} is not published (published: {versions})")
     write_pin(run_dir, to)
     return served, to
+
+
+def _resolve_uri(uri: str) -> Target:
+    try:
+        if storage.exists(storage.join(uri, "checkpoints")) or storage.exists(storage.join(uri, "resolved_spec.json")):
+            version = current(uri)
+            if version is None:
+                have, pin = [v.number for v in list_versions(uri)], read_pin(uri)
+                if pin is not None:
+                    raise ValueError(f"{uri}/{PIN_FILE} pins version {pin}, but the published versions are {have}")
+                raise ValueError(f"{uri}: no complete checkpoint yet (nothing under {uri}/checkpoints/step_*)")
+            return Target(version, uri)
+        if storage.exists(storage.join(uri, "state.json")):
+            return Target(materialize(_from_checkpoint(uri)), None)
+        if storage.exists(storage.join(uri, "config.json")):
+            return Target(Version(0, None, storage.local_copy(uri)), None)
+    except (OSError, RuntimeError) as err:  # no backend, no access, no such bucket
+        raise ValueError(f"{uri}: {err}") from err
+    raise ValueError(f"{uri}: not a run dir, a checkpoint (step_N/) or a Hugging Face model folder")

@@ -384,7 +384,10 @@ def test_example_spec_uses_gpus_and_shared_storage(path):
     assert r.rollout.gpus > 0 and r.learner.gpus > 0
     if spec.models.teacher is not None:
         assert r.teacher.gpus > 0
-    assert spec.checkpoint.dir.startswith(MOUNT + "/runs/")  # a path every node mounts, not a URI
+    # a path every node mounts, or an object store (then staged on each node's local disk)
+    assert spec.checkpoint.dir.startswith((MOUNT + "/runs/", "s3://", "gs://"))
+    if spec.run_uri:
+        assert not spec.checkpoint.local_dir.startswith(MOUNT)
     assert spec.resources.placement_timeout_s >= 600  # GPU nodes scale from zero
 
 
@@ -515,6 +518,10 @@ def test_image_pins_equal_requirements_and_pyproject(profile):
     text = path.read_text()
     # it installs exactly those requirement files, then checks what pip resolved against every ARG
     assert f"requirements/{profile}.txt" in text and "requirements/common.txt" in text
+    # and the object-store backends, so checkpoint.dir: s3://… / gs://… works in the image
+    assert "requirements/storage.txt" in text
+    storage = requirement_pins(ROOT / "requirements" / "storage.txt")
+    assert {"fsspec", "s3fs", "gcsfs"} <= storage.keys() and len(set(storage.values())) == 1
     check = text[text.index("importlib.metadata"):]
     for arg in ("PROTEGE_VERSION", "TORCH_VERSION", "VLLM_VERSION", "RAY_VERSION", "DEEPSPEED_VERSION",
                 "ACCELERATE_VERSION", "TRANSFORMERS_VERSION"):

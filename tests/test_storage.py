@@ -1,0 +1,175 @@
+"""Object-store run dirs (checkpoint.dir = s3://…, gs://…), exercised through fsspec with file:// URIs.
+
+The unit tests check the commit protocol (state.json last, deleted first, cut-short uploads
+ignored and cleaned); the slow test runs a real job into a "bucket", throws the local staging dir
+away as a fresh pod would, resumes from the bucket and compares the weights with an uninterrupted
+run; then serves the bucket's newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from protege.cluster import checkpoints, storage
+from protege.cluster.spec import SpecError, parse_spec
+
+
+def _fake_ckpt(tmp_path, step: int):
+    d = tmp_path / f"local-{step}"
+    (d / "model").mkdir(parents=True)
+    (d / "model" / "config.json").write_text("{}")
+    (d / "deepspeed").mkdir()
+    (d / "deepspeed" / "shard.pt").write_bytes(b"x" * 100)
+    return d
+
+
+def _upload(tmp_path, run_uri: str, step: int, keep: int = 2) -> str:
+    dest = checkpoints.prepare_remote(run_uri, step)
+    storage.upload_tree(_fake_ckpt(tmp_path, step), dest)
+    return checkpoints.commit_remote(dest, {"step": step, "version": step}, run_uri=run_uri, keep=keep)
+
+
+def test_remote_commit_list_and_prune(tmp_path):
+    run_uri = f"file://{tmp_path}/bucket/run"
+    assert checkpoints.list_checkpoints(run_uri) == [] and checkpoints.latest(run_uri) is None
+    for step in (1, 2, 3):
+        _upload(tmp_path, run_uri, step)
+    listed = checkpoints.list_checkpoints(run_uri)
+    assert [checkpoints.read_state(c)["step"] for c in listed] == [2, 3]
+    assert listed[-1] == f"{run_uri}/checkpoints/step_000003"
+    assert not (tmp_path / "bucket/run/checkpoints/step_000001").exists()  # pruned, all of it
+    assert (tmp_path / "bucket/run/checkpoints/step_000003/deepspeed/shard.pt").read_bytes() == b"x" * 100
+
+
+def test_cut_short_upload_is_invisible_and_cleaned(tmp_path, monkeypatch):
+    run_uri = f"file://{tmp_path}/bucket/run"
+    _upload(tmp_path, run_uri, 1)
+    # The upload of step 2 dies after its first file: no state.json, so it is not a checkpoint.
+    fs, _ = storage.filesystem(run_uri)
+    real, calls = type(fs).put_file, []
+
+    def dying(self, lpath, rpath, **kw):
+        calls.append(rpath)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(self, lpath, rpath, **kw)
+
+    monkeypatch.setattr(type(fs), "put_file", dying)
+    dest = checkpoints.prepare_remote(run_uri, 2)
+    with pytest.raises(OSError):
+        storage.upload_tree(_fake_ckpt(tmp_path, 2), dest)
+    monkeypatch.setattr(type(fs), "put_file", real)
+    assert (tmp_path / "bucket/run/checkpoints/step_000002").is_dir()
+    assert checkpoints.latest(run_uri).endswith("step_000001")  # the previous checkpoint still rules
+    # The next save clears the leftover before uploading.
+    _upload(tmp_path, run_uri, 3)
+    assert not (tmp_path / "bucket/run/checkpoints/step_000002").exists()
+    assert [checkpoints.read_state(c)["step"] for c in checkpoints.list_checkpoints(run_uri)] == [1, 3]
+
+
+def test_state_json_goes_last_and_is_deleted_first(tmp_path, monkeypatch):
+    run_uri = f"file://{tmp_path}/b/run"
+    dest = checkpoints.prepare_remote(run_uri, 1)
+    storage.upload_tree(_fake_ckpt(tmp_path, 1), dest)
+    assert checkpoints.latest(run_uri) is None  # uploaded but not committed: not a checkpoint yet
+    checkpoints.commit_remote(dest, {"step": 1}, run_uri=run_uri, keep=1)
+    assert checkpoints.latest(run_uri) == dest
+
+    removed = []
+    fs, _ = storage.filesystem(run_uri)
+    real_rm_file = type(fs).rm_file
+    monkeypatch.setattr(type(fs), "rm_file", lambda self, p, **kw: (removed.append(p), real_rm_file(self, p, **kw)))
+    monkeypatch.setattr(type(fs), "rm", lambda self, p, recursive=False, **kw: removed.append(("rm", p)))
+    storage.remove(dest, marker="state.json")
+    assert removed[0].endswith("step_000001/state.json") and removed[1][0] == "rm"
+
+
+def test_spec_accepts_object_store_uris_and_names_bad_ones():
+    base = {"name": "j", "models": {"student": {"path": "s"}},
+            "data": {"source": "reasoning_gym", "task": "basic_arithmetic"}, "rewards": [{"name": "exact_match"}]}
+    s = parse_spec({**base, "checkpoint": {"dir": "s3://bucket/runs/{name}", "local_dir": "/tmp/stage/{name}"}})
+    assert s.run_uri == "s3://bucket/runs/j" and str(s.run_dir) == "/tmp/stage/j" and s.run_location == s.run_uri
+    assert parse_spec({**base, "checkpoint": {"dir": "gs://b/{name}/"}}).run_uri == "gs://b/j"
+    local = parse_spec({**base, "checkpoint": {"dir": "runs/{name}"}})
+    assert local.run_uri is None and local.run_location == "runs/j"
+    with pytest.raises(SpecError) as e:
+        parse_spec({**base, "checkpoint": {"dir": "s4://bucket/x"}})
+    assert e.value.errors[0][0] == "checkpoint.dir" and "s4://" in e.value.errors[0][1]
+    with pytest.raises(SpecError) as e:
+        parse_spec({**base, "checkpoint": {"dir": "s3://b/x", "local_dir": "s3://b/y"}})
+    assert e.value.errors[0][0] == "checkpoint.local_dir"
+
+
+def test_missing_backend_says_what_to_install():
+    pytest.importorskip("fsspec")
+    try:
+        import s3fs  # noqa: F401
+        pytest.skip("s3fs is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match=r"pip install 'protege\[s3\]'"):
+        storage.filesystem("s3://bucket/run")
+
+
+def test_local_copy_downloads_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROTEGE_CACHE", str(tmp_path / "cache"))
+    src = _fake_ckpt(tmp_path, 7) / "model"
+    uri = f"file://{src}"
+    a = storage.local_copy(uri)
+    assert (a / "config.json").read_text() == "{}" and (a / ".complete").is_file()
+    (src / "config.json").write_text('{"changed": 1}')
+    assert storage.local_copy(uri) == a and (a / "config.json").read_text() == "{}"  # cached, not refetched
+
+
+@pytest.mark.slow
+def test_job_into_bucket_resumes_on_a_fresh_pod_and_serves(tmp_path, tiny_models, ray_local):
+    """checkpoint.dir = file://…: a real job (2 DeepSpeed ranks, ZeRO-2) checkpoints into the
+    "bucket"; its staging dir is deleted (a new pod), `--resume` continues from the bucket, and the
+    final weights equal an uninterrupted local run's. Then the bucket run is resolved for serving."""
+    from safetensors.torch import load_file
+
+    from protege.cluster.driver import run
+    from protege.serve import versions
+    from tests.test_pipeline import make_spec
+
+    opd = {"algorithm": {"type": "opd"}, "models.teacher": {"path": tiny_models["teacher"]}}
+    full = make_spec(tmp_path, tiny_models, name="full", steps=4, **opd)
+    run(full, progress=False)
+
+    bucket = f"file://{tmp_path}/bucket/{{name}}"
+    part = make_spec(tmp_path, tiny_models, name="part", steps=4, **opd,
+                     **{"checkpoint.dir": bucket, "checkpoint.local_dir": str(tmp_path / "stage/{name}")})
+    assert part.run_uri == f"file://{tmp_path}/bucket/part"
+    first = run(part, stop_after=2, progress=False)
+    assert first["steps"] == 2 and first["checkpoint"] == f"{part.run_uri}/checkpoints/step_000002"
+    remote = tmp_path / "bucket/part"
+    assert (remote / "checkpoints/step_000002/model/config.json").is_file()
+    assert (remote / "checkpoints/step_000002/deepspeed/state").is_dir()
+    assert (remote / "resolved_spec.json").is_file() and (remote / "metrics.jsonl").is_file()
+    assert not list((tmp_path / "stage/part").glob("checkpoints/step_*"))  # nothing kept locally
+
+    shutil.rmtree(tmp_path / "stage")  # the pod is gone; only the bucket remains
+    second = run(part, resume=True, progress=False)
+    assert second["steps"] == 4 and second["policy_version"] == 4
+    steps = [json.loads(x)["step"] for x in (remote / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]  # the mirrored metrics continue: nothing repeated or skipped
+    assert sorted(p.name for p in (remote / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
+    a = load_file(checkpoints.latest(full.run_dir) / "model" / "model.safetensors")
+    b = load_file(remote / "checkpoints/step_000004/model/model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+    target = versions.resolve(part.run_uri)  # what `protege serve s3://…/run` does
+    assert target.version.number == 4 and target.run_dir == part.run_uri
+    assert (target.version.model_path / "model.safetensors").is_file()  # a local copy vLLM can load
+
+    # `protege serve versions|pin|rollback` work on the bucket as on a local run dir.
+    from protege.cli import main
+
+    assert main(["serve", "rollback", part.run_uri]) == 0
+    assert versions.read_pin(part.run_uri) == 3 and json.loads((remote / "published.json").read_text()) == {"version": 3}
+    assert versions.resolve(part.run_uri).version.number == 3
+    assert main(["serve", "pin", part.run_uri, "latest"]) == 0
+    assert versions.read_pin(part.run_uri) is None and not (remote / "published.json").exists()
