@@ -45,6 +45,7 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
     (run_dir / "resolved_spec.json").write_text(spec.model_dump_json(indent=2))
     train_set, eval_set = load_job_data(spec)  # bad data fails here, before any resource is taken
     tok = _check_tokenizers(spec)
+    _check_reward_functions(spec)
     enc = Encoder(tok, system_prompt=spec.data.system_prompt, max_prompt_tokens=spec.rollout.max_prompt_tokens)
     if spec.run_uri:  # a missing backend, bad credentials or an unwritable bucket fail here, too
         _open_remote_run(spec, resume)
@@ -52,7 +53,8 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
     roles = start_roles(spec)
     start = (checkpoints.read_state(c)["step"] if resume and (c := checkpoints.latest(location)) else 0)
     until = spec.steps if stop_after is None else min(spec.steps, start + stop_after)
-    faults = {"fault/rollout_restarts": 0.0, "fault/learner_restarts": 0.0}
+    faults = {"fault/rollout_restarts": 0.0, "fault/learner_restarts": 0.0,
+              "fault/reward_restarts": 0.0, "fault/teacher_restarts": 0.0}
     try:
         while True:
             _write_actor_table(run_dir, roles)
@@ -78,13 +80,32 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
         roles.kill_all()
 
 
-def _write_actor_table(run_dir: Path, roles: Roles) -> None:
+def _write_actor_table(run_dir: Path, roles: Roles) -> dict:
     """actors.json: which process is which role (for operators, and for fault-injection tests)."""
     table = {"rollout": ray.get([w.pid.remote() for w in roles.rollout]),
              "learner": ray.get([ln.pid.remote() for ln in roles.learners]),
              "teacher": ray.get(roles.teacher.pid.remote()) if roles.teacher is not None else None,
              "reward": ray.get(roles.reward.pid.remote())}
     (run_dir / "actors.json").write_text(json.dumps(table))
+    return table
+
+
+def _count_scorer_restarts(run_dir: Path, roles: Roles, faults: dict) -> None:
+    """Ray restarts a dead reward or teacher actor and retries the lost call by itself, so the
+    driver never sees an error: a new process id is the only trace. Compare with actors.json."""
+    table = json.loads((run_dir / "actors.json").read_text())
+    scorers = {"reward": roles.reward, "teacher": roles.teacher}
+    live = {k: a for k, a in scorers.items() if a is not None}
+    pids = dict(zip(live, ray.get([a.pid.remote() for a in live.values()])))
+    changed = False
+    for role, pid in pids.items():
+        if pid != table.get(role):
+            faults[f"fault/{role}_restarts"] += 1
+            print(f"{role} scorer was restarted (pid {table.get(role)} -> {pid}); its lost call was retried",
+                  file=sys.stderr)
+            table[role], changed = pid, True
+    if changed:
+        (run_dir / "actors.json").write_text(json.dumps(table))
 
 
 def _learner_group_broken(roles: Roles, err) -> bool:
@@ -147,6 +168,7 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
         scored = ray.get(refs)
         scores = scored[0] if rollouts else []
         teacher = scored[1]["scores"] if len(scored) > 1 else None
+        _count_scorer_restarts(run_dir, roles, faults)
         t_score = time.perf_counter() - t0
 
         # 2b. KEPO: teacher hints for groups that all failed, hinted samples injected back
@@ -397,7 +419,13 @@ def _rollout_metrics(spec, rollouts, scores, version: int) -> dict:
         return {}
     rewards = np.array([s.value for s in scores], dtype=float)
     errors = sum(sum(s.errors.values()) for s in scores)
-    return {
+    by_kind: dict[str, float] = {}  # "<reward>/timeout", "<reward>/exception", "<reward>/skipped"
+    for s in scores:
+        for kind, n in s.errors.items():
+            by_kind[f"reward/errors/{kind}"] = by_kind.get(f"reward/errors/{kind}", 0.0) + n
+    components = {f"reward/component/{name}": float(np.mean([s.components.get(name, 0.0) for s in scores]))
+                  for name in (scores[0].components if len(spec.rewards) > 1 else ())}
+    return {**by_kind, **components,
         "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
         "reward/accuracy": _accuracy(spec, scores), "reward/errors": float(errors),
         "rollout/response_len": float(np.mean([len(r.sample.response_ids) for r in rollouts])),
@@ -493,6 +521,16 @@ def _check_tokenizers(spec):
         if not ok:
             raise JobError(f"models.teacher and models.student must share a tokenizer for '{spec.algorithm.type}': {why}")
     return tok
+
+
+def _check_reward_functions(spec) -> None:
+    """Import the spec's own reward functions now: a typo fails before any resource is taken."""
+    from protege.rewards.custom import RewardImportError, reward_functions
+
+    try:
+        reward_functions(spec.rewards)
+    except RewardImportError as err:
+        raise JobError(str(err)) from err
 
 
 def _progress(start: int, total: int, enabled: bool):

@@ -20,6 +20,7 @@ from protege.cluster.placement import reserve, role_requests
 from protege.env import worker_env
 from protege.learners.learner import Learner
 from protege.rewards.base import RewardRunner
+from protege.rewards.custom import reward_functions
 from protege.rewards.teacher import TeacherScorer
 
 RolloutActor = ray.remote(RolloutWorker)
@@ -127,7 +128,8 @@ def start_roles(spec) -> Roles:
         )
     roles.reward = RewardActor.options(**_opts(groups["reward"], 0, reqs["reward"].bundle), **restart,
                                        max_task_retries=ft.actor_restarts).remote(
-        [(r.name, r.weight) for r in spec.rewards], timeout_s=ft.reward_timeout_s
+        [(r.name, r.weight) for r in spec.rewards], timeout_s=ft.reward_timeout_s,
+        functions=reward_functions(spec.rewards),
     )
     if "teacher" in groups:
         t = spec.models.teacher

@@ -191,9 +191,40 @@ class LearnerSpec(_Strict):
     weight_sync_bucket_mb: float = Field(default=512, gt=0, description="NCCL/IPC bucket size")
 
 
+BUILTIN_REWARDS = ("exact_match", "format", "math_verify", "reasoning_gym")
+
+
 class RewardSpec(_Strict):
-    name: Literal["exact_match", "format", "math_verify", "reasoning_gym"]
+    name: str = Field(description=f"a built-in reward ({', '.join(BUILTIN_REWARDS)}), or your label for `function`",
+                      pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    function: str | None = Field(default=None, description=(
+        "your own reward: 'package.module:function' or 'path/to/file.py:function', called as "
+        "f(completion, reference, meta) -> float (rewards/README: timeouts and errors score 0)"))
     weight: float = 1.0
+
+    @field_validator("function")
+    @classmethod
+    def _importable_form(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        target, sep, attr = v.rpartition(":")
+        if not sep or not target or not attr.isidentifier():
+            raise ValueError("must look like 'package.module:function' or 'path/to/file.py:function'")
+        # A file is checked here (relative to where `protege validate/run/submit` runs; submit
+        # uploads the project, so the same relative path holds on the cluster). A module may only
+        # exist on the cluster: it is imported when the job starts, before any actor.
+        if target.endswith(".py") and not Path(target).is_file():
+            raise ValueError(f"file '{target}' not found (relative paths start at {Path.cwd()})")
+        return v
+
+    @model_validator(mode="after")
+    def _known(self) -> "RewardSpec":
+        if self.function is None and self.name not in BUILTIN_REWARDS:
+            raise ValueError(f"name: unknown reward '{self.name}'; built-in rewards are {', '.join(BUILTIN_REWARDS)}, "
+                             "or give `function: module:callable` for your own")
+        if self.function is not None and self.name in BUILTIN_REWARDS:
+            raise ValueError(f"name: '{self.name}' is a built-in reward; give your function another name")
+        return self
 
 
 class CheckpointSpec(_Strict):
@@ -314,6 +345,9 @@ class JobSpec(_Strict):
             raise ValueError("algorithm.hint_replace: cannot exceed rollout.samples_per_prompt")
         if self.eval.size > self.data.eval_size and self.data.eval_size > 0:
             raise ValueError(f"eval.size: cannot exceed data.eval_size ({self.data.eval_size})")
+        names = [r.name for r in self.rewards]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"rewards: each reward needs its own name (metrics are keyed by it); repeated: {', '.join(twice)}")
         if any(r.name == "reasoning_gym" for r in self.rewards) and self.data.source != "reasoning_gym":
             raise ValueError("rewards: the 'reasoning_gym' reward scores reasoning-gym tasks; data.source is not reasoning_gym")
         if not self.rewards and algo.type not in {"sft", "opd"} and not (algo.type == "dpo" and algo.mode == "offline"):

@@ -53,10 +53,11 @@ class RewardRunner:
     timeout rather than CPU parallelism (the GIL). Python cannot kill a thread, so a call that
     overruns `timeout_s` is abandoned: it scores 0, its worker thread is left to finish on its
     own (its result is discarded) and a fresh worker takes its place, so a hung call costs the
-    step about `timeout_s`, never more. That leaks one thread per hung call; at most
-    `max_abandoned` abandoned threads may be alive at once. Beyond that no replacements are
-    started, and calls that find no live worker are scored 0 as "<reward>/skipped" (the cap
-    frees itself as abandoned threads finish). Workers are daemon threads so a stuck call
+    step about `timeout_s`, never more. That leaks one thread per hung call; each reward function
+    may have at most `max_abandoned` abandoned threads alive at once. Beyond that its calls are
+    not run but scored 0 as "<reward>/skipped" (a circuit breaker that frees itself as its
+    abandoned threads finish), while the other rewards keep their workers: one hung reward never
+    starves the rest. Calls that find no live worker at all are skipped the same way. Workers are daemon threads so a stuck call
     cannot block interpreter exit (ThreadPoolExecutor joins its threads at exit). `score` is
     safe to call from several threads at once. A call stuck
     in C code that holds the GIL stalls every thread; only process isolation would help there.
@@ -145,8 +146,9 @@ class RewardRunner:
     def _top_up(self) -> None:
         with self._lock:
             self._abandoned = [w for w in self._abandoned if w.thread.is_alive()]
-            while len(self._live) < self.max_workers and len(self._abandoned) < self.max_abandoned:
-                self._live.append(_Worker(self._tasks, self._lock))
+            cap = self.max_abandoned * len(self.rewards)  # per reward, so one bad reward leaves room
+            while len(self._live) < self.max_workers and len(self._abandoned) < cap:
+                self._live.append(_Worker(self._tasks, self._lock, self._tripped))
 
     def _expire(self) -> None:
         """Abandon workers whose call overran; if no worker is left, drain the queue as skipped.
@@ -161,6 +163,7 @@ class RewardRunner:
                 self._live.remove(w)
                 self._abandoned.append(w)
                 key, out = w.current
+                w.reward = key[1]
                 out.put((key, "timeout", 0.0, f"exceeded {self.timeout_s:g} s"))
         self._top_up()
         with self._lock:
@@ -173,6 +176,10 @@ class RewardRunner:
             if item is not None:
                 key, _, _, out = item
                 out.put((key, "skipped", 0.0, f"{self.max_abandoned} abandoned reward threads still running"))
+
+    def _tripped(self, reward: int) -> bool:
+        """Has reward ``reward`` used up its abandoned threads? (Called by workers, lock held.)"""
+        return sum(1 for w in self._abandoned if w.reward == reward and w.thread.is_alive()) >= self.max_abandoned
 
     def _assemble(self, n: int, results: dict[tuple[int, int], tuple[str, float, str]]) -> list[Score]:
         scores = [Score(value=0.0) for _ in range(n)]
@@ -194,13 +201,14 @@ class RewardRunner:
 class _Worker:
     """A daemon thread that runs reward calls from the shared queue until stopped or abandoned."""
 
-    def __init__(self, tasks: queue.SimpleQueue, lock: threading.Lock):
+    def __init__(self, tasks: queue.SimpleQueue, lock: threading.Lock, tripped: Callable[[int], bool]):
         # The worker that runs a call is the one that may be abandoned for it, so the runner
         # reads `current` / `started` and sets `abandoned` under the same lock.
         self.current: tuple[tuple[int, int], queue.SimpleQueue] | None = None  # (key, out) being run
         self.started = 0.0
         self.abandoned = False
-        self._tasks, self._lock = tasks, lock
+        self.reward: int | None = None  # index of the reward whose call this worker was abandoned on
+        self._tasks, self._lock, self._tripped = tasks, lock, tripped
         self.thread = threading.Thread(target=self._run, name="protege-reward", daemon=True)
         self.thread.start()
 
@@ -211,7 +219,12 @@ class _Worker:
                 return
             key, fn, args, out = item
             with self._lock:
-                self.current, self.started = (key, out), time.monotonic()
+                tripped = self._tripped(key[1])
+                if not tripped:
+                    self.current, self.started = (key, out), time.monotonic()
+            if tripped:
+                out.put((key, "skipped", 0.0, "this reward's abandoned (hung) calls are still running"))
+                continue
             try:
                 value = float(fn(*args))
                 status, detail = ("ok", "") if math.isfinite(value) else ("exception", f"returned {value}")

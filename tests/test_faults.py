@@ -38,6 +38,10 @@ def make_spec(tmp_path, tiny, name, **over):
     return parse_spec(d)
 
 
+def kinds_of(rows) -> set:
+    return {k for r in rows for k in r if k.startswith("reward/errors/")}
+
+
 def _metrics(spec):
     return [json.loads(x) for x in (spec.run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -126,7 +130,41 @@ def test_scorer_actor_killed_mid_run(tmp_path, tiny_models, ray_local, role):
     t.join(5)
     assert killed
     assert summary["steps"] == 6
-    assert [r["step"] for r in _metrics(spec)] == [0, 1, 2, 3, 4, 5, 6]
+    rows = _metrics(spec)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert rows[-1][f"fault/{role}_restarts"] == 1  # counted once, from the changed process id
+    other = "teacher" if role == "reward" else "reward"
+    assert rows[-1][f"fault/{other}_restarts"] == 0
+    assert json.loads((spec.run_dir / "actors.json").read_text())[role] != killed[0]
+
+
+def test_hanging_and_raising_rewards_score_zero_and_the_job_goes_on(tmp_path, tiny_models, ray_local):
+    """User reward functions that hang (for an hour) or raise / return NaN on some completions, run
+    by the real reward actor inside a real job: each bad call scores 0 and is counted by kind,
+    good calls still count, and every step completes (a hang costs its step ~reward_timeout_s)."""
+    from pathlib import Path
+
+    from protege.cluster.driver import run
+
+    bad = Path(__file__).with_name("fault_rewards.py")
+    spec = make_spec(tmp_path, tiny_models, "bad-rewards", steps=3,
+                     rewards=[{"name": "exact_match"},
+                              {"name": "hangs", "function": f"{bad}:hang_sometimes"},
+                              {"name": "raises", "function": f"{bad}:raise_sometimes", "weight": 0.1}],
+                     fault_tolerance={"reward_timeout_s": 0.5})
+    summary = run(spec, progress=False)
+    assert summary["steps"] == 3
+    rows = _metrics(spec)[1:]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    total = lambda key: sum(r.get(key, 0.0) for r in rows)  # noqa: E731
+    assert total("reward/errors/hangs/timeout") + total("reward/errors/hangs/skipped") > 0
+    assert total("reward/errors/raises/exception") > 0  # raised, or returned NaN
+    # the hung threads count against 'hangs' only: the other rewards are never starved of workers
+    assert not any(k.startswith(("reward/errors/exact_match/", "reward/errors/raises/skipped")) for k in kinds_of(rows))
+    kinds = kinds_of(rows)
+    assert total("reward/errors") == sum(total(k) for k in kinds)  # the total is the sum of the kinds
+    # the calls that did not fail still scored: 'raises' returns 1 for about a quarter of completions
+    assert 0 < total("reward/component/raises") and all(r["reward/component/hangs"] == 0 for r in rows)
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, tiny_models, ray_local, monkeypatch):

@@ -206,6 +206,83 @@ def test_runner_survives_raising_hanging_and_nan_rewards():
         scores = capped.score(["a", "b", "c"], ["", "", ""], [None] * 3)
         assert time.monotonic() - start < 3.0
         assert [s.errors for s in scores] == [{"hang/timeout": 1}, {"hang/skipped": 1}, {"hang/skipped": 1}]
+
+        # The cap is per reward: once 'hang' has used its one abandoned thread it is skipped without
+        # running (costing no time), and 'format' keeps scoring on the remaining worker.
+        mixed = RewardRunner([("hang", 1.0), ("format", 1.0)], timeout_s=0.2, max_workers=1, max_abandoned=1,
+                             functions=functions)
+        for _ in range(3):
+            scores = mixed.score(["<answer>1</answer>"] * 4, ["1"] * 4, [None] * 4)
+            assert [s.components["format"] for s in scores] == [1.0] * 4
+            assert all(set(s.errors) <= {"hang/timeout", "hang/skipped"} for s in scores)
+        assert sum(s.errors.get("hang/timeout", 0) for s in scores) == 0  # tripped: not even tried
     finally:
         release.set()
         runner.close()
+
+
+# ------------------------------------------------------------------ user reward functions
+def test_user_reward_functions_load_from_a_file_or_a_module(tmp_path):
+    from protege.rewards.custom import RewardImportError, load_function
+
+    f = tmp_path / "my_rewards.py"
+    f.write_text("def short(completion, reference, meta=None):\n    return 1.0 if len(completion) < 5 else 0.0\n")
+    fn = load_function(f"{f}:short", field="rewards.1.function")
+    assert fn("abc", "x") == 1.0 and fn("abcdef", "x") == 0.0
+    assert load_function("tests.fault_rewards:raise_sometimes").__name__ == "raise_sometimes"
+    # It travels by value: a process that cannot import the file still gets a working function.
+    from ray import cloudpickle
+
+    import subprocess
+    import sys
+
+    blob = cloudpickle.dumps(fn)
+    f.unlink()  # gone from disk, and never imported in the child: only the pickled code remains
+    child = subprocess.run([sys.executable, "-c", "import sys; from ray import cloudpickle; "
+                            "fn = cloudpickle.loads(sys.stdin.buffer.read()); print(fn('ab', 'x'), fn('abcdefg', 'x'))"],
+                           input=blob, capture_output=True, cwd=tmp_path, timeout=120)
+    assert child.returncode == 0, child.stderr.decode()[-2000:]
+    assert child.stdout.decode().split() == ["1.0", "0.0"]
+
+    with pytest.raises(RewardImportError, match=r"^rewards\.1\.function: file 'nope\.py' not found"):
+        load_function("nope.py:f", field="rewards.1.function")
+    f.write_text("def short(c, r, m=None):\n    return 0.0\n")
+    with pytest.raises(RewardImportError, match=r"has no callable named 'missing'"):
+        load_function(f"{f}:missing", field="rewards.1.function")
+    with pytest.raises(RewardImportError, match=r"cannot import 'no_such_pkg\.mod': ModuleNotFoundError"):
+        load_function("no_such_pkg.mod:f", field="rewards.1.function")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import no_such_module_at_all\n")
+    with pytest.raises(RewardImportError, match=r"cannot import .*broken\.py.*no_such_module_at_all"):
+        load_function(f"{broken}:f", field="rewards.2.function")
+
+
+def test_user_reward_runs_in_the_runner_with_timeouts_and_errors():
+    from tests.fault_rewards import raise_sometimes
+
+    runner = RewardRunner([("raises", 1.0)], timeout_s=1.0, functions={"raises": raise_sometimes})
+    scores = runner.score([chr(65 + i) for i in range(8)], ["x"] * 8, [None] * 8)
+    # sum(ord) % 4: 0/1 raise, 2 NaN, 3 -> 1.0; 'A'..'H' are 65..72 -> 1,2,3,0,1,2,3,0
+    assert [s.value for s in scores] == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert sum(s.errors.get("raises/exception", 0) for s in scores) == 6
+    runner.close()
+
+
+def test_a_job_with_a_broken_user_reward_fails_before_any_resource(tmp_path, monkeypatch):
+    """The driver imports user rewards before it connects to Ray: the error names the field."""
+    import ray
+
+    from protege.cluster.driver import JobError, run
+    from protege.cluster.spec import parse_spec
+
+    f = tmp_path / "r.py"
+    f.write_text("def ok(c, r, m=None):\n    return 0.0\n")
+    spec = parse_spec({"name": "j", "models": {"student": {"path": "HuggingFaceTB/none"}},
+                       "data": {"source": "reasoning_gym", "task": "basic_arithmetic", "size": 20, "eval_size": 0},
+                       "rewards": [{"name": "exact_match"}, {"name": "mine", "function": f"{f}:typo"}],
+                       "checkpoint": {"dir": str(tmp_path / "run")}})
+    monkeypatch.setattr("protege.cluster.driver._check_tokenizers", lambda spec: None)
+    monkeypatch.setattr("protege.cluster.driver.Encoder", lambda *a, **k: None)
+    with pytest.raises(JobError, match=r"rewards\.1\.function: .* has no callable named 'typo'"):
+        run(spec, progress=False)
+    assert not ray.is_initialized()
