@@ -22,10 +22,10 @@ class StaleWeights(RuntimeError):
 
 class RolloutWorker(WeightTransferReceiver):  # the base adds the GPU (NCCL/IPC) receiver methods
     def __init__(self, model: str, *, engine: str = "vllm", dtype: str = "float32", seed: int = 0,
-                 max_model_len: int = 512, kv_cache_bytes: int = 256 << 20):
+                 max_model_len: int = 512, kv_cache_bytes: int = 256 << 20, gpu_memory_utilization: float = 0.3):
         self.engine_kind = engine
         self.engine = make_engine(engine, model, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                                  kv_cache_bytes=kv_cache_bytes)
+                                  kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization)
         self.version = 0
         self.eos_id = self.engine.tokenizer.eos_token_id
 

@@ -72,6 +72,15 @@ class Roles:
                 pass
 
 
+def gpu_memory_share(spec, role: str) -> float:
+    """vLLM's gpu_memory_utilization for a role's engine: the spec's value, else all of a GPU the
+    role has to itself (disaggregated) or 0.3 of one it shares (colocated: the learner rank on the
+    same GPU needs the rest for weights, gradients and optimizer state)."""
+    if spec.rollout.gpu_memory_utilization is not None:
+        return spec.rollout.gpu_memory_utilization
+    return 0.85 if getattr(spec.resources, role).gpus >= 1 else 0.3
+
+
 def _opts(pg, index: int, bundle: dict[str, float], **extra) -> dict:
     resources = {k: v for k, v in bundle.items() if k not in {"CPU", "GPU"}}
     return dict(
@@ -124,6 +133,7 @@ def start_roles(spec) -> Roles:
             RolloutActor.options(**_opts(groups["rollout"], i, reqs["rollout"].bundle), **restart, max_task_retries=0).remote(
                 student.path, engine=spec.rollout.engine, dtype=student.dtype, seed=spec.seed + i,
                 max_model_len=max_len, kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
+                gpu_memory_utilization=gpu_memory_share(spec, "rollout"),
             )
         )
     roles.reward = RewardActor.options(**_opts(groups["reward"], 0, reqs["reward"].bundle), **restart,
@@ -137,6 +147,7 @@ def start_roles(spec) -> Roles:
                                              max_task_retries=ft.actor_restarts).remote(
             t.path, dtype=t.dtype, temperature=spec.rollout.temperature, engine=spec.rollout.engine,
             max_model_len=max_len, kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
+            gpu_memory_utilization=gpu_memory_share(spec, "teacher"),
         )
     # Fixed micro-batch count per rank, so every rank runs the same number of forward/backward
     # calls each step (DeepSpeed collectives) whatever the batch's real size.

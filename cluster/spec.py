@@ -170,7 +170,11 @@ class RolloutSpec(_Strict):
     max_prompt_tokens: int = Field(default=256, ge=8)
     workers: int = Field(default=1, ge=1)
     engine: Literal["vllm", "hf"] = "vllm"
-    kv_cache_gb: float = Field(default=0.25, gt=0, description="KV cache per worker (vLLM)")
+    kv_cache_gb: float = Field(default=0.25, gt=0, description="KV cache per worker (vLLM on CPU)")
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=0.95, description=(
+        "vLLM on GPU: share of its GPU's memory a rollout worker (and the teacher's engine) may take. "
+        "Default: 0.85 when the role has whole GPUs (disaggregated), 0.3 when it shares one "
+        "(resources.*.gpus < 1, colocated with a learner rank that needs the rest)"))
 
 
 class LearnerSpec(_Strict):

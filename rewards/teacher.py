@@ -19,11 +19,13 @@ from protege.learners.batching import collate
 
 class TeacherScorer:
     def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, temperature: float = 1.0,
-                 engine: str = "vllm", max_model_len: int = 512, kv_cache_bytes: int = 128 << 20):
+                 engine: str = "vllm", max_model_len: int = 512, kv_cache_bytes: int = 128 << 20,
+                 gpu_memory_utilization: float = 0.3):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_path, self.dtype, self.engine_kind = model, dtype, engine
-        self.engine_kwargs = {"max_model_len": max_model_len, "kv_cache_bytes": kv_cache_bytes}
+        self.engine_kwargs = {"max_model_len": max_model_len, "kv_cache_bytes": kv_cache_bytes,
+                              "gpu_memory_utilization": gpu_memory_utilization}
         self._generator = None
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model)

@@ -653,3 +653,17 @@ def test_readme_kubectl_names_match_the_manifests():
     for cmd in readme_commands():
         for cfg in re.findall(r"^ray (?:up|down|dashboard|exec) (\S+)", cmd):
             assert cfg == "deploy/launcher/aws.yaml"
+
+
+def test_vllm_memory_share_follows_the_layout():
+    """Disaggregated rollout workers own their GPU (0.85 of it); colocated ones leave room for the
+    learner rank on the same GPU (0.3); rollout.gpu_memory_utilization overrides both."""
+    from protege.cluster.launch import gpu_memory_share
+    from protege.cluster.spec import load_spec
+
+    coloc = load_spec(DEPLOY / "examples" / "grpo_gpu_colocated.yaml")
+    disagg = load_spec(DEPLOY / "examples" / "opd_gpu_disaggregated.yaml")
+    assert gpu_memory_share(coloc, "rollout") == 0.3
+    assert gpu_memory_share(disagg, "rollout") == 0.85 and gpu_memory_share(disagg, "teacher") == 0.85
+    coloc.rollout.gpu_memory_utilization = 0.4
+    assert gpu_memory_share(coloc, "rollout") == 0.4
