@@ -54,7 +54,7 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
     start = (checkpoints.read_state(c)["step"] if resume and (c := checkpoints.latest(location)) else 0)
     until = spec.steps if stop_after is None else min(spec.steps, start + stop_after)
     faults = {"fault/rollout_restarts": 0.0, "fault/learner_restarts": 0.0,
-              "fault/reward_restarts": 0.0, "fault/teacher_restarts": 0.0}
+              "fault/reward_restarts": 0.0, "fault/teacher_restarts": 0.0, "fault/reward_model_restarts": 0.0}
     try:
         while True:
             _write_actor_table(run_dir, roles)
@@ -85,7 +85,8 @@ def _write_actor_table(run_dir: Path, roles: Roles) -> dict:
     table = {"rollout": ray.get([w.pid.remote() for w in roles.rollout]),
              "learner": ray.get([ln.pid.remote() for ln in roles.learners]),
              "teacher": ray.get(roles.teacher.pid.remote()) if roles.teacher is not None else None,
-             "reward": ray.get(roles.reward.pid.remote())}
+             "reward": ray.get(roles.reward.pid.remote()),
+             "reward_model": ray.get(roles.reward_model.pid.remote()) if roles.reward_model is not None else None}
     (run_dir / "actors.json").write_text(json.dumps(table))
     return table
 
@@ -94,7 +95,7 @@ def _count_scorer_restarts(run_dir: Path, roles: Roles, faults: dict) -> None:
     """Ray restarts a dead reward or teacher actor and retries the lost call by itself, so the
     driver never sees an error: a new process id is the only trace. Compare with actors.json."""
     table = json.loads((run_dir / "actors.json").read_text())
-    scorers = {"reward": roles.reward, "teacher": roles.teacher}
+    scorers = {"reward": roles.reward, "teacher": roles.teacher, "reward_model": roles.reward_model}
     live = {k: a for k, a in scorers.items() if a is not None}
     pids = dict(zip(live, ray.get([a.pid.remote() for a in live.values()])))
     changed = False
@@ -158,16 +159,14 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
 
         # 2. score: rewards and teacher in parallel, one wait
         t0 = time.perf_counter()
-        refs = [roles.reward.score.remote(
-            [r.sample.text for r in rollouts],
-            [batch_examples[r.example_index].answer for r in rollouts],
-            [batch_examples[r.example_index].meta for r in rollouts])] if rollouts else []
+        reward_refs = _submit_scoring(roles, rollouts, [batch_examples[r.example_index] for r in rollouts])
+        teacher_ref = None
         if roles.teacher is not None and spec.needs_teacher_scoring() and rollouts:
             top_k = algo.top_k if algo.type == "kepo" and algo.divergence != "reverse_kl" else 0
-            refs.append(roles.teacher.score.remote([(r.prompt_ids, r.sample.response_ids) for r in rollouts], top_k))
-        scored = ray.get(refs)
-        scores = scored[0] if rollouts else []
-        teacher = scored[1]["scores"] if len(scored) > 1 else None
+            teacher_ref = roles.teacher.score.remote([(r.prompt_ids, r.sample.response_ids) for r in rollouts], top_k)
+        scored = ray.get([*reward_refs, *([teacher_ref] if teacher_ref is not None else [])])
+        scores = _combine_scores(spec, *scored[:2]) if rollouts else []
+        teacher = scored[-1]["scores"] if teacher_ref is not None else None
         _count_scorer_restarts(run_dir, roles, faults)
         t_score = time.perf_counter() - t0
 
@@ -324,7 +323,7 @@ def _explore_with_hints(spec, roles: Roles, enc: Encoder, rollouts, scores, teac
                                                    top_p=ro.top_p, max_tokens=ro.max_new_tokens, seed=step * 7919))
     tries = gen["rollouts"]
     ex = [examples[rollouts[valid[i // algo.hint_attempts][0] * G].example_index] for i in range(len(tries))]
-    tried = ray.get(roles.reward.score.remote([r.sample.text for r in tries], [e.answer for e in ex], [e.meta for e in ex]))
+    tried = _combine_scores(spec, *ray.get(_submit_scoring(roles, tries, ex)))
     rollouts, scores = list(rollouts), list(scores)
     changed = []
     for j, (g, _) in enumerate(valid):
@@ -392,8 +391,7 @@ def _evaluate(spec, roles: Roles, sync, enc: Encoder, eval_set, version: int, fa
                   max_tokens=spec.rollout.max_new_tokens, expected_version=version)
     job = [0, kwargs, roles.rollout[0].generate.remote(**kwargs)]
     rollouts = _collect_generation(spec, roles, sync, [job], version, faults)[0]["rollouts"]
-    scores = ray.get(roles.reward.score.remote([r.sample.text for r in rollouts], [e.answer for e in examples],
-                                               [e.meta for e in examples]))
+    scores = _combine_scores(spec, *ray.get(_submit_scoring(roles, rollouts, examples)))
     acc = _accuracy(spec, scores)
     return {"eval/accuracy": acc, "eval/reward": float(np.mean([s.value for s in scores])),
             "eval/response_len": float(np.mean([len(r.sample.response_ids) for r in rollouts])),
@@ -405,7 +403,30 @@ def _log_samples(run_dir: Path, step: int, enc: Encoder, rollouts, scores, examp
     with open(run_dir / "samples.jsonl", "a") as f:
         for r, s in list(zip(rollouts, scores))[:k]:
             f.write(json.dumps({"step": step, "question": examples[r.example_index].prompt, "answer": examples[r.example_index].answer,
-                                "response": r.sample.text, "reward": s.value, "version": r.policy_version}) + "\n")
+                                "response": r.sample.text, "reward": s.value, "components": s.components,
+                                "version": r.policy_version}) + "\n")
+
+
+def _submit_scoring(roles: Roles, rollouts, examples) -> list:
+    """Rule rewards (and the reward model, when the job has one) for rollouts[i] of examples[i]."""
+    if not rollouts:
+        return []
+    texts = [r.sample.text for r in rollouts]
+    refs = [roles.reward.score.remote(texts, [e.answer for e in examples], [e.meta for e in examples])]
+    if roles.reward_model is not None:
+        refs.append(roles.reward_model.score.remote([e.prompt for e in examples], texts))
+    return refs
+
+
+def _combine_scores(spec, rule_scores, model_scores=None):
+    """Add the reward model's score as the component 'reward_model', weighted as the spec says."""
+    if model_scores is None:
+        return rule_scores
+    weight = next(r.weight for r in spec.rewards if r.name == "reward_model")
+    for s, v in zip(rule_scores, model_scores):
+        s.components["reward_model"] = float(v)
+        s.value += weight * float(v)
+    return rule_scores
 
 
 def _accuracy(spec, scores) -> float:

@@ -21,11 +21,13 @@ from protege.env import worker_env
 from protege.learners.learner import Learner
 from protege.rewards.base import RewardRunner
 from protege.rewards.custom import reward_functions
+from protege.rewards.reward_model import RewardModelScorer
 from protege.rewards.teacher import TeacherScorer
 
 RolloutActor = ray.remote(RolloutWorker)
 LearnerActor = ray.remote(Learner)
 RewardActor = ray.remote(RewardRunner)
+RewardModelActor = ray.remote(RewardModelScorer)
 TeacherActor = ray.remote(TeacherScorer)
 
 
@@ -53,11 +55,12 @@ class Roles:
     learners: list = field(default_factory=list)
     reward: Any = None
     teacher: Any = None
+    reward_model: Any = None
     groups: dict = field(default_factory=dict)
     grad_accum: int = 1
 
     def kill_all(self) -> None:
-        for a in [*self.rollout, *self.learners, self.reward, self.teacher]:
+        for a in [*self.rollout, *self.learners, self.reward, self.teacher, self.reward_model]:
             if a is not None:
                 try:
                     ray.kill(a)
@@ -138,9 +141,16 @@ def start_roles(spec) -> Roles:
         )
     roles.reward = RewardActor.options(**_opts(groups["reward"], 0, reqs["reward"].bundle), **restart,
                                        max_task_retries=ft.actor_restarts).remote(
-        [(r.name, r.weight) for r in spec.rewards], timeout_s=ft.reward_timeout_s,
+        # the reward model has its own actor (below); the runner applies the rule / user functions
+        [(r.name, r.weight) for r in spec.rewards if r.name != "reward_model"], timeout_s=ft.reward_timeout_s,
         functions=reward_functions(spec.rewards),
     )
+    if "reward_model" in groups:
+        rm = spec.models.reward_model
+        roles.reward_model = RewardModelActor.options(**_opts(groups["reward_model"], 0, reqs["reward_model"].bundle),
+                                                      **restart, max_task_retries=ft.actor_restarts).remote(
+            rm.path, dtype=rm.dtype, system_prompt=spec.data.system_prompt,
+        )
     if "teacher" in groups:
         t = spec.models.teacher
         roles.teacher = TeacherActor.options(**_opts(groups["teacher"], 0, reqs["teacher"].bundle), **restart,

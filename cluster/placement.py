@@ -44,6 +44,8 @@ def role_requests(spec) -> list[RoleRequest]:
     ]
     if spec.models.teacher is not None:
         reqs.append(RoleRequest("teacher", 1, bundle_for(r.teacher)))
+    if spec.models.reward_model is not None:
+        reqs.append(RoleRequest("reward_model", 1, bundle_for(r.reward_model)))
     return reqs
 
 

@@ -36,7 +36,8 @@ class ModelsSpec(_Strict):
     student: ModelRef
     teacher: ModelRef | None = None
     reward_model: ModelRef | None = Field(
-        default=None, description="sequence-classification reward model (optional)"
+        default=None, description=("sequence-classification reward model with one output (optional); "
+                                   "used by the reward named 'reward_model'")
     )
 
 
@@ -195,7 +196,7 @@ class LearnerSpec(_Strict):
     weight_sync_bucket_mb: float = Field(default=512, gt=0, description="NCCL/IPC bucket size")
 
 
-BUILTIN_REWARDS = ("exact_match", "format", "math_verify", "reasoning_gym")
+BUILTIN_REWARDS = ("exact_match", "format", "math_verify", "reasoning_gym", "reward_model")
 
 
 class RewardSpec(_Strict):
@@ -299,6 +300,8 @@ class ResourcesSpec(_Strict):
     learner: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.5))
     teacher: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.25))
     reward: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.25))
+    reward_model: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.25),
+                                        description="the models.reward_model scorer (give it a GPU for a large model)")
     placement_timeout_s: float = Field(default=30, gt=0, description="fail fast when roles cannot be placed")
 
 
@@ -350,6 +353,12 @@ class JobSpec(_Strict):
         if self.eval.size > self.data.eval_size and self.data.eval_size > 0:
             raise ValueError(f"eval.size: cannot exceed data.eval_size ({self.data.eval_size})")
         names = [r.name for r in self.rewards]
+        if "reward_model" in names and self.models.reward_model is None:
+            raise ValueError("models.reward_model: the reward 'reward_model' needs a reward model "
+                             "(a sequence-classification model with one output)")
+        if self.models.reward_model is not None and "reward_model" not in names:
+            raise ValueError("rewards: models.reward_model is set but no reward uses it; add "
+                             "{name: reward_model, weight: …} to rewards")
         if twice := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"rewards: each reward needs its own name (metrics are keyed by it); repeated: {', '.join(twice)}")
         if any(r.name == "reasoning_gym" for r in self.rewards) and self.data.source != "reasoning_gym":

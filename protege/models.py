@@ -300,7 +300,7 @@ def _train_tiny_tokenizer(vocab_size: int):
     return hf_tok
 
 
-def _tiny_model(arch: str, vocab_size: int, sizes: dict[str, int], seed: int, tok):
+def _tiny_model(arch: str, vocab_size: int, sizes: dict[str, int], seed: int, tok, *, reward_head: bool = False):
     import torch
 
     common = dict(
@@ -315,7 +315,12 @@ def _tiny_model(arch: str, vocab_size: int, sizes: dict[str, int], seed: int, to
         initializer_range=0.1,
         **sizes,
     )
-    if arch == "qwen2":
+    if reward_head:  # a reward model: one scalar per sequence (AutoModelForSequenceClassification)
+        from transformers import Qwen2Config as Config, Qwen2ForSequenceClassification as Model
+
+        common["tie_word_embeddings"] = False
+        config = Config(use_sliding_window=False, num_labels=1, **common)
+    elif arch == "qwen2":
         from transformers import Qwen2Config as Config, Qwen2ForCausalLM as Model
 
         config = Config(use_sliding_window=False, **common)
@@ -330,6 +335,8 @@ def _tiny_model(arch: str, vocab_size: int, sizes: dict[str, int], seed: int, to
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Model(config).to(torch.float32)
+    if reward_head:
+        return model.eval()
     model.tie_weights()
     model.generation_config.eos_token_id = [common["eos_token_id"], common["pad_token_id"]]
     model.generation_config.pad_token_id = common["pad_token_id"]
@@ -354,7 +361,8 @@ def _check_reload(tok, folder: Path) -> None:
 
 def build_tiny(out_dir: str | os.PathLike, *, seed: int = 0, arch: str = "qwen2",
                vocab_size: int = 512) -> dict:
-    """Write ``out_dir/teacher`` and ``out_dir/student``: random-init causal LMs sharing one tokenizer.
+    """Write ``out_dir/teacher`` and ``out_dir/student`` (random-init causal LMs sharing one tokenizer)
+    and ``out_dir/reward`` (a random-init Qwen2 reward model, one output, the student's sizes).
 
     * Tokenizer: byte-level BPE trained here (no download) on a synthetic corpus; ChatML template;
       eos ``<|im_end|>``, pad ``<|endoftext|>``; ``<think>``/``<answer>`` markup are single tokens.
@@ -375,8 +383,9 @@ def build_tiny(out_dir: str | os.PathLike, *, seed: int = 0, arch: str = "qwen2"
     if len(tok) > vocab_size:  # cannot happen with the trainer settings above; guard anyway
         raise RuntimeError(f"tokenizer has {len(tok)} tokens > vocab_size={vocab_size}")
     result: dict[str, Any] = {"arch": arch, "seed": seed, "vocab_size": vocab_size}
-    for role, role_seed in (("teacher", seed), ("student", seed + 1)):
-        model = _tiny_model(arch, vocab_size, TINY_SIZES[role], role_seed, tok)
+    for role, role_seed in (("teacher", seed), ("student", seed + 1), ("reward", seed + 2)):
+        model = _tiny_model(arch, vocab_size, TINY_SIZES["student" if role == "reward" else role], role_seed, tok,
+                            reward_head=role == "reward")
         final = out_dir / role
         tmp = _tmp_sibling(final)
         model.save_pretrained(tmp)

@@ -72,8 +72,8 @@ class RewardRunner:
         max_abandoned: int = 16,
         functions: Mapping[str, RewardFn] = REWARD_FUNCTIONS,
     ):
-        if not rewards:
-            raise ValueError("RewardRunner needs at least one (reward name, weight) pair")
+        # An empty list is allowed: a job scored only by its reward model still asks the runner
+        # (every score is then 0 with no components).
         unknown = [name for name, _ in rewards if name not in functions]
         if unknown:
             raise KeyError(f"unknown reward(s) {unknown}; valid rewards: {', '.join(sorted(functions))}")

@@ -39,7 +39,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
     out = tmp_path_factory.mktemp("tiny")
     paths = build_tiny(out, seed=0)
-    return {"teacher": str(paths["teacher"]), "student": str(paths["student"])}
+    return {"teacher": str(paths["teacher"]), "student": str(paths["student"]), "reward": str(paths["reward"])}
 
 
 @pytest.fixture(scope="module")

@@ -119,3 +119,25 @@ def test_mismatched_teacher_tokenizer_is_refused(tmp_path, tiny_models):
     s.models.teacher.path = str(other["teacher"])
     with pytest.raises(JobError, match="must share a tokenizer"):
         drive(s, progress=False)
+
+
+def test_grpo_with_a_reward_model(tmp_path, tiny_models, ray_local):
+    """models.reward_model scores every rollout in its own actor; its score is the component
+    'reward_model', weighted into the reward exactly as the spec says."""
+    from protege.rewards.reward_model import RewardModelScorer
+
+    spec = spec_for(tmp_path, tiny_models, "grpo-rm", {"type": "grpo"}, teacher=False,
+                    models={"student": {"path": tiny_models["student"]}, "reward_model": {"path": tiny_models["reward"]}},
+                    rewards=[{"name": "exact_match"}, {"name": "reward_model", "weight": 0.5}])
+    rows = run(spec)[1:]
+    for r in rows:
+        rm, em = r["reward/component/reward_model"], r["reward/component/exact_match"]
+        assert rm != 0.0 and abs(r["reward/mean"] - (em + 0.5 * rm)) < 1e-5
+    assert json.loads((spec.run_dir / "actors.json").read_text())["reward_model"] > 0
+    # The logged samples carry the reward model's own score for that (question, response).
+    samples = [json.loads(x) for x in (spec.run_dir / "samples.jsonl").read_text().splitlines()]
+    scorer = RewardModelScorer(tiny_models["reward"])
+    want = scorer.score([s["question"] for s in samples], [s["response"] for s in samples])
+    for s, w in zip(samples, want):
+        assert abs(s["components"]["reward_model"] - w) < 1e-4
+        assert abs(s["reward"] - (s["components"]["exact_match"] + 0.5 * w)) < 1e-4

@@ -22,6 +22,11 @@ def test_example_runs(path, tmp_path, tiny_models, ray_local):
     data["models"]["student"]["path"] = tiny_models[Path(data["models"]["student"]["path"]).name]
     if "teacher" in data["models"]:
         data["models"]["teacher"]["path"] = tiny_models["teacher"]
+    if "reward_model" in data["models"]:
+        data["models"]["reward_model"]["path"] = tiny_models["reward"]
+    for r in data.get("rewards", []):
+        if r.get("function", "").startswith("examples/"):
+            r["function"] = str(ROOT / r["function"])
     if data["data"].get("path"):
         data["data"]["path"] = str(ROOT / data["data"]["path"])
     data.update(steps=2)

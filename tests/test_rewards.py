@@ -286,3 +286,67 @@ def test_a_job_with_a_broken_user_reward_fails_before_any_resource(tmp_path, mon
     with pytest.raises(JobError, match=r"rewards\.1\.function: .* has no callable named 'typo'"):
         run(spec, progress=False)
     assert not ray.is_initialized()
+
+
+# ------------------------------------------------------------------ reward model
+def test_reward_model_scorer_matches_a_plain_forward(tiny_models):
+    """Batched, padded scoring equals scoring each conversation alone with transformers (the head
+    reads the last real token, not a pad); truncation keeps the end; a multi-output head is refused."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from protege.rewards.reward_model import RewardModelScorer
+
+    scorer = RewardModelScorer(tiny_models["reward"], batch_size=3)
+    prompts = ["What is 2 + 3?", "What is 7 + 1?", "Add 4 and 4.", "What is 9 + 0?"]
+    completions = ["<answer>5</answer>", "I think it is <answer>8</answer>, because seven and one make eight", "8", ""]
+    got = scorer.score(prompts, completions)
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["reward"])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"]).eval()
+    want = []
+    for p, c in zip(prompts, completions):
+        text = tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+                                       tokenize=False)
+        with torch.no_grad():
+            want.append(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item())
+    assert len(set(round(w, 4) for w in want)) == 4  # the model does tell them apart
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+
+    short = RewardModelScorer(tiny_models["reward"], max_length=8)
+    ids = tok(short.render(prompts[1], completions[1]), add_special_tokens=False)["input_ids"][-8:]
+    with torch.no_grad():
+        tail = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert abs(short.score(prompts[1:2], completions[1:2])[0] - tail) < 1e-4
+
+    with pytest.raises(ValueError, match="equal lengths"):
+        scorer.score(["a"], [])
+
+
+def test_reward_model_with_two_outputs_is_refused(tiny_models, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from protege.rewards.reward_model import RewardModelScorer
+
+    config = AutoConfig.from_pretrained(tiny_models["reward"], num_labels=2)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "cls2")
+    AutoTokenizer.from_pretrained(tiny_models["reward"]).save_pretrained(tmp_path / "cls2")
+    with pytest.raises(ValueError, match=r"models.reward_model: .* has 2 outputs"):
+        RewardModelScorer(str(tmp_path / "cls2"))
+
+
+def test_reward_model_spec_rules():
+    from protege.cluster.spec import SpecError, parse_spec
+
+    base = {"name": "j", "models": {"student": {"path": "s"}},
+            "data": {"source": "reasoning_gym", "task": "basic_arithmetic"}}
+    ok = parse_spec({**base, "models": {"student": {"path": "s"}, "reward_model": {"path": "rm"}},
+                     "rewards": [{"name": "exact_match"}, {"name": "reward_model", "weight": 0.5}]})
+    assert [r.name for r in ok.rewards] == ["exact_match", "reward_model"]
+    with pytest.raises(SpecError) as e:
+        parse_spec({**base, "rewards": [{"name": "reward_model"}]})
+    assert e.value.errors[0][0] == "models.reward_model"
+    with pytest.raises(SpecError) as e:
+        parse_spec({**base, "models": {"student": {"path": "s"}, "reward_model": {"path": "rm"}},
+                    "rewards": [{"name": "exact_match"}]})
+    assert e.value.errors[0][0] == "rewards" and "reward_model" in e.value.errors[0][1]
