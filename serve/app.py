@@ -22,7 +22,10 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import logging.handlers
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -41,7 +44,18 @@ APP_NAME = "protege"
 # Serve runs user code on a second event loop thread by default, to shield its control loop from
 # blocking user code. Ours never blocks the loop (vLLM runs in its own process, a new engine is built
 # in a worker thread), and sharing one loop halved the per-request overhead on 2 CPU cores.
-REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+#
+# VLLM_CONFIGURE_LOGGING=0: building an engine otherwise runs vLLM's logging.config.dictConfig, which
+# closes every handler in the process, Serve's included. Serve writes the replica log (one access line
+# per request) through a logging.handlers.MemoryHandler; once closed, its target is None, so it still
+# accepts every record but can never flush one: the replica kept one LogRecord per request for good
+# (~2.7 kB each, +14 MB/min at 100 req/s in bench/soak.py) and its log file stopped at start-up.
+# vLLM's own warnings still reach the replica's stderr log (logging's last-resort handler).
+# VLLM_LOGGING_CONFIG_PATH is blanked: vLLM refuses a logging config file with configuration off, so
+# one inherited from the cluster's environment would stop the replica from starting.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "VLLM_CONFIGURE_LOGGING": "0",
+               "VLLM_LOGGING_CONFIG_PATH": ""}
+SERVE_LOGGER = "ray.serve"
 log = logging.getLogger("protege.serve")
 
 
@@ -104,14 +118,15 @@ class StudentServer:
         target = versions.resolve(a.target)
         # Version switches belong in the replica's log, which Serve writes through its own logger.
         log.setLevel(logging.INFO)
-        for handler in logging.getLogger("ray.serve").handlers:
+        for handler in logging.getLogger(SERVE_LOGGER).handlers:
             log.addHandler(handler)
         self.key_hash = key_hash
-        self.gen = StudentGenerator(
-            target.version, model_name=a.model_name or default_model_name(target), engine=a.engine,
-            max_tokens=a.serve.max_tokens, max_n=a.max_n, max_concurrent=a.serve.max_concurrent,
-            max_model_len=a.max_model_len, dtype=a.dtype, kv_cache_bytes=int(a.kv_cache_gb * (1 << 30)),
-            seed=a.seed)
+        with serve_log_handlers_kept():  # see REPLICA_ENV: the engine build must not close Serve's log
+            self.gen = StudentGenerator(
+                target.version, model_name=a.model_name or default_model_name(target), engine=a.engine,
+                max_tokens=a.serve.max_tokens, max_n=a.max_n, max_concurrent=a.serve.max_concurrent,
+                max_model_len=a.max_model_len, dtype=a.dtype, kv_cache_bytes=int(a.kv_cache_gb * (1 << 30)),
+                seed=a.seed)
         # Runs on the replica's event loop, next to the requests it pauses during a switch.
         self._follow = asyncio.create_task(self.gen.follow(target.run_dir, a.poll_s)) if target.run_dir else None
 
@@ -126,6 +141,27 @@ class StudentServer:
             self._follow.cancel()
         if getattr(self, "gen", None) is not None:
             self.gen.close()
+
+
+@contextmanager
+def serve_log_handlers_kept(logger_name: str = SERVE_LOGGER) -> Iterator[None]:
+    """Undo a ``close()`` of the logger's buffering handlers by code run inside (a library's dictConfig).
+
+    A closed ``MemoryHandler`` drops its target yet stays attached and keeps buffering, so every later
+    record is held in memory for good: an unbounded leak (one access-log record per request on a Serve
+    replica). REPLICA_ENV keeps vLLM from doing this; this guard covers any other dictConfig run while
+    the engine is built (another library, a vLLM version that ignores VLLM_CONFIGURE_LOGGING).
+    """
+    kept = [(h, h.target) for h in logging.getLogger(logger_name).handlers
+            if isinstance(h, logging.handlers.MemoryHandler) and h.target is not None]
+    try:
+        yield
+    finally:
+        for handler, target in kept:
+            if handler.target is None:
+                handler.target = target  # a closed file handler reopens its file on the next record
+                log.warning("logging handler %r was closed during start-up (a logging dictConfig?); "
+                            "reattached to %r", handler, target)
 
 
 # ------------------------------------------------------------------------------------- builder

@@ -128,6 +128,35 @@ def test_api_key_rules_and_deployment_options(monkeypatch):
     assert opts["max_queued_requests"] == 6 and opts["max_ongoing_requests"] > 6
 
 
+def test_replica_log_handlers_survive_engine_start(tmp_path):
+    """Building a vLLM engine ran logging.config.dictConfig, which closes every handler: Serve's buffered
+    replica log then held each request's access record in memory for good (the soak's replica growth)."""
+    import logging.handlers
+
+    from protege.serve.app import deployment_options, serve_log_handlers_kept
+
+    env = deployment_options(ServeArgs(target="x"))["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env["VLLM_CONFIGURE_LOGGING"] == "0"  # vLLM leaves the replica's logging alone
+    assert env["VLLM_LOGGING_CONFIG_PATH"] == ""  # and an inherited config file cannot make it refuse to start
+
+    logger = logging.getLogger("protege-test.replica")
+    logger.propagate, logger.level = False, logging.INFO
+    target = logging.FileHandler(tmp_path / "replica.log")
+    handler = logging.handlers.MemoryHandler(capacity=1, target=target, flushLevel=logging.ERROR)
+    logger.addHandler(handler)
+    try:
+        with serve_log_handlers_kept("protege-test.replica"):
+            handler.close()  # what dictConfig does to every existing handler
+            assert handler.target is None
+        for i in range(100):
+            logger.info("POST /v1/completions 200 %d", i)
+        assert handler.buffer == []  # nothing held back in memory
+        assert (tmp_path / "replica.log").read_text().count("POST /v1/completions") == 100
+    finally:
+        logger.removeHandler(handler)
+        target.close()
+
+
 def test_cli_pin_rollback_versions(tmp_path, capsys):
     import argparse
 
