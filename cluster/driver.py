@@ -165,7 +165,7 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
             top_k = algo.top_k if algo.type == "kepo" and algo.divergence != "reverse_kl" else 0
             teacher_ref = roles.teacher.score.remote([(r.prompt_ids, r.sample.response_ids) for r in rollouts], top_k)
         scored = ray.get([*reward_refs, *([teacher_ref] if teacher_ref is not None else [])])
-        scores = _combine_scores(spec, *scored[:2]) if rollouts else []
+        scores = _combine_scores(spec, *scored[:len(reward_refs)]) if rollouts else []
         teacher = scored[-1]["scores"] if teacher_ref is not None else None
         _count_scorer_restarts(run_dir, roles, faults)
         t_score = time.perf_counter() - t0

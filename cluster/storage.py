@@ -143,15 +143,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("PROTEGE_CACHE", Path.home() / ".cache" / "protege"))
 
 
-def local_copy(uri: str, *, kind: str = "models") -> Path:
+def local_copy(uri: str, *, kind: str = "models", group: str | None = None, keep: int | None = None) -> Path:
     """A local copy of the folder at ``uri``, downloaded once (a ``.complete`` marker guards against
-    a download that was cut short). Used to serve a published checkpoint from a bucket."""
-    key = hashlib.sha256(str(uri).encode()).hexdigest()[:16]
-    dest = cache_root() / kind / f"{key}-{str(uri).rstrip('/').rsplit('/', 1)[-1]}"
+    a download that was cut short). Used to serve a published checkpoint from a bucket.
+
+    Copies of one ``group`` (a run) share a folder; with ``keep``, only the ``keep`` most recently
+    downloaded stay, so a server that follows a long training run does not fill its disk with
+    every version it ever served (the engine has already loaded the older ones)."""
+    parts = str(uri).rstrip("/").rsplit("/", 2)[-2:]
+    home = cache_root() / kind / hashlib.sha256(str(group or uri).encode()).hexdigest()[:16]
+    dest = home / f"{hashlib.sha256(str(uri).encode()).hexdigest()[:8]}-{'-'.join(parts)}"
     if (dest / ".complete").is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    home.mkdir(parents=True, exist_ok=True)
+    part = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=home))
     try:
         download_tree(uri, part)
         (part / ".complete").write_text(str(uri))
@@ -165,4 +170,11 @@ def local_copy(uri: str, *, kind: str = "models") -> Path:
     except BaseException:
         shutil.rmtree(part, ignore_errors=True)
         raise
+    if keep is not None:
+        done = sorted((p for p in home.iterdir() if (p / ".complete").is_file()),
+                      key=lambda p: (p / ".complete").stat().st_mtime)
+        for old in done[:-keep]:
+            if old != dest:
+                (old / ".complete").unlink(missing_ok=True)  # first: a half-deleted copy is never reused
+                shutil.rmtree(old, ignore_errors=True)
     return dest

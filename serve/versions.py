@@ -26,6 +26,7 @@ from protege.cluster import storage
 from protege.cluster.checkpoints import list_checkpoints, read_state
 
 PIN_FILE = "published.json"
+CACHED_VERSIONS = 3  # local copies kept per bucket run (the served one, and two to roll back to)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ def _from_checkpoint(ckpt: Path | str) -> Version:
 def materialize(version: Version) -> Version:
     """The same version with a local model folder (downloads a bucket's checkpoint once)."""
     if storage.is_uri(version.model_path):
-        return Version(version.number, version.step, storage.local_copy(str(version.model_path)))
+        uri = str(version.model_path)
+        run = uri.rsplit("/checkpoints/", 1)[0]  # the run's copies share a cache folder, newest 3 kept
+        return Version(version.number, version.step, storage.local_copy(uri, group=run, keep=CACHED_VERSIONS))
     return version
 
 

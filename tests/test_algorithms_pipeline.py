@@ -121,13 +121,15 @@ def test_mismatched_teacher_tokenizer_is_refused(tmp_path, tiny_models):
         drive(s, progress=False)
 
 
-def test_grpo_with_a_reward_model(tmp_path, tiny_models, ray_local):
-    """models.reward_model scores every rollout in its own actor; its score is the component
-    'reward_model', weighted into the reward exactly as the spec says."""
+def test_rlad_with_a_reward_model(tmp_path, tiny_models, ray_local):
+    """models.reward_model scores every rollout in its own actor, next to the rule rewards and the
+    teacher; its score is the component 'reward_model', weighted into the reward as the spec says.
+    (GRPO without a teacher runs it in tests/test_examples_run.py.)"""
     from protege.rewards.reward_model import RewardModelScorer
 
-    spec = spec_for(tmp_path, tiny_models, "grpo-rm", {"type": "grpo"}, teacher=False,
-                    models={"student": {"path": tiny_models["student"]}, "reward_model": {"path": tiny_models["reward"]}},
+    spec = spec_for(tmp_path, tiny_models, "rlad-rm", {"type": "rlad"},
+                    models={"student": {"path": tiny_models["student"]}, "teacher": {"path": tiny_models["teacher"]},
+                            "reward_model": {"path": tiny_models["reward"]}},
                     rewards=[{"name": "exact_match"}, {"name": "reward_model", "weight": 0.5}])
     rows = run(spec)[1:]
     for r in rows:

@@ -123,6 +123,17 @@ def test_local_copy_downloads_once(tmp_path, monkeypatch):
     (src / "config.json").write_text('{"changed": 1}')
     assert storage.local_copy(uri) == a and (a / "config.json").read_text() == "{}"  # cached, not refetched
 
+    # One run's copies share a folder and only the newest `keep` stay (a server following a long run).
+    import time
+
+    copies = []
+    for step in (1, 2, 3):
+        src = _fake_ckpt(tmp_path, 100 + step) / "model"
+        copies.append(storage.local_copy(f"file://{src}", group="file:///bucket/run", keep=2))
+        time.sleep(0.01)
+    assert not copies[0].exists() and copies[1].is_dir() and copies[2].is_dir()
+    assert a.is_dir()  # another group is untouched
+
 
 @pytest.mark.slow
 def test_job_into_bucket_resumes_on_a_fresh_pod_and_serves(tmp_path, tiny_models, ray_local):
