@@ -267,9 +267,13 @@ class EvalSpec(_Strict):
 
 
 class AutoscaleSpec(_Strict):
+    """Ray Serve autoscaling of the student endpoint's replicas (Serve's defaults for the delays)."""
+
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=2, ge=1)
-    target_ongoing_requests: float = Field(default=4, gt=0)
+    target_ongoing_requests: float = Field(default=4, gt=0, description="requests in flight per replica to aim for")
+    upscale_delay_s: float = Field(default=30, ge=0, description="load must stay above target this long to add a replica")
+    downscale_delay_s: float = Field(default=600, ge=0, description="load must stay below target this long to remove one")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscaleSpec":

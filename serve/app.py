@@ -190,6 +190,8 @@ def deployment_options(args: ServeArgs) -> dict:
             "initial_replicas": max(1, spec.autoscale.min_replicas),  # answer the first request without a cold start
             "max_replicas": spec.autoscale.max_replicas,
             "target_ongoing_requests": spec.autoscale.target_ongoing_requests,
+            "upscale_delay_s": spec.autoscale.upscale_delay_s,
+            "downscale_delay_s": spec.autoscale.downscale_delay_s,
         },
         # Above max_concurrent the replica itself answers 503 (an OpenAI-shaped error), so Serve may
         # route it more; the router's own queue (no replica free, e.g. while scaling up) is bounded too.
