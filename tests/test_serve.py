@@ -124,7 +124,8 @@ def test_api_key_rules_and_deployment_options(monkeypatch):
     spec = ServeSpec(max_concurrent=6, autoscale=AutoscaleSpec(min_replicas=0, max_replicas=3, target_ongoing_requests=2))
     opts = deployment_options(ServeArgs(target="x", serve=spec))
     assert opts["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 3,
-                                          "target_ongoing_requests": 2}
+                                          "target_ongoing_requests": 2, "upscale_delay_s": 30,
+                                          "downscale_delay_s": 600}
     assert opts["max_queued_requests"] == 6 and opts["max_ongoing_requests"] > 6
 
 
