@@ -184,3 +184,21 @@ def test_job_into_bucket_resumes_on_a_fresh_pod_and_serves(tmp_path, tiny_models
     assert versions.resolve(part.run_uri).version.number == 3
     assert main(["serve", "pin", part.run_uri, "latest"]) == 0
     assert versions.read_pin(part.run_uri) is None and not (remote / "published.json").exists()
+
+
+def test_job_status_reads_a_bucket_run(tmp_path):
+    """`protege jobs status` / GET /v1/jobs/{id} read step, metrics and checkpoints from the bucket."""
+    from protege.cluster.jobs import run_progress
+
+    run_uri = f"file://{tmp_path}/bucket/run"
+    assert run_progress(run_uri)["readable"] and run_progress(run_uri)["step"] is None  # nothing yet
+    _upload(tmp_path, run_uri, 2)
+    storage.write_text(storage.join(run_uri, "metrics.jsonl"),
+                       '{"step": 1, "reward/mean": 0.1}\n{"step": 2, "reward/mean": 0.25}\n{"step": 3, "rew')
+    p = run_progress(run_uri)
+    assert p["step"] == 2 and p["metrics"]["reward/mean"] == 0.25  # the half-written line is skipped
+    assert p["checkpoints"] == [{"step": 2, "policy_version": 2, "path": f"{run_uri}/checkpoints/step_000002"}]
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is None:  # no backend here: "not readable", not a crash
+        assert run_progress("s3://no-backend-here/run")["readable"] is False
