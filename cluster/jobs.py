@@ -122,10 +122,10 @@ def stage_working_dir(spec, project: Path, into: Path) -> Path:
 def spec_warnings(spec, project: Path) -> list[str]:
     """Paths in the spec that will not mean on the cluster what they mean here."""
     out = []
-    if not Path(spec.checkpoint.dir).is_absolute():
+    if spec.run_uri is None and not Path(spec.checkpoint.dir).is_absolute():
         out.append(f"checkpoint.dir '{spec.checkpoint.dir}' is relative: the run lands in the job's working "
                    "directory on the cluster, which Ray deletes later and this side cannot read; use an "
-                   "absolute path on shared storage")
+                   "absolute path on shared storage or an object-store URI (s3://…)")
     models = spec.models
     for role, ref in (("student", models.student), ("teacher", models.teacher), ("reward_model", models.reward_model)):
         if ref is not None and not Path(ref.path).is_absolute() and (project / ref.path).exists():

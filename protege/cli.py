@@ -92,7 +92,7 @@ def cmd_run(args) -> int:
         from protege.serve.api import ServeArgs
         from protege.serve.cli import serve_forever
 
-        return serve_forever(ServeArgs(target=str(spec.run_dir), serve=spec.serve, dtype=spec.models.student.dtype,
+        return serve_forever(ServeArgs(target=spec.run_location, serve=spec.serve, dtype=spec.models.student.dtype,
                                        engine=spec.rollout.engine))
     return 0
 

@@ -135,7 +135,7 @@ def serve_forever(serve_args, *, block: bool = True) -> int:
     """Start the app on $RAY_ADDRESS's cluster (or a local Ray) and block until Ctrl-C.
 
     Also the entry point for ``serve.enabled`` in a job spec: call it when training ends with
-    ``ServeArgs(target=str(spec.run_dir), serve=spec.serve, dtype=spec.models.student.dtype)``.
+    ``ServeArgs(target=spec.run_location, serve=spec.serve, dtype=spec.models.student.dtype)``.
     """
     import ray
     from ray import serve

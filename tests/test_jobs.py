@@ -146,6 +146,8 @@ def test_run_progress_and_warnings(tmp_path):
     rel = parse_spec({**spec_dict("/r"), "checkpoint": {"dir": "runs/{name}"}})
     assert any("checkpoint.dir" in w for w in jobs.spec_warnings(rel, tmp_path))
     assert jobs.spec_warnings(parse_spec(spec_dict("/r")), tmp_path) == []
+    bucket = parse_spec({**spec_dict("/r"), "checkpoint": {"dir": "s3://bucket/runs/{name}"}})
+    assert jobs.spec_warnings(bucket, tmp_path) == []  # a bucket is readable from anywhere
 
 
 class RecordingJobs:
