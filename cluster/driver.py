@@ -80,33 +80,31 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
         roles.kill_all()
 
 
-def _write_actor_table(run_dir: Path, roles: Roles) -> dict:
+def _write_actor_table(run_dir: Path, roles: Roles) -> None:
     """actors.json: which process is which role (for operators, and for fault-injection tests)."""
-    table = {"rollout": ray.get([w.pid.remote() for w in roles.rollout]),
+    roles.pids = {"rollout": ray.get([w.pid.remote() for w in roles.rollout]),
              "learner": ray.get([ln.pid.remote() for ln in roles.learners]),
              "teacher": ray.get(roles.teacher.pid.remote()) if roles.teacher is not None else None,
              "reward": ray.get(roles.reward.pid.remote()),
              "reward_model": ray.get(roles.reward_model.pid.remote()) if roles.reward_model is not None else None}
-    (run_dir / "actors.json").write_text(json.dumps(table))
-    return table
+    (run_dir / "actors.json").write_text(json.dumps(roles.pids))
 
 
 def _count_scorer_restarts(run_dir: Path, roles: Roles, faults: dict) -> None:
     """Ray restarts a dead reward or teacher actor and retries the lost call by itself, so the
-    driver never sees an error: a new process id is the only trace. Compare with actors.json."""
-    table = json.loads((run_dir / "actors.json").read_text())
+    driver never sees an error: a new process id is the only trace. Compare with the last seen."""
     scorers = {"reward": roles.reward, "teacher": roles.teacher, "reward_model": roles.reward_model}
     live = {k: a for k, a in scorers.items() if a is not None}
     pids = dict(zip(live, ray.get([a.pid.remote() for a in live.values()])))
     changed = False
     for role, pid in pids.items():
-        if pid != table.get(role):
+        if pid != roles.pids.get(role):
             faults[f"fault/{role}_restarts"] += 1
-            print(f"{role} scorer was restarted (pid {table.get(role)} -> {pid}); its lost call was retried",
+            print(f"{role} scorer was restarted (pid {roles.pids.get(role)} -> {pid}); its lost call was retried",
                   file=sys.stderr)
-            table[role], changed = pid, True
+            roles.pids[role], changed = pid, True
     if changed:
-        (run_dir / "actors.json").write_text(json.dumps(table))
+        (run_dir / "actors.json").write_text(json.dumps(roles.pids))
 
 
 def _learner_group_broken(roles: Roles, err) -> bool:

@@ -56,6 +56,7 @@ class Roles:
     reward: Any = None
     teacher: Any = None
     reward_model: Any = None
+    pids: dict = field(default_factory=dict)  # role -> process id(s) as last seen (actors.json)
     groups: dict = field(default_factory=dict)
     grad_accum: int = 1
 

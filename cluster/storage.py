@@ -58,16 +58,14 @@ def join(uri: str, *parts: str) -> str:
 
 
 # ------------------------------------------------------------------------------- files
-def upload_tree(local: str | Path, uri: str, *, last: str | None = None, exclude: tuple[str, ...] = ()) -> int:
+def upload_tree(local: str | Path, uri: str, *, exclude: tuple[str, ...] = ()) -> int:
     """Copy every file under ``local`` to ``uri`` (same relative paths), skipping top-level entries
-    named in ``exclude`` and hidden temp files. ``last`` (a relative path) is uploaded after all
-    others. Returns bytes uploaded."""
+    named in ``exclude`` and hidden temp files. Returns bytes uploaded. (A checkpoint's commit
+    marker is not uploaded here: ``checkpoints.commit_remote`` writes it after this returns.)"""
     fs, root = filesystem(uri)
     local = Path(local)
     files = sorted(p for p in local.rglob("*") if p.is_file() and p.relative_to(local).parts[0] not in exclude
                    and not p.name.startswith("."))
-    if last is not None:
-        files.sort(key=lambda p: p.relative_to(local).as_posix() == last)
     total = 0
     made: set[str] = set()
     for f in files:

@@ -164,8 +164,9 @@ class StudentGenerator:
             await asyncio.sleep(poll_s)
             try:
                 target = await asyncio.to_thread(versions.current, run_dir)
-                if target is not None and target != self.version:
-                    await self.load_version(target)
+                # By number and step: a bucket run lists URIs, while what is served is a local copy.
+                if target is not None and (target.number, target.step) != (self.version.number, self.version.step):
+                    await self.load_version(await asyncio.to_thread(versions.materialize, target))
             except Exception:  # a checkpoint pruned mid-read, a bad pin: keep serving, retry next poll
                 log.exception("version check of %s failed; still serving version %d", run_dir, self.version.number)
 

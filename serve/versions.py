@@ -99,11 +99,13 @@ def current(run_dir: str | Path) -> Version | None:
 
     A pin naming a version that is not (or no longer) published yields ``None``: a running server
     then keeps what it serves rather than guessing (``resolve`` reports the error at start).
+    For a bucket run the model path is a URI: ``materialize`` it before loading.
     """
     versions = list_versions(run_dir)
     pin = read_pin(run_dir)
-    chosen = (versions[-1] if versions else None) if pin is None else next((v for v in versions if v.number == pin), None)
-    return materialize(chosen) if chosen is not None else None
+    if pin is None:
+        return versions[-1] if versions else None
+    return next((v for v in versions if v.number == pin), None)
 
 
 def resolve(path: str | Path) -> Target:
@@ -112,14 +114,7 @@ def resolve(path: str | Path) -> Target:
         return _resolve_uri(str(path).rstrip("/"))
     path = Path(path)
     if (path / "checkpoints").is_dir() or (path / "resolved_spec.json").is_file():
-        version = current(path)
-        if version is None:
-            have = [v.number for v in list_versions(path)]
-            pin = read_pin(path)
-            if pin is not None:
-                raise ValueError(f"{path}/{PIN_FILE} pins version {pin}, but the published versions are {have}")
-            raise ValueError(f"{path}: no complete checkpoint yet (nothing under {path}/checkpoints/step_*)")
-        return Target(version, path)
+        return _run_target(path)
     if (path / "state.json").is_file() and (path / "model").is_dir():
         return Target(_from_checkpoint(path), None)
     if (path / "config.json").is_file():
@@ -146,16 +141,21 @@ def rollback(run_dir: str | Path, to: int | None = None) -> tuple[int | None, in
     return served, to
 
 
+def _run_target(run: Path | str) -> Target:
+    """What a server of run dir ``run`` starts with, downloaded when the run is in a bucket."""
+    version = current(run)
+    if version is None:
+        have, pin = [v.number for v in list_versions(run)], read_pin(run)
+        if pin is not None:
+            raise ValueError(f"{run}/{PIN_FILE} pins version {pin}, but the published versions are {have}")
+        raise ValueError(f"{run}: no complete checkpoint yet (nothing under {run}/checkpoints/step_*)")
+    return Target(materialize(version), run)
+
+
 def _resolve_uri(uri: str) -> Target:
     try:
         if storage.exists(storage.join(uri, "checkpoints")) or storage.exists(storage.join(uri, "resolved_spec.json")):
-            version = current(uri)
-            if version is None:
-                have, pin = [v.number for v in list_versions(uri)], read_pin(uri)
-                if pin is not None:
-                    raise ValueError(f"{uri}/{PIN_FILE} pins version {pin}, but the published versions are {have}")
-                raise ValueError(f"{uri}: no complete checkpoint yet (nothing under {uri}/checkpoints/step_*)")
-            return Target(version, uri)
+            return _run_target(uri)
         if storage.exists(storage.join(uri, "state.json")):
             return Target(materialize(_from_checkpoint(uri)), None)
         if storage.exists(storage.join(uri, "config.json")):

@@ -202,3 +202,20 @@ def test_job_status_reads_a_bucket_run(tmp_path):
 
     if importlib.util.find_spec("s3fs") is None:  # no backend here: "not readable", not a crash
         assert run_progress("s3://no-backend-here/run")["readable"] is False
+
+
+def test_bucket_versions_are_listed_without_downloading(tmp_path, monkeypatch):
+    """Choosing a version (current, rollback, `serve versions`) only lists the bucket; only what is
+    served is downloaded (resolve / the follow loop), and the listing marks it as served."""
+    from protege.serve import versions
+
+    monkeypatch.setenv("PROTEGE_CACHE", str(tmp_path / "cache"))
+    run_uri = f"file://{tmp_path}/bucket/run"
+    for step in (1, 2):
+        _upload(tmp_path, run_uri, step)
+    now = versions.current(run_uri)
+    assert now == versions.list_versions(run_uri)[-1] and now.number == 2
+    assert versions.rollback(run_uri) == (2, 1)
+    assert not (tmp_path / "cache").exists()  # nothing downloaded so far
+    served = versions.resolve(run_uri).version
+    assert served.number == 1 and (served.model_path / "config.json").is_file()
