@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -116,9 +117,7 @@ def slope(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of (x, y) points; None for fewer than 2 distinct x."""
     if len({x for x, _ in points}) < 2:
         return None
-    mx = sum(x for x, _ in points) / len(points)
-    my = sum(y for _, y in points) / len(points)
-    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return statistics.linear_regression([x for x, _ in points], [y for _, y in points]).slope
 
 
 def summarize(windows: list[dict], clients: int, trimmed: dict) -> dict:
