@@ -28,6 +28,11 @@ DEAD = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 PACKED_NUM_BUFFERS = 2  # vLLM's default double buffering
 
 
+class WorkerGone(RuntimeError):
+    """The rollout worker died before or while joining its NCCL group: the caller reports it in
+    ``failed`` instead of failing the push for everyone."""
+
+
 class BucketSource(WeightSource):
     """A ``WeightSource`` over ``(name, full shape, wire dtype)`` metadata and a factory of
     ``(name, tensor)`` iterators (a fresh pass per call, as vLLM requires)."""
@@ -70,6 +75,12 @@ class RolloutClient:
             except DEAD:
                 self.failed.append(i)
         return out
+
+    def ping(self) -> list[int]:
+        """The workers that are dead now (also moved to ``failed``): Ray fails a call to a dead
+        actor at once, while a live one answers after what it is running."""
+        self._call("__ray_ready__")
+        return list(self.failed)
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self._call("wt_init", self.backend, init_info)
@@ -115,18 +126,39 @@ def connect_nccl(worker, *, address: str, port: int, world_size: int, bucket_byt
     vLLM's ``trainer_init`` calls the worker's ``init_weight_transfer_engine`` on a side thread
     while it opens rank 0, since both block in the same rendezvous. The packed wire parameters
     travel to the worker here, so both sides cut the stream into the same buffers.
+
+    Raises :class:`WorkerGone` when the worker is dead. Rank 0 waits in the rendezvous for its
+    peer until vLLM's TCP-store timeout (300 s, not settable through ``trainer_init``), so the
+    worker is asked first and a dead one never gets a rendezvous; one that dies in the short
+    window after that is still reported, once the store gives up.
     """
     from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
     client = RolloutClient({0: worker}, backend="nccl")
+    if client.ping():
+        raise WorkerGone("rollout worker is dead; its weight-transfer NCCL group was not opened")
     info = NCCLTrainerInitInfo(rank=0, master_address=address, master_port=port, world_size=world_size,
                                packed=True, packed_buffer_size_bytes=bucket_bytes,
                                packed_num_buffers=PACKED_NUM_BUFFERS)
-    engine = WeightTransferTrainerFactory.trainer_init(info, client=client, source=BucketSource([], lambda: iter(())))
+    try:
+        engine = WeightTransferTrainerFactory.trainer_init(info, client=client,
+                                                           source=BucketSource([], lambda: iter(())))
+    except Exception as err:
+        if client.failed:  # rank 0 gave up waiting because its peer had died
+            raise WorkerGone("rollout worker died while joining the weight-transfer NCCL group") from err
+        raise
     if client.failed:
-        raise RuntimeError("rollout worker died while joining the weight-transfer NCCL group")
+        _shutdown(engine)  # rank 0's side opened, but the peer is gone: the group is unusable
+        raise WorkerGone("rollout worker died while joining the weight-transfer NCCL group")
     return engine
+
+
+def _shutdown(engine) -> None:
+    try:
+        engine.shutdown()
+    except Exception:  # best effort: the peer is gone
+        pass
 
 
 def send_nccl(engines: dict[int, Any], workers: dict[int, Any], source: BucketSource, *, is_sender: bool,

@@ -20,7 +20,8 @@ Status: written against the installed vLLM 0.32 source and unit-tested on CPU wh
 Known limit: NCCL has no peer-failure detection, so a rollout worker that dies *during* a
 broadcast can leave learner rank 0 blocked; ``timeout_s`` turns that into an error the driver
 sees instead of a hang. A worker that is already dead when a push starts is detected first and
-reported in ``failed``.
+reported in ``failed``, and so is one that dies before its NCCL group opens (rank 0 checks it
+is alive first instead of waiting out the rendezvous for it).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class NcclWeightSync:
         self.routes: list[dict | None] | None = None
         self._learner_uuids: list[str | None] | None = None
         self._pids: dict[int, int] = {}  # worker index → pid its transfer state was set up in
+        self._route_pids: dict[int, int] = {}  # worker index → pid its route was probed in
         self._initialized = False
 
     # ----------------------------------------------------------------- setup
@@ -108,14 +110,17 @@ class NcclWeightSync:
             self.routes = [None] * len(self.workers)
         todo = [i for i, r in enumerate(self.routes) if r is None] if indices is None else list(indices)
         refs = {i: self.workers[i].wt_probe.remote() for i in todo}
-        uuids, dead = {}, []
+        uuids, pids, dead = {}, {}, []
         for i, ref in refs.items():
             try:
-                uuids[i] = ray.get(ref, timeout=self.timeout_s)["uuids"]
+                info = ray.get(ref, timeout=self.timeout_s)
             except DEAD:
                 dead.append(i)
+                continue
+            uuids[i], pids[i] = info["uuids"], info["pid"]
         for i, route in zip(uuids, plan_routes(self._learner_uuids, list(uuids.values()))):
             self.routes[i] = route
+            self._route_pids[i] = pids[i]
         return dead
 
     def _indices(self, workers: list | None) -> list[int]:
@@ -140,8 +145,9 @@ class NcclWeightSync:
         if not stale and self._initialized:
             return 0.0, dead
         t0 = time.perf_counter()
-        # New workers, and restarted ones (they may have come back on another GPU), are probed.
-        lost = self._probe([i for i in stale if i in self._pids or self.routes is None or self.routes[i] is None])
+        # A route holds for the process it was probed in: a restarted worker (whether or not an
+        # earlier push lost it) may have come back on another GPU, so NCCL vs IPC is decided again.
+        lost = self._probe([i for i in stale if self._route_pids.get(i) != pids[i]])
         dead += lost
         stale = [i for i in stale if i not in lost]
         routes = self.routes
@@ -150,14 +156,23 @@ class NcclWeightSync:
         if nccl:
             address, ports = ray.get(self.learners[0].nccl_rendezvous.remote(len(nccl)), timeout=self.timeout_s)
             connect = [(i, address, port) for i, port in zip(nccl, ports)]
-        self._wait([ln.nccl_init.remote(workers=self.workers if rank == 0 else None, routes=routes,
-                                        connect=connect if rank == 0 else [], dtype=self.dtype,
-                                        bucket_mb=self.bucket_mb)
-                    for rank, ln in enumerate(self.learners)], "NCCL group setup")
+        inits = self._wait([ln.nccl_init.remote(workers=self.workers if rank == 0 else None, routes=routes,
+                                                connect=connect if rank == 0 else [], dtype=self.dtype,
+                                                bucket_mb=self.bucket_mb)
+                            for rank, ln in enumerate(self.learners)], "NCCL group setup")
+        # Rank 0 lists the workers that died before their group opened; they get one after their restart.
+        gone = [int(i) for i in (inits[0] or {}).get("failed", [])]
+        dead += gone
         for i in stale:
-            self._pids[i] = pids[i]
+            if i not in gone:
+                self._pids[i] = pids[i]
         self._initialized = True
         return time.perf_counter() - t0, dead
+
+    def _forget(self, i: int) -> None:
+        """A lost worker is probed and reconnected on its next push (it comes back in a new process)."""
+        self._pids.pop(i, None)
+        self._route_pids.pop(i, None)
 
     def _wait(self, refs: list, what: str) -> list:
         """ray.get over a group, failing fast on the first error and after ``timeout_s``."""
@@ -183,7 +198,7 @@ class NcclWeightSync:
         r0 = results[0]
         lost = sorted(set(dead) | set(r0["failed"]))
         for i in lost:
-            self._pids.pop(i, None)  # a restarted worker reconnects on its next push
+            self._forget(i)
         self.failed = [targets.index(i) for i in lost]
         got = {int(i): r for i, r in r0["workers"].items()}
         bad = {i: r["version"] for i, r in got.items() if r["version"] != version}

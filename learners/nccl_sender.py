@@ -117,23 +117,30 @@ class NcclSenderMixin:
         """Record the routes (all ranks) and, on rank 0, open an NCCL group with each worker in
         ``connect`` (``(worker index, address, port)``). A worker connected before (it restarted)
         gets a new group; the old communicator is aborted (vLLM's ``destroy`` aborts without
-        waiting for the peer, which is gone)."""
+        waiting for the peer, which is gone). A worker that died before its group opened is
+        listed in ``failed`` (rank 0's answer) and the others are still connected."""
         t0 = time.perf_counter()
         state = getattr(self, "_wt", None) or {"engines": {}}
         state.update(routes=list(routes), dtype=dtype_name(dtype), bucket_bytes=int(bucket_mb * (1 << 20)))
         if workers is not None:
             state["workers"] = list(workers)
         self._wt = state
+        for idx in [i for i in state["engines"] if (routes[i] or {}).get("kind") != "nccl"]:
+            _drop(state, idx)  # restarted onto a learner's GPU: its old group is dead, IPC serves it now
+        failed: list[int] = []
         if self.rank == 0 and connect:
-            from protege.actors.nccl_trainer import connect_nccl
+            from protege.actors.nccl_trainer import WorkerGone, connect_nccl
 
             for idx, address, port in connect:
                 _drop(state, idx)
-                state["engines"][idx] = connect_nccl(
-                    state["workers"][idx], address=address, port=port,
-                    world_size=int(routes[idx].get("world_size", 2)), bucket_bytes=state["bucket_bytes"])
-        return {"rank": self.rank, "connected": [c[0] for c in connect] if self.rank == 0 else [],
-                "seconds": time.perf_counter() - t0}
+                try:
+                    state["engines"][idx] = connect_nccl(
+                        state["workers"][idx], address=address, port=port,
+                        world_size=int(routes[idx].get("world_size", 2)), bucket_bytes=state["bucket_bytes"])
+                except WorkerGone:
+                    failed.append(idx)  # the driver re-syncs it after its restart
+        connected = [c[0] for c in connect if c[0] not in failed] if self.rank == 0 else []
+        return {"rank": self.rank, "connected": connected, "failed": failed, "seconds": time.perf_counter() - t0}
 
     # -- each sync
     def nccl_send(self, version: int, targets: list[int]) -> dict[str, Any] | None:

@@ -26,6 +26,10 @@ from protege.cluster.nccl_sync import NcclWeightSync, NoGpuTransfer, pick_weight
 from protege.learners.nccl_sender import NcclSenderMixin, param_bytes, plan_buckets, wire_meta
 
 MB = 1 << 20
+# Well below the tiny student (107,072 float32 parameters, ~0.41 MiB; its largest parameter, the
+# tied embedding, is 0.125 MiB), so a sync of it takes several buckets and several packed buffers.
+# test_small_bucket_splits_the_tiny_student checks that on CPU for the GPU tests below.
+SMALL_BUCKET_MB = 0.1
 
 
 # ------------------------------------------------------------------------------------ bucketing
@@ -167,6 +171,38 @@ def test_bucket_walk_without_materialising_yields_parameters():
     got = dict(sender._bucket_pairs(plan, "bfloat16", materialize=False))
     params = dict(model.named_parameters())
     assert all(got[n].data_ptr() == params[n].data_ptr() for n in params)  # no copies on gather-only ranks
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_small_bucket_splits_the_tiny_student(tiny_models, monkeypatch, zero):
+    """The premise of the GPU tests' SMALL_BUCKET_MB cases, checked on CPU: the learner's send
+    (nccl_send over the CUDA IPC route, vLLM's side stubbed) cuts the tiny student into >= 2
+    buckets (its ``buckets`` is ``sync/buckets``), gathers once per bucket under ZeRO-3, and hands
+    vLLM's packed producer more bytes than one buffer holds, so IPC ships several chunks."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    import protege.actors.nccl_trainer as nt
+
+    walked: dict = {}
+
+    def send_ipc(workers, source, *, rank, version, buffer_bytes):
+        walked.update(buffer_bytes=buffer_bytes, pairs=[(n, t.numel() * t.element_size()) for n, t in source])
+        return SimpleNamespace(failed=[], results={i: {"version": version, "seconds": 0.0} for i in workers})
+
+    monkeypatch.setattr(nt, "send_ipc", send_ipc)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32)
+    sender = _Sender(model, zero_stage=zero)
+    sender.nccl_init(workers=["w"], routes=[{"kind": "ipc", "ranks": [0]}], connect=[], dtype="float32",
+                     bucket_mb=SMALL_BUCKET_MB)
+    out = sender.nccl_send(1, [0])
+    assert out["failed"] == [] and out["workers"] == {0: {"version": 1, "seconds": 0.0}}
+    assert out["buckets"] >= 2
+    assert len(sender.gathers) == (out["buckets"] if zero == 3 else 0)
+    assert [n for n, _ in walked["pairs"]] == [n for n, _ in model.named_parameters()]
+    total = sum(b for _, b in walked["pairs"])
+    assert total == pytest.approx(out["mbytes"] * 1e6) and total > walked["buffer_bytes"] >= SMALL_BUCKET_MB * MB
 
 
 @pytest.mark.slow
@@ -404,11 +440,40 @@ class FakeWorker:
     def pid(self):
         return self._pid
 
-    def restart(self):
+    def restart(self, uuid=None):
+        """A new process, on ``uuid``'s GPU when given (Ray may place it elsewhere)."""
         self._pid += 1
+        self.uuid = uuid or self.uuid
+
+    def wt_init(self, backend, init_info):
+        return {"backend": backend, "seconds": 0.0}
 
     def wt_probe(self):
         return {"pid": self._pid, "uuids": [self.uuid], "engine": "vllm"}
+
+
+class ConnectingLearner(FakeLearner):
+    """A FakeLearner whose nccl_init is the real one (connect_nccl, vLLM's trainer_init; only the
+    CUDA endpoint is stubbed), and that can kill a worker after the push checked it."""
+
+    def __init__(self, rank, uuid):
+        super().__init__(rank, uuid)
+        import vllm.distributed.weight_transfer.nccl_engine as ne
+
+        ne.open_trainer_endpoint = lambda info: ("group", info.master_port)  # in this actor's process only
+        self.doomed = None
+
+    def nccl_rendezvous(self, count):
+        if self.doomed is not None:
+            import ray
+
+            _kill(ray, self.doomed)  # after the push's liveness check, before its group opens
+            self.doomed = None
+        return super().nccl_rendezvous(count)
+
+    def nccl_init(self, **kw):
+        super().nccl_init(**kw)
+        return NcclSenderMixin.nccl_init(self, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -502,6 +567,13 @@ class RecordingWorker:
         return self.calls
 
 
+class DyingWorker(RecordingWorker):
+    """Alive when asked, dies inside its NCCL rendezvous."""
+
+    def wt_init(self, backend, init_info):
+        os._exit(1)
+
+
 def test_send_nccl_drives_vllm_send_weights(ray_cpu, monkeypatch):
     """vLLM's NCCLTrainerWeightTransferEngine.send_weights over the fan-out group and the
     RolloutClient, with the CUDA-stream producer replaced by its CPU equivalent: every live engine
@@ -571,6 +643,118 @@ def test_connect_nccl_ships_the_wire_parameters(ray_cpu, monkeypatch):
     assert (kind, backend) == ("init", "nccl")
     assert info == {"master_address": "10.0.0.5", "master_port": 29555, "rank_offset": 1, "world_size": 2,
                     "packed": True, "packed_buffer_size_bytes": 64 * MB, "packed_num_buffers": 2}
+
+
+def test_connect_nccl_refuses_a_dead_worker_at_once(ray_cpu, monkeypatch):
+    """A worker already dead when its group would open: WorkerGone at once, and rank 0 never enters
+    the rendezvous (where it would wait out vLLM's 300 s store timeout for the missing peer)."""
+    ray = ray_cpu
+    import vllm.distributed.weight_transfer.nccl_engine as ne
+
+    from protege.actors.nccl_trainer import WorkerGone, connect_nccl
+
+    opened = []
+    monkeypatch.setattr(ne, "open_trainer_endpoint", lambda info: opened.append(info.master_port) or "group")
+    w = ray.remote(num_cpus=0)(RecordingWorker).remote()
+    _kill(ray, w)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerGone, match="dead"):
+        connect_nccl(w, address="10.0.0.5", port=29555, world_size=2, bucket_bytes=64 * MB)
+    assert opened == [] and time.monotonic() - t0 < 30
+
+
+def test_connect_nccl_reports_a_worker_that_dies_while_joining(ray_cpu, monkeypatch):
+    """Alive at the check, dead in the rendezvous: rank 0's store timeout becomes WorkerGone (the
+    push lists the worker in ``failed``) instead of an error that fails the push for everyone."""
+    ray = ray_cpu
+    import vllm.distributed.weight_transfer.nccl_engine as ne
+
+    from protege.actors.nccl_trainer import WorkerGone, connect_nccl
+
+    def store_timeout(info):
+        raise RuntimeError("Timed out after 300 seconds waiting for clients. 1/2 clients joined.")
+
+    monkeypatch.setattr(ne, "open_trainer_endpoint", store_timeout)
+    w = ray.remote(num_cpus=0)(DyingWorker).remote()
+    with pytest.raises(WorkerGone, match="while joining"):
+        connect_nccl(w, address="10.0.0.5", port=29555, world_size=2, bucket_bytes=64 * MB)
+    # without a dead peer the store's error is the learner's own problem, and is not hidden
+    live = ray.remote(num_cpus=0)(RecordingWorker).remote()
+    with pytest.raises(RuntimeError, match="Timed out") as err:
+        connect_nccl(live, address="10.0.0.5", port=29556, world_size=2, bucket_bytes=64 * MB)
+    assert not isinstance(err.value, WorkerGone)
+
+
+def test_nccl_init_connects_the_live_workers_and_lists_the_dead(ray_cpu, monkeypatch):
+    """Rank 0 opens a group with every live worker and lists a dead one in ``failed``; a worker
+    that comes back colocated (IPC) loses its old NCCL group."""
+    ray = ray_cpu
+    import vllm.distributed.weight_transfer.nccl_engine as ne
+
+    monkeypatch.setattr(ne, "open_trainer_endpoint", lambda info: ("group", info.master_port))
+    W = ray.remote(num_cpus=0)(RecordingWorker)
+    ws = [W.remote(), W.remote()]
+    _kill(ray, ws[0])
+    sender = _Sender(_tiny_tied_lm())
+    routes = [{"kind": "nccl", "world_size": 2}] * 2
+    out = sender.nccl_init(workers=ws, routes=routes, connect=[(0, "h", 29601), (1, "h", 29602)], dtype="float32",
+                           bucket_mb=1)
+    assert out["failed"] == [0] and out["connected"] == [1]
+    assert list(sender._wt["engines"]) == [1] and sender._wt["engines"][1].model_update_group == ("group", 29602)
+    sender.nccl_init(workers=None, routes=[routes[0], {"kind": "ipc", "ranks": [0]}], connect=[], dtype="float32",
+                     bucket_mb=1)
+    assert sender._wt["engines"] == {}
+
+
+def test_push_reports_a_worker_that_dies_before_its_group_opens(ray_cpu):
+    """A worker alive when the push starts but dead when rank 0 opens its NCCL group is listed in
+    ``failed``, fast; the other workers get the weights and keep their groups."""
+    ray = ray_cpu
+    L, W = ray.remote(num_cpus=0)(ConnectingLearner), ray.remote(num_cpus=0)(FakeWorker)
+    learner = L.remote(0, "GPU-a")
+    workers = [W.remote("x"), W.remote("y"), W.remote("a")]  # 0, 1 over NCCL; 2 colocated (IPC)
+    sync = NcclWeightSync([learner], workers, zero_stage=2, dtype="float32", timeout_s=60)
+    ray.get(learner.set.remote(doomed=workers[0]))
+    t0 = time.monotonic()
+    m = sync.push(1)
+    assert time.monotonic() - t0 < 30
+    assert sync.failed == [0]
+    calls = ray.get(learner.take_calls.remote())
+    assert ("init", [0, 1], True) in calls and calls[-1] == ("send", 1, [1, 2])
+    assert (m["sync/ipc_workers"], m["sync/nccl_workers"]) == (1, 1)
+    sync.push(2)
+    assert sync.failed == [0]
+    assert ray.get(learner.take_calls.remote()) == [("send", 2, [1, 2])]  # worker 1's group kept
+
+
+def test_restarted_worker_is_probed_for_its_new_route(ray_cpu):
+    """A worker that restarts on another GPU gets the route of its new GPU, whether or not a push
+    lost it first (a lost worker leaves the pid table; it used to keep its old route)."""
+    ray = ray_cpu
+    L, W = ray.remote(num_cpus=0)(FakeLearner), ray.remote(num_cpus=0)(FakeWorker)
+    learner = L.remote(0, "GPU-a")
+    workers = [W.remote("x"), W.remote("y")]
+    sync = NcclWeightSync([learner], workers, zero_stage=2, dtype="float32", timeout_s=60)
+    sync.push(1)
+    assert [r["kind"] for r in sync.routes] == ["nccl", "nccl"]
+
+    ray.get(learner.set.remote(fail=[1]))
+    sync.push(2)
+    assert sync.failed == [1]
+    ray.get(learner.set.remote(fail=[]))
+    ray.get(workers[1].restart.remote("a"))  # back on learner rank 0's GPU
+    ray.get(learner.take_calls.remote())
+    m = sync.push(2, workers=[workers[1]])
+    assert sync.failed == [] and sync.routes[1] == {"kind": "ipc", "ranks": [0]}
+    assert (m["sync/ipc_workers"], m["sync/nccl_workers"]) == (1, 0)
+    calls = ray.get(learner.take_calls.remote())
+    assert ("init", [], True) in calls and ("rendezvous", 1) not in calls  # new routes, no NCCL group
+
+    ray.get(workers[1].restart.remote("z"))  # restarted between pushes, never lost: off the learner's GPU
+    m = sync.push(3)
+    assert sync.failed == [] and sync.routes[1] == {"kind": "nccl", "world_size": 2}
+    assert (m["sync/ipc_workers"], m["sync/nccl_workers"]) == (0, 2)
+    assert ("init", [1], True) in ray.get(learner.take_calls.remote())
 
 
 def test_push_orchestration(ray_cpu):
@@ -715,7 +899,7 @@ def _sync_roundtrip(ray, tiny_models, *, zero: int, gpus: float, kind: str, buck
             if version == 1:
                 assert max(abs(a - b) for a, b in zip(ours, before)) > 1e-2  # training moved the policy
             assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-3, (ours, theirs)
-            assert m["sync/mbytes"] > 0 and m["sync/buckets"] >= (2 if bucket_mb < 2 else 1)
+            assert m["sync/mbytes"] > 0 and m["sync/buckets"] >= (2 if bucket_mb <= SMALL_BUCKET_MB else 1)
             assert m[f"sync/{kind}_workers"] == 1
             timings.append(m)
         _record(name, {**{f"first/{k}": v for k, v in timings[0].items()},
@@ -731,10 +915,11 @@ def _sync_roundtrip(ray, tiny_models, *, zero: int, gpus: float, kind: str, buck
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("zero,bucket_mb", [(2, 1), (3, 1), (2, 512)])
+@pytest.mark.parametrize("zero,bucket_mb", [(2, SMALL_BUCKET_MB), (3, SMALL_BUCKET_MB), (2, 512)])
 def test_ipc_sync_colocated_matches_learner_logprobs(tiny_models, ray_gpu, zero, bucket_mb):
     """1 learner rank + 1 vLLM engine on one GPU: CUDA IPC, several packed buffers when the bucket
-    is 1 MB (the tiny student is ~5 MB), tied embeddings re-tied, prefix cache reset."""
+    is SMALL_BUCKET_MB (the tiny student is ~0.41 MiB), one at 512 MB; tied embeddings re-tied,
+    prefix cache reset."""
     _sync_roundtrip(ray_gpu, tiny_models, zero=zero, gpus=0.4, kind="ipc", bucket_mb=bucket_mb,
                     name=f"ipc_zero{zero}_bucket{bucket_mb}mb")
 
@@ -744,7 +929,8 @@ def test_ipc_sync_colocated_matches_learner_logprobs(tiny_models, ray_gpu, zero,
 def test_nccl_sync_two_gpus_matches_learner_logprobs(tiny_models, ray_gpu, zero):
     if torch.cuda.device_count() < 2:
         pytest.skip("NCCL needs the learner and the engine on different GPUs (one GPU here)")
-    _sync_roundtrip(ray_gpu, tiny_models, zero=zero, gpus=1, kind="nccl", bucket_mb=1, name=f"nccl_zero{zero}")
+    _sync_roundtrip(ray_gpu, tiny_models, zero=zero, gpus=1, kind="nccl", bucket_mb=SMALL_BUCKET_MB,
+                    name=f"nccl_zero{zero}")
 
 
 @pytest.mark.gpu
