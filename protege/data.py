@@ -54,24 +54,8 @@ def load_reasoning_gym(
     caller's job (`format_prompt`). Tasks whose answers are checked by a verifier (e.g.
     graph_color) have no reference answer; their `answer` is "".
     """
-    import reasoning_gym
-    from reasoning_gym.factory import DATASETS
-
-    if task not in DATASETS:
-        close = difflib.get_close_matches(task, list(DATASETS), n=5, cutoff=0.5)
-        hint = f"did you mean: {', '.join(close)}?" if close else f"some tasks: {', '.join(sorted(DATASETS)[:8])}, ..."
-        raise DataError(f"unknown reasoning-gym task {task!r}; {hint} ({len(DATASETS)} tasks available)")
     config = dict(config or {})
-    for reserved in ("size", "seed"):
-        if reserved in config:
-            raise DataError(f"reasoning-gym task {task!r}: pass {reserved!r} as an argument, not inside config")
-    if size < 1:
-        raise DataError(f"reasoning-gym task {task!r}: size must be >= 1, got {size}")
-    try:
-        dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **config)
-    except (TypeError, ValueError, AssertionError) as e:
-        raise DataError(f"reasoning-gym task {task!r}: invalid config {config}: {e}") from e
-
+    dataset = open_reasoning_gym(task, size=size, seed=seed, config=config)
     examples = []
     for i in range(size):
         entry = dataset[i]
@@ -84,6 +68,34 @@ def load_reasoning_gym(
             )
         )
     return examples
+
+
+def check_task(task: str) -> None:
+    """Raise `DataError` unless reasoning-gym has a task named `task`; the message suggests close names."""
+    from reasoning_gym.factory import DATASETS
+
+    if task not in DATASETS:
+        close = difflib.get_close_matches(task, list(DATASETS), n=5, cutoff=0.5)
+        hint = f"did you mean: {', '.join(close)}?" if close else f"some tasks: {', '.join(sorted(DATASETS)[:8])}, ..."
+        raise DataError(f"unknown reasoning-gym task {task!r}; {hint} ({len(DATASETS)} tasks available)")
+
+
+def open_reasoning_gym(task: str, *, size: int, seed: int, config: dict[str, Any] | None = None):
+    """The task's dataset object, its config checked. Cheap: reasoning-gym generates an entry only
+    when it is read, so this also serves as the pre-flight check of a job's data section."""
+    import reasoning_gym
+
+    check_task(task)
+    config = dict(config or {})
+    for reserved in ("size", "seed"):
+        if reserved in config:
+            raise DataError(f"reasoning-gym task {task!r}: pass {reserved!r} as an argument, not inside config")
+    if size < 1:
+        raise DataError(f"reasoning-gym task {task!r}: size must be >= 1, got {size}")
+    try:
+        return reasoning_gym.create_dataset(task, size=size, seed=seed, **config)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise DataError(f"reasoning-gym task {task!r}: invalid config {config}: {e}") from e
 
 
 # Tuples and sets are tagged rather than flattened to lists: some scorers compare metadata
@@ -203,8 +215,10 @@ def _field(where: str, row: dict[str, Any], name: str) -> str:
 def _read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """(location, row) pairs, where location is "file:LINE" (JSONL) or "file:row N" (Parquet)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give the .jsonl or .parquet file inside it")
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found (relative paths start at {Path.cwd()})")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = list(_jsonl_rows(path))
@@ -218,8 +232,12 @@ def _read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        content = path.read_bytes()
+    except OSError as e:  # permissions, a vanished mount: the user's to fix, not a traceback
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     # Decode line by line (not the whole file) so a bad byte is reported at its own line.
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    for lineno, raw in enumerate(content.split(b"\n"), start=1):
         where = f"{path}:{lineno}"
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]

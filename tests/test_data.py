@@ -58,6 +58,18 @@ def test_load_reasoning_gym_errors():
         load_reasoning_gym("chain_sum", size=2, seed=0, config={"seed": 1})
 
 
+def test_task_check_and_lazy_dataset():
+    from protege.data import check_task, open_reasoning_gym
+
+    check_task("chain_sum")
+    with pytest.raises(DataError, match=r"did you mean: basic_arithmetic"):
+        check_task("basic_arithmtic")
+    dataset = open_reasoning_gym("chain_sum", size=100_000, seed=0)  # entries are generated when read
+    assert dataset[0]["question"]
+    with pytest.raises(DataError, match="invalid config"):
+        open_reasoning_gym("basic_arithmetic", size=2, seed=0, config={"min_terms": 5, "max_terms": 1})
+
+
 def test_format_prompt():
     assert format_prompt("Q?") == [
         {"role": "user", "content": "Q?\n\nGive only the final answer inside <answer></answer>."}
@@ -124,6 +136,8 @@ def test_file_level_errors(tmp_path):
         load_file(empty)
     with pytest.raises(DataError, match="file not found"):
         load_file(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="is a folder; give the .jsonl or .parquet file inside it"):
+        load_file(tmp_path)
     csv = tmp_path / "data.csv"
     csv.write_text("prompt,answer\n")
     with pytest.raises(DataError, match=r"unsupported file type '.csv'"):
@@ -209,3 +223,14 @@ def test_prompt_stream_epochs_and_resume():
         PromptStream(data[:9], seed=3).load_state_dict(state)
     with pytest.raises(DataError, match="fingerprint"):
         PromptStream(_examples(9) + [Example("other", "x", {})], seed=3).load_state_dict(state)
+
+
+def test_unreadable_file_is_a_data_error(tmp_path, monkeypatch):
+    path = _write_lines(tmp_path, ['{"prompt": "p", "answer": "a"}'])
+
+    def refuse(self):  # chmod 000 does not stop root, so refuse the read itself
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "read_bytes", refuse)
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: cannot read \\(Permission denied\\)$"):
+        load_file(path)
