@@ -3,7 +3,7 @@
 Every record that carries model output also carries ``policy_version``: the number of
 optimizer steps behind the weights that produced it. The driver uses it to bound staleness
 and reports the lag as a metric. Plain dataclasses of Python lists keep Ray's serialisation
-cheap and free of torch on the driver side.
+cheap; the teacher's per-token payload is the exception (tensors, see TeacherScores).
 """
 
 from __future__ import annotations
@@ -35,11 +35,21 @@ class Rollout:
 
 @dataclass
 class TeacherScores:
-    """Teacher signals for one rollout, aligned with ``sample.response_ids``."""
+    """Teacher signals for one rollout, aligned with ``sample.response_ids``.
 
-    logprobs: list[float]  # [T_resp] log π_T of the sampled tokens
-    topk_ids: list[list[int]] | None = None  # [T_resp, K]
-    topk_logprobs: list[list[float]] | None = None  # [T_resp, K]
+    Tensors (torch), not lists: a top-k or full-row payload is K or V numbers per token, and Ray
+    moves a tensor as one buffer where a list of floats is pickled element by element.
+    """
+
+    logprobs: Any  # [T_resp] float32 log π_T of the sampled tokens
+    topk_ids: Any = None  # [T_resp, K] int32
+    topk_logprobs: Any = None  # [T_resp, K] payload dtype (float32 / bfloat16 / float16)
+    tail_logprobs: Any = None  # [T_resp] float32 log(1 − Σ_k π_T): the mass outside the top-k
+    full_logprobs: Any = None  # [T_resp, V] payload dtype: whole rows, when asked for
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.logprobs, self.topk_ids, self.topk_logprobs,
+                                                          self.tail_logprobs, self.full_logprobs) if t is not None)
 
 
 @dataclass
@@ -49,9 +59,11 @@ class TrainRow:
     prompt_ids: list[int]
     response_ids: list[int]
     advantage: float = 0.0
-    teacher_logprobs: list[float] | None = None  # [T_resp]
-    teacher_topk_ids: list[list[int]] | None = None  # [T_resp, K]
-    teacher_topk_logprobs: list[list[float]] | None = None  # [T_resp, K]
+    teacher_logprobs: Any = None  # [T_resp] (tensor or list)
+    teacher_topk_ids: Any = None  # [T_resp, K]
+    teacher_topk_logprobs: Any = None  # [T_resp, K]
+    teacher_tail_logprobs: Any = None  # [T_resp]
+    teacher_full_logprobs: Any = None  # [T_resp, V]
     gate: float = 0.0  # KEPO: 1.0 when this response passed the quality gate
     ref_seq_logprob: float | None = None  # DPO with the teacher as reference
     rollout_logprobs: list[float] | None = None  # [T_resp] the engine's, for the train/infer mismatch metric
@@ -60,16 +72,11 @@ class TrainRow:
 
 @dataclass
 class TrainBatch:
-    """What one learner rank trains on for one step.
-
-    ``global_*`` counts are over all ranks, so every rank can normalise its share of the loss
-    to exactly what a single process would compute on the whole batch.
-    """
+    """What one learner rank trains on for one step. The ranks all-reduce the loss terms'
+    counts themselves (learners/learner.py), so a shard needs no global totals."""
 
     rows: list[TrainRow]
     policy_version: int
-    global_tokens: int
-    global_rows: int
     pairs: bool = False  # DPO: rows come as (chosen, rejected) consecutive pairs
 
 

@@ -17,9 +17,6 @@ from protege.cluster.records import Rollout, TeacherScores, TrainRow
 from protege.learners import losses
 from protege.learners.advantages import dynamic_sampling_mask, group_advantages, online_dpo_pairs
 
-PG_TYPES = {"grpo", "rlad", "kepo"}
-
-
 def build_rows(
     algo: Any,
     rollouts: list[Rollout],
@@ -73,21 +70,14 @@ def _row(ro: Rollout, adv: float, t: TeacherScores | None, gate: float) -> Train
         teacher_logprobs=t.logprobs if t is not None else None,
         teacher_topk_ids=t.topk_ids if t is not None else None,
         teacher_topk_logprobs=t.topk_logprobs if t is not None else None,
+        teacher_tail_logprobs=t.tail_logprobs if t is not None else None,
+        teacher_full_logprobs=t.full_logprobs if t is not None else None,
         gate=gate,
         rollout_logprobs=ro.sample.logprobs,
     )
 
 
-def loss_units(algo: Any) -> str:
-    """What the loss averages over, so shards can be weighted to the global mean."""
-    if algo.type in {"dpo"}:
-        return "pairs"
-    if algo.type == "sft":
-        return "tokens"
-    return "tokens" if algo.loss_agg == "token-mean" else "rows"
-
-
-def compute_loss(algo: Any, inp: losses.LossInputs, max_len: int | None = None):
+def compute_loss(algo: Any, inp: losses.LossInputs, max_len: int | None = None) -> losses.LossOut:
     """The learner side of the seam for token-level objectives."""
     match algo.type:
         case "grpo":
@@ -104,16 +94,16 @@ def compute_loss(algo: Any, inp: losses.LossInputs, max_len: int | None = None):
             return losses.kepo_loss(
                 inp, distill_coef=algo.distill_coef, divergence=algo.divergence, jsd_beta=algo.jsd_beta,
                 eps_low=algo.eps_low, eps_high=algo.eps_high, loss_agg=algo.loss_agg, max_len=max_len,
-                kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
+                kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, estimator=algo.estimator,
             )
         case "opd":
             if algo.grpo_coef > 0:
-                loss, m = losses.grpo_opd_loss(
+                return losses.grpo_opd_loss(
                     inp, opd_coef=algo.opd_coef / algo.grpo_coef, eps_low=algo.eps_low, eps_high=algo.eps_high,
-                    loss_agg=algo.loss_agg, max_len=max_len,
-                )
-                return loss * algo.grpo_coef, m
-            return losses.opd_loss(inp, coef=algo.opd_coef, loss_agg=algo.loss_agg, max_len=max_len)
+                    loss_agg=algo.loss_agg, max_len=max_len, estimator=algo.estimator,
+                ).scaled(algo.grpo_coef)
+            return losses.opd_loss(inp, coef=algo.opd_coef, loss_agg=algo.loss_agg, max_len=max_len,
+                                   estimator=algo.estimator)
         case "sft":
             return losses.sft_loss(inp.logprobs, inp.mask)
         case _:

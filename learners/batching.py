@@ -34,7 +34,8 @@ def _padding(row: TrainRow) -> TrainRow:
     return TrainRow(
         prompt_ids=row.prompt_ids, response_ids=row.response_ids, advantage=0.0,
         teacher_logprobs=row.teacher_logprobs, teacher_topk_ids=row.teacher_topk_ids,
-        teacher_topk_logprobs=row.teacher_topk_logprobs, gate=0.0,
+        teacher_topk_logprobs=row.teacher_topk_logprobs, teacher_tail_logprobs=row.teacher_tail_logprobs,
+        teacher_full_logprobs=row.teacher_full_logprobs, gate=0.0,
         ref_seq_logprob=row.ref_seq_logprob, rollout_logprobs=row.rollout_logprobs, weight=0.0,
     )
 
@@ -68,9 +69,13 @@ def collate(rows: list[TrainRow], pad_id: int) -> dict[str, torch.Tensor]:
     mask = torch.zeros((B, T))
     teacher = torch.zeros((B, T)) if any(r.teacher_logprobs is not None for r in rows) else None
     behaviour = torch.zeros((B, T)) if all(r.rollout_logprobs is not None for r in rows) else None
-    k = next((len(r.teacher_topk_ids[0]) for r in rows if r.teacher_topk_ids), 0)
+    k = next((len(r.teacher_topk_ids[0]) for r in rows if _has(r.teacher_topk_ids)), 0)
     topk_ids = torch.zeros((B, T, k), dtype=torch.long) if k else None
     topk_lp = torch.zeros((B, T, k)) if k else None
+    tail = torch.full((B, T), -30.0) if k and any(_has(r.teacher_tail_logprobs) for r in rows) else None
+    v = next((len(r.teacher_full_logprobs[0]) for r in rows if _has(r.teacher_full_logprobs)), 0)
+    # Padded positions of full rows hold a uniform distribution: finite, and masked out anyway.
+    full = torch.full((B, T, v), -math.log(v)) if v else None
     for i, r in enumerate(rows):
         seq = list(r.prompt_ids) + list(r.response_ids)
         P, R = len(r.prompt_ids), len(r.response_ids)
@@ -84,10 +89,14 @@ def collate(rows: list[TrainRow], pad_id: int) -> dict[str, torch.Tensor]:
         if behaviour is not None:
             behaviour[i, :R] = torch.tensor(r.rollout_logprobs[:R])
         if teacher is not None and r.teacher_logprobs is not None:
-            teacher[i, :R] = torch.tensor(r.teacher_logprobs[:R])
-        if k and r.teacher_topk_ids:
-            topk_ids[i, :R] = torch.tensor(r.teacher_topk_ids[:R])
-            topk_lp[i, :R] = torch.tensor(r.teacher_topk_logprobs[:R])
+            teacher[i, :R] = _rows_of(r.teacher_logprobs, R)
+        if k and _has(r.teacher_topk_ids):
+            topk_ids[i, :R] = _rows_of(r.teacher_topk_ids, R)
+            topk_lp[i, :R] = _rows_of(r.teacher_topk_logprobs, R)
+            if tail is not None and _has(r.teacher_tail_logprobs):
+                tail[i, :R] = _rows_of(r.teacher_tail_logprobs, R)
+        if v and _has(r.teacher_full_logprobs):
+            full[i, :R] = _rows_of(r.teacher_full_logprobs, R)
     out = {
         "input_ids": input_ids, "attention_mask": attn, "resp_pos": resp_pos, "targets": targets, "mask": mask,
         "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32),
@@ -101,6 +110,27 @@ def collate(rows: list[TrainRow], pad_id: int) -> dict[str, torch.Tensor]:
     if k:
         out["teacher_topk_ids"] = topk_ids
         out["teacher_topk_logprobs"] = topk_lp
+    if tail is not None:
+        out["teacher_tail_logprobs"] = tail
+    if v:
+        out["teacher_full_logprobs"] = full
     if any(r.ref_seq_logprob is not None for r in rows):
         out["ref_seq_logprob"] = torch.tensor([r.ref_seq_logprob or 0.0 for r in rows])
     return out
+
+
+def _has(x) -> bool:
+    return x is not None and len(x) > 0
+
+
+def _rows_of(x, n: int) -> torch.Tensor:
+    """The first ``n`` entries of a per-token payload (tensor or list) as a float32/long tensor."""
+    t = torch.as_tensor(x[:n])
+    return t.float() if t.is_floating_point() else t.long()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Every tensor of a collated micro-batch on the learner's device. The one place the learner
+    moves inputs: a field moved by hand at its use is one forgotten elsewhere, and on a CPU
+    machine that mistake cannot show (tests run the train step on the ``meta`` device for that)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,15 +1,21 @@
 """One DeepSpeed rank of the learner group. The only module that imports DeepSpeed.
 
 A plain class: cluster/launch.py wraps it in a Ray actor, tests can build it in-process.
-Each rank holds the student under a DeepSpeed engine (ZeRO 0-3), recomputes old and
-reference log-probs, applies the algorithm's loss (learners/algorithms.py) and exports full
-weights for the rollout engines.
+Each rank holds the student under a DeepSpeed engine (ZeRO 0-3), computes old and reference
+log-probs, applies the algorithm's loss (learners/algorithms.py) and exports full weights for
+the rollout engines.
 
-Loss normalisation across ranks and micro-batches: each micro-batch loss is the algorithm's
-mean over its own units (tokens, rows or pairs), re-weighted by units_micro / units_global and
-multiplied by (grad_accum × world_size), which DeepSpeed divides out again (it scales by
-1/grad_accum and averages gradients over ranks). The sum is then exactly the loss a single
-process would compute over the whole batch, however the rows were split.
+Loss normalisation across ranks and micro-batches: every loss is a set of (sum, count) terms
+(learners/losses.py). Before any backward the rank adds up each term's count over its
+micro-batches and all-reduces them, so each micro-batch backpropagates Σ sum_mb / count_global.
+That is multiplied by (grad_accum × world_size), which DeepSpeed divides out again (it scales by
+1/grad_accum and averages gradients over ranks). The sum is then exactly the loss one process
+would compute over the whole batch, however the rows were split.
+
+π_old: it is the weights at the start of the step, and DeepSpeed only steps the optimizer at the
+end of a pass over the micro-batches, so the first training forward already runs at π_old. Its
+detached log-probs are π_old's, and no separate forward is spent on them — unless the model has
+active dropout, where the training forward (train mode) is not π_old's eval-mode forward.
 """
 
 from __future__ import annotations
@@ -25,9 +31,19 @@ import torch
 
 from protege.cluster.records import TrainBatch, TrainRow
 from protege.learners import algorithms, losses
-from protege.learners.batching import collate, micro_batches
+from protege.learners.batching import collate, micro_batches, to_device
 from protege.learners.ds_config import build_ds_config
 from protege.learners.nccl_sender import NcclSenderMixin
+
+
+def has_active_dropout(model: torch.nn.Module) -> bool:
+    """Dropout modules with p > 0, or a config dropout rate > 0 (attention dropout in HF models
+    is a functional argument read from the config, not a module)."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    cfg = getattr(model, "config", None)
+    rates = [v for k, v in (vars(cfg).items() if cfg is not None else []) if k.endswith("dropout")]
+    return any(isinstance(v, (int, float)) and v > 0 for v in rates)
 
 
 class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-sender methods
@@ -43,6 +59,7 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
         grad_accum: int,
         seed: int = 0,
         needs_ref: bool = False,
+        max_response_tokens: int | None = None,
     ):
         self.rank, self.world_size = rank, world_size
         self.model_path = model_path
@@ -51,7 +68,12 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
         self.grad_accum = grad_accum
         self.seed = seed
         self.needs_ref = needs_ref
-        self.engine = None
+        # The generation limit: Dr. GRPO's constant denominator (loss_agg seq-mean-token-sum-norm).
+        self.max_response_tokens = max_response_tokens
+        self.engine = self.ref = self.scheduler = None
+        self.device = torch.device("cpu")
+        self.pad_id = 0
+        self.old_from_training_forward = True
         self.steps_done = 0
 
     # ------------------------------------------------------------------ setup
@@ -95,114 +117,165 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
             opt = torch.optim.SGD(model.parameters(), lr=self.spec.lr, weight_decay=self.spec.weight_decay)
         warm = max(1, self.spec.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        engine, self.optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
         )
+        self.attach(engine, device=self.device, pad_id=self.pad_id, ref=self.ref, scheduler=scheduler)
         return {"rank": self.rank, "pid": os.getpid(), "params": sum(p.numel() for p in model.parameters())}
+
+    def attach(self, engine, *, device, pad_id: int, ref=None, scheduler=None) -> None:
+        """The training state the step uses. ``engine`` is DeepSpeed's (forward, ``backward``
+        scaling by 1/grad_accum, ``step`` at the accumulation boundary); tests attach a plain
+        module with the same three calls to run the step on other devices (``meta``)."""
+        self.engine, self.device, self.pad_id, self.ref, self.scheduler = engine, torch.device(device), pad_id, ref, scheduler
+        model = getattr(engine, "module", engine)
+        self.old_from_training_forward = not has_active_dropout(model)
 
     def pid(self) -> int:
         return os.getpid()
 
     # ------------------------------------------------------------------ forward
     def _token_logprobs(self, model, b: dict, want_topk: bool = False):
-        """Log-probs of the response tokens [B, T] (and entropy [B, T], top-k rows [B, T, K])."""
-        ids = b["input_ids"].to(self.device)
-        logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(self.device)).logits
+        """Log-probs of the response tokens [B, T], entropy [B, T] and the student's side of the
+        teacher's dense signal: {"topk": [B, T, K] at the teacher's ids, "full": [B, T, V]}.
+        ``b`` is already on the learner's device (to_device)."""
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         logits = logits[:, :-1].float() / self.temperature  # match the sampling distribution
-        pos = b["resp_pos"].to(self.device)
+        pos = b["resp_pos"]
         rows = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))  # [B, T, V]
         logp_all = rows.log_softmax(-1)
-        lp = logp_all.gather(-1, b["targets"].to(self.device)[..., None])[..., 0]
+        lp = logp_all.gather(-1, b["targets"][..., None])[..., 0]
         entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
-        topk = None
+        dense = {}
         if want_topk and "teacher_topk_ids" in b:
-            topk = logp_all.gather(-1, b["teacher_topk_ids"].to(self.device))
-        return lp, entropy, topk
+            dense["topk"] = logp_all.gather(-1, b["teacher_topk_ids"])
+        if want_topk and "teacher_full_logprobs" in b:
+            dense["full"] = logp_all
+        return lp, entropy, dense
 
     # ------------------------------------------------------------------ train
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One rollout batch: micro-batches on the device, the terms' global counts, then
+        ``updates_per_step`` passes (one optimizer step each)."""
         t0 = time.perf_counter()
-        group = 2 if batch.pairs else 1
-        mbs = [collate(mb, self.pad_id) for mb in micro_batches(batch.rows, self.grad_accum, group=group)]
-        units = algorithms.loss_units(self.algo)
-        global_units = {"tokens": batch.global_tokens, "rows": batch.global_rows, "pairs": batch.global_rows // 2}[units]
-        # π_old (and π_ref) recomputed with the current weights, once per rollout batch.
-        self.engine.eval()
-        with torch.no_grad():
-            for b in mbs:
-                b["old_logprobs"], _, _ = self._token_logprobs(self.engine, b)
-                if self.ref is not None:
-                    b["ref_logprobs"], _, _ = self._token_logprobs(self.ref, b)
-        self.engine.train()
-
-        sums: dict[str, float] = {}
-        count = 0
-        # Train/infer mismatch: |log π_old(learner) − log π(engine)| on the sampled tokens. Large
-        # values mean the engine did not generate from the weights the learner has.
-        mism = [((b["old_logprobs"] - b["rollout_logprobs"]).abs() * b["mask"]).sum() / b["mask"].sum().clamp(min=1)
-                for b in mbs if "rollout_logprobs" in b]
-        for _ in range(self.spec.updates_per_step):
-            for b in mbs:
-                lp, entropy, topk = self._token_logprobs(self.engine, b, want_topk=True)
-                mask = b["mask"].to(self.device)
-                loss, metrics = self._loss(b, lp, topk, mask)
-                micro_units = self._units(b, units)
-                scale = (micro_units / max(1, global_units)) * self.grad_accum * self.world_size
-                self.engine.backward(loss * scale)
-                self.engine.step()
-                ntok = float(mask.sum())
-                metrics["loss/total"] = loss.detach()
-                metrics["policy/entropy"] = (entropy * mask).sum() / max(ntok, 1.0)
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
-            self.steps_done += 1
-        out = {k: v / max(1, count) for k, v in sums.items()}
-        if mism:
-            out["rollout/logprob_mismatch"] = float(torch.stack(mism).mean())
+        mbs = self.prepare(batch)
+        counts = self.global_counts(mbs)
+        metrics = self.run_updates(mbs, counts)
+        out = dict(zip(metrics, torch.stack(list(metrics.values())).tolist())) if metrics else {}
         out["learner/step_s"] = time.perf_counter() - t0
         out["learner/lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else self.spec.lr
         out["learner/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         return out
 
-    def _units(self, b: dict, units: str) -> float:
-        if units == "tokens":
-            return float(b["mask"].sum())
-        real = b["weight"] > 0
-        if units == "pairs":
-            return float(real.sum()) / 2
-        return float((real & (b["mask"].sum(-1) > 0)).sum())
+    def prepare(self, batch: TrainBatch) -> list[dict[str, torch.Tensor]]:
+        """Rows → micro-batches on the device, with the log-probs that need their own forward:
+        the reference model's, and π_old's when the training forward cannot stand in for it."""
+        group = 2 if batch.pairs else 1
+        mbs = [to_device(collate(mb, self.pad_id), self.device)
+               for mb in micro_batches(batch.rows, self.grad_accum, group=group)]
+        if self.ref is None and self.old_from_training_forward:
+            return mbs
+        self.engine.eval()
+        with torch.no_grad():
+            for b in mbs:
+                if not self.old_from_training_forward:
+                    b["old_logprobs"], _, _ = self._token_logprobs(self.engine, b)
+                if self.ref is not None:
+                    b["ref_logprobs"], _, _ = self._token_logprobs(self.ref, b)
+        self.engine.train()
+        return mbs
 
-    def _loss(self, b: dict, lp, topk, mask):
+    def global_counts(self, mbs: list[dict]) -> dict[str, torch.Tensor]:
+        """Each loss term's count (tokens, rows, pairs, gated tokens) over every micro-batch of
+        every rank. Counts depend on masks, gates and weights only, so they are read off the loss
+        evaluated on placeholder log-probs: one definition of each count, the loss's own."""
+        local: dict[str, torch.Tensor] = {}
+        for b in mbs:
+            zeros = torch.zeros_like(b["mask"])
+            dense = {side: torch.zeros_like(b[f"teacher_{side}_logprobs"])
+                     for side in ("topk", "full") if f"teacher_{side}_logprobs" in b}
+            for name, c in self._loss(b, zeros, dense, old=zeros).counts().items():
+                local[name] = local.get(name, 0) + c
+        names = sorted(local)
+        if not names:
+            return {}
+        vec = self.all_reduce_sum(torch.stack([local[n] for n in names]))
+        return dict(zip(names, vec.unbind()))
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+    def run_updates(self, mbs: list[dict], counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``updates_per_step`` passes over the micro-batches; metrics as 0-d tensors (means over
+        micro-batches; ``loss/total`` is the exact global loss, averaged over the updates)."""
+        sums: dict[str, torch.Tensor] = {}
+        seen: dict[str, int] = {}
+        total = torch.zeros((), device=self.device)
+        for update in range(self.spec.updates_per_step):
+            for b in mbs:
+                loss, metrics = self._micro_step(b, counts, first=update == 0)
+                total = total + loss
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+                    seen[k] = seen.get(k, 0) + 1
+            self.steps_done += 1
+        out = {k: v / seen[k] for k, v in sums.items()}
+        out["loss/total"] = self.all_reduce_sum(total) / self.spec.updates_per_step
+        return out
+
+    def _micro_step(self, b: dict, counts: dict[str, torch.Tensor], *, first: bool) -> tuple[torch.Tensor, dict]:
+        lp, entropy, dense = self._token_logprobs(self.engine, b, want_topk=True)
+        mask = b["mask"]
+        metrics: dict[str, torch.Tensor] = {}
+        if first and self.old_from_training_forward:
+            # The weights are still π_old on the first pass (see the module docstring).
+            b["old_logprobs"] = lp.detach()
+        if first and "rollout_logprobs" in b:
+            # Train/infer mismatch: |log π_old(learner) − log π(engine)| on the sampled tokens.
+            # Large values mean the engine did not generate from the weights the learner has.
+            metrics["rollout/logprob_mismatch"] = (
+                ((b["old_logprobs"] - b["rollout_logprobs"]).abs() * mask).sum() / mask.sum().clamp(min=1))
+        out = self._loss(b, lp, dense, old=b["old_logprobs"])
+        loss = out.normalised(counts)
+        # DeepSpeed divides by grad_accum and averages over ranks; undo both (module docstring).
+        self.engine.backward(loss * (self.grad_accum * self.world_size))
+        self.engine.step()
+        metrics.update(out.metrics)
+        metrics["policy/entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+        return loss.detach(), metrics
+
+    def _loss(self, b: dict, lp, dense: dict, *, old) -> losses.LossOut:
+        mask = b["mask"]
         if self.algo.type == "dpo":
             seq = losses.sequence_logprobs(lp, mask)  # [2P] chosen, rejected, chosen, ...
-            if "ref_seq_logprob" in b:
-                ref = b["ref_seq_logprob"].to(self.device)
-            else:
-                ref = losses.sequence_logprobs(b["ref_logprobs"].to(self.device), mask)
-            real = b["weight"][0::2].to(self.device) > 0  # padding pairs carry weight 0
-            if not bool(real.any()):
-                return seq.sum() * 0.0, {}
-            c, r = seq[0::2][real], seq[1::2][real]
-            return losses.dpo_loss(c, r, ref[0::2][real], ref[1::2][real], beta=self.algo.beta)
+            ref = b["ref_seq_logprob"] if "ref_seq_logprob" in b else losses.sequence_logprobs(b["ref_logprobs"], mask)
+            return losses.dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], beta=self.algo.beta,
+                                   weight=b["weight"][0::2])  # padding pairs carry weight 0
         inp = losses.LossInputs(
             logprobs=lp,
-            old_logprobs=b["old_logprobs"],
+            old_logprobs=old,
             mask=mask,
-            advantages=b["advantages"].to(self.device),
+            advantages=b["advantages"],
             ref_logprobs=b.get("ref_logprobs"),
-            teacher_logprobs=b["teacher_logprobs"].to(self.device) if "teacher_logprobs" in b else None,
-            student_topk_logprobs=topk,
-            teacher_topk_logprobs=b["teacher_topk_logprobs"].to(self.device) if "teacher_topk_logprobs" in b else None,
-            gate=b["gate"].to(self.device) if self.algo.type == "kepo" else None,
+            teacher_logprobs=b.get("teacher_logprobs"),
+            student_topk_logprobs=dense.get("topk"),
+            teacher_topk_logprobs=b.get("teacher_topk_logprobs"),
+            teacher_tail_logprobs=b.get("teacher_tail_logprobs"),
+            student_full_logprobs=dense.get("full"),
+            teacher_full_logprobs=b.get("teacher_full_logprobs"),
+            gate=b["gate"] if self.algo.type == "kepo" else None,
         )
-        return algorithms.compute_loss(self.algo, inp)
+        return algorithms.compute_loss(self.algo, inp, max_len=self.max_response_tokens)
 
     # ------------------------------------------------------------------ logprobs (tests, eval)
     @torch.no_grad()
     def logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """Temperature-1 log-probs of a response under the current weights (the sync test)."""
-        b = collate([TrainRow(prompt_ids=prompt_ids, response_ids=response_ids)], self.pad_id)
+        b = to_device(collate([TrainRow(prompt_ids=prompt_ids, response_ids=response_ids)], self.pad_id), self.device)
         saved, self.temperature = self.temperature, 1.0
         try:
             self.engine.eval()

@@ -1,7 +1,16 @@
 """Learner-side losses: pure functions of tensors (torch only).
 
-Every loss has the shape ``fn(inputs, *, hyperparams) -> (loss, metrics)``; ``loss`` is a
-0-d tensor carrying grad and ``metrics`` maps namespaced names to detached 0-d tensors.
+Every loss has the shape ``fn(inputs, *, hyperparams) -> LossOut``. A ``LossOut`` holds the
+loss as named ``Term``s, each a (sum, count) pair: the sum carries grad, the count is the number
+of units the term averages over (tokens, rows, pairs, gated tokens). Sums and counts are both
+additive over micro-batches and ranks, so the learner can normalise every term by its *global*
+count and get exactly the loss of one pass over the whole batch, however the batch was split
+(a mean of per-micro-batch means is not that: it re-weights micro-batches). ``metrics`` maps
+namespaced names to detached 0-d tensors (local to the call).
+
+For one batch in one call a ``LossOut`` reads as the pair ``(loss, metrics)``:
+``loss, metrics = grpo_loss(inp)``.
+
 No config objects, no ``torch.distributed``, no logging: the learner owns all of that.
 Shapes: B responses, T response positions (padded), K teacher top-k ids.
 """
@@ -9,7 +18,8 @@ Shapes: B responses, T response positions (padded), K teacher top-k ids.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +30,12 @@ Metrics = dict[str, Tensor]
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+# How the teacher's distribution reaches the loss (see dense_divergence):
+#   sampled     — log π_T of the sampled token only (reverse KL, importance-weighted estimate)
+#   topk        — the teacher's top-k log-probs plus one bucket for the rest of the vocabulary
+#   topk_renorm — the top-k log-probs renormalised over K (KEPO's released approximation)
+#   full        — whole rows over the vocabulary (exact)
+ESTIMATORS = ("sampled", "topk", "topk_renorm", "full")
 
 # exp() of a larger log-ratio overflows float32 and turns masked-out gradients into inf*0 = NaN.
 # Tokens that far from 1 are clipped anyway; verl uses the same bound.
@@ -28,8 +44,11 @@ _MAX_LOG_RATIO = 20.0
 
 @dataclass
 class LossInputs:
-    """Per-token inputs of the policy losses. Teacher/reference tensors must not carry grad;
-    padded positions must hold finite values (they are multiplied by mask 0)."""
+    """Per-token inputs of the policy losses. Only ``logprobs`` and ``student_topk_logprobs``
+    carry grad: every other tensor is a constant of the objective and is detached here, so a
+    caller that passes a tensor still attached to a graph cannot send gradient into π_old, the
+    reference or the teacher. Padded positions must hold finite values (they are multiplied by
+    mask 0)."""
 
     logprobs: Tensor  # [B, T] log πθ(y_t|s_t) of the sampled tokens; carries grad
     old_logprobs: Tensor  # [B, T] log π_old of the same tokens (recomputed by the learner)
@@ -39,6 +58,9 @@ class LossInputs:
     teacher_logprobs: Tensor | None = None  # [B, T] log π_T of the sampled token (RLAD, OPD, KEPO)
     student_topk_logprobs: Tensor | None = None  # [B, T, K] log πθ at the teacher's top-k ids; grad
     teacher_topk_logprobs: Tensor | None = None  # [B, T, K] log π_T at its top-k ids
+    teacher_tail_logprobs: Tensor | None = None  # [B, T] log(1 − Σ_k π_T), computed by the teacher in fp32
+    student_full_logprobs: Tensor | None = None  # [B, T, V] log πθ over the vocabulary; grad
+    teacher_full_logprobs: Tensor | None = None  # [B, T, V] log π_T over the vocabulary
     gate: Tensor | None = None  # [B] float/bool, 1 = response passes the KEPO quality gate
 
     def __post_init__(self) -> None:
@@ -53,13 +75,68 @@ class LossInputs:
             raise ValueError(
                 f"advantages must be [B] or [B, T] = {tuple(shape)}, got {tuple(self.advantages.shape)}."
             )
-        for name in ("student_topk_logprobs", "teacher_topk_logprobs"):
+        for name in ("student_topk_logprobs", "teacher_topk_logprobs", "student_full_logprobs", "teacher_full_logprobs"):
             t = getattr(self, name)
             if t is not None and (t.dim() != 3 or t.shape[:2] != shape):
                 raise ValueError(f"{name} must be [B, T, K] with [B, T] = {tuple(shape)}.")
+        if self.teacher_tail_logprobs is not None and self.teacher_tail_logprobs.shape != shape:
+            raise ValueError(f"teacher_tail_logprobs must have shape {tuple(shape)}.")
         if self.gate is not None and self.gate.shape != shape[:1]:
             raise ValueError(f"gate must be [B] = [{shape[0]}], got {tuple(self.gate.shape)}.")
+        for name in _CONSTANTS:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.detach())
         self.mask = self.mask.to(self.logprobs.dtype)
+
+
+_CONSTANTS = ("old_logprobs", "mask", "advantages", "ref_logprobs", "teacher_logprobs", "teacher_topk_logprobs",
+              "teacher_tail_logprobs", "teacher_full_logprobs", "gate")
+
+
+@dataclass(frozen=True)
+class Term:
+    """One additive piece of a loss: ``coef · sum / count``. ``sum`` carries grad; ``count`` is
+    the number of units it averages over. Both add up over micro-batches and ranks."""
+
+    sum: Tensor  # []
+    count: Tensor  # [] float
+    coef: float = 1.0
+
+
+@dataclass
+class LossOut:
+    """A loss as named terms plus its metrics; see the module docstring."""
+
+    terms: dict[str, Term]
+    metrics: Metrics = field(default_factory=dict)
+
+    def normalised(self, counts: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Σ coef · sum / count over the terms, with each term's own count, or the given
+        (global) ones. A count of 0 divides by 1: its sum is then 0 with the graph intact."""
+        total = None
+        for name, t in self.terms.items():
+            c = t.count if counts is None else counts[name]
+            v = t.sum / _nonzero(torch.as_tensor(c, dtype=t.sum.dtype, device=t.sum.device)) * t.coef
+            total = v if total is None else total + v
+        return total
+
+    @property
+    def value(self) -> Tensor:
+        return self.normalised()
+
+    def counts(self) -> dict[str, Tensor]:
+        return {name: t.count.detach() for name, t in self.terms.items()}
+
+    def scaled(self, coef: float) -> LossOut:
+        return LossOut({n: replace(t, coef=t.coef * coef) for n, t in self.terms.items()}, self.metrics)
+
+    # The pair view, for a batch trained in one call: ``loss, metrics = fn(...)``.
+    def __iter__(self):
+        return iter((self.value, self.metrics))
+
+    def __getitem__(self, i: int):
+        return (self.value, self.metrics)[i]
 
 
 def _nonzero(x: Tensor) -> Tensor:
@@ -118,6 +195,30 @@ def aggregate(
     return loss * dp_size
 
 
+def term(per_token: Tensor, mask: Tensor, mode: str, *, max_len: int | None = None, coef: float = 1.0) -> Term:
+    """``aggregate`` as an additive (sum, count) pair: sum / count is aggregate's value on this
+    input, and the pairs of any split of the rows add up to the pair of the whole.
+
+    - "token-mean": (Σ L·m, Σ m).
+    - "seq-mean-token-mean": (Σ over rows of each row's token mean, rows with ≥1 token).
+    - "seq-mean-token-sum-norm": (Σ L·m, rows with ≥1 token × max_len). Rows without tokens
+      are padding here and are not counted (aggregate counts every row), so the learner must
+      pass the generation limit as max_len: the padded width T differs between micro-batches.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"Unknown loss_agg mode {mode!r}; valid modes: {', '.join(AGG_MODES)}.")
+    mask = mask.to(per_token.dtype)
+    weighted = per_token * mask
+    if mode == "token-mean":
+        return Term(weighted.sum(), mask.sum().detach(), coef)
+    tokens = mask.sum(dim=-1)
+    rows = (tokens > 0).to(per_token.dtype).sum().detach()
+    if mode == "seq-mean-token-mean":
+        return Term((weighted.sum(dim=-1) / _nonzero(tokens)).sum(), rows, coef)
+    length = per_token.shape[-1] if max_len is None else max_len
+    return Term(weighted.sum(), rows * float(length), coef)
+
+
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Detached token-mean, for metrics."""
     return aggregate(x.detach().to(mask.dtype), mask, "token-mean")
@@ -167,7 +268,7 @@ def clipped_surrogate(
 def _pg_loss(
     inp: LossInputs, log_ratio: Tensor, *, eps_low: float, eps_high: float, loss_agg: str,
     max_len: int | None, kl_coef: float, kl_estimator: str,
-) -> tuple[Tensor, Metrics]:
+) -> LossOut:
     """The clipped policy-gradient loss shared by GRPO and RLAD; they differ only in log ρ."""
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"Unknown kl_estimator {kl_estimator!r}; valid: {', '.join(KL_ESTIMATORS)}.")
@@ -184,8 +285,8 @@ def _pg_loss(
         if kl_coef > 0:
             per_token = pg + kl_coef * kl
     m = inp.mask
-    loss = aggregate(per_token, m, loss_agg, max_len=max_len)
-    zero = loss.new_zeros(()).detach()
+    pg_term = term(per_token, m, loss_agg, max_len=max_len)
+    zero = pg_term.sum.new_zeros(()).detach()
     metrics = {
         "loss/pg": aggregate(pg.detach(), m, loss_agg, max_len=max_len),
         "loss/kl": zero if kl is None else aggregate(kl.detach(), m, loss_agg, max_len=max_len),
@@ -194,13 +295,13 @@ def _pg_loss(
         # verl's ppo_kl: mean of (old − logp), the drift since rollout.
         "loss/approx_kl_old": _masked_mean(inp.old_logprobs - inp.logprobs, m),
     }
-    return loss, metrics
+    return LossOut({"pg": pg_term}, metrics)
 
 
 def grpo_loss(
     inp: LossInputs, *, eps_low: float = 0.2, eps_high: float = 0.28, loss_agg: str = "token-mean",
     max_len: int | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
-) -> tuple[Tensor, Metrics]:
+) -> LossOut:
     """GRPO: PPO-clipped ratio ρ = πθ/π_old times a group-relative advantage, plus an optional
     KL-to-reference loss term. DeepSeekMath (arXiv 2402.03300) Eq. for J_GRPO.
 
@@ -225,7 +326,7 @@ def rlad_loss(
     inp: LossInputs, *, alpha: float = 0.5, clamp: float = 1.0, eps_low: float = 0.2,
     eps_high: float = 0.28, loss_agg: str = "token-mean", max_len: int | None = None,
     kl_coef: float = 0.0, kl_estimator: str = "k3",
-) -> tuple[Tensor, Metrics]:
+) -> LossOut:
     """RLAD / TRRD (arXiv 2602.22495): GRPO with the trust-region ratio anchored to a mix of
     π_old and the teacher, per sampled token:
 
@@ -253,41 +354,32 @@ def rlad_loss(
             raise ValueError("rlad_loss with alpha < 1 needs teacher_logprobs in LossInputs.")
         teacher_lr = (inp.logprobs - teacher).clamp(-clamp, clamp)
         log_ratio = alpha * (inp.logprobs - inp.old_logprobs) + (1.0 - alpha) * teacher_lr
-    loss, metrics = _pg_loss(
+    out = _pg_loss(
         inp, log_ratio, eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg,
         max_len=max_len, kl_coef=kl_coef, kl_estimator=kl_estimator,
     )
+    metrics = out.metrics
     if teacher is None:
-        metrics["rlad/teacher_logratio_mean"] = metrics["rlad/clamp_frac"] = loss.new_zeros(())
+        metrics["rlad/teacher_logratio_mean"] = metrics["rlad/clamp_frac"] = inp.mask.new_zeros(())
     else:
         gap = (inp.logprobs - teacher).detach()
         metrics["rlad/teacher_logratio_mean"] = _masked_mean(gap, inp.mask)
         metrics["rlad/clamp_frac"] = _masked_mean(gap.abs() > clamp, inp.mask)
-    return loss, metrics
+    return out
 
 
-def _distill_per_token(inp: LossInputs, divergence: str, jsd_beta: float) -> Tensor:  # [B, T]
-    if divergence == "reverse_kl":
-        if inp.teacher_logprobs is None:
-            raise ValueError("divergence 'reverse_kl' needs teacher_logprobs in LossInputs.")
-        # KL(πθ||πT) = E_θ[log πθ − log πT] has gradient E_θ[(log πθ − log πT)·∇log πθ]
-        # (the extra E_θ[∇log πθ] term is 0). Samples come from π_old, so weight by ρ = πθ/π_old:
-        # ∇(ρ·sg[d]) = ρ·d·∇log πθ, and E_old[ρ·d·∇log πθ] = ∇KL. The value ρ·d is the
-        # importance-weighted k1 estimate of the KL itself.
-        d = (inp.logprobs - inp.teacher_logprobs).detach()
-        return _ratio(inp.logprobs - inp.old_logprobs) * d
-    if divergence not in ("forward_kl", "jsd"):
-        raise ValueError(f"Unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}.")
-    if inp.student_topk_logprobs is None or inp.teacher_topk_logprobs is None:
-        raise ValueError(f"divergence {divergence!r} needs student_topk_logprobs and teacher_topk_logprobs.")
-    if inp.student_topk_logprobs.shape != inp.teacher_topk_logprobs.shape:
-        raise ValueError("student_topk_logprobs and teacher_topk_logprobs must have the same shape.")
-    if not 0.0 <= jsd_beta <= 1.0:
-        raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}.")
-    # Renormalise both over the K ids so each row is a distribution (top-k approximation).
-    s = F.log_softmax(inp.student_topk_logprobs, dim=-1)  # [B, T, K]
-    t = F.log_softmax(inp.teacher_topk_logprobs.detach(), dim=-1)
-    if divergence == "forward_kl" or jsd_beta == 0.0:  # TRL endpoint: β=0 → KL(T||S)
+def tail_logprob(logp: Tensor) -> Tensor:  # [..., K] -> [...]
+    """log(1 − Σ_k exp(logp_k)): the log-mass outside the K ids. Clamped just below 0 in log
+    space so a support holding (numerically) all the mass gives a finite, very small tail."""
+    lse = torch.logsumexp(logp, dim=-1).clamp(max=-1e-6)
+    return torch.log(-torch.expm1(lse))
+
+
+def _categorical_divergence(s: Tensor, t: Tensor, divergence: str, jsd_beta: float) -> Tensor:
+    """Divergence between two categoricals given as log-probs over the same buckets [..., N]."""
+    if divergence == "reverse_kl":  # KL(S||T)
+        return (s.exp() * (s - t)).sum(-1)
+    if divergence == "forward_kl" or jsd_beta == 0.0:  # KL(T||S); TRL endpoint β=0
         return (t.exp() * (t - s)).sum(-1)
     if jsd_beta == 1.0:  # TRL endpoint: β=1 → KL(S||T)
         return (s.exp() * (s - t)).sum(-1)
@@ -297,23 +389,86 @@ def _distill_per_token(inp: LossInputs, divergence: str, jsd_beta: float) -> Ten
     return jsd_beta * kl_t + (1.0 - jsd_beta) * kl_s
 
 
+def dense_divergence(inp: LossInputs, divergence: str, estimator: str, jsd_beta: float = 0.5) -> Tensor:  # [B, T]
+    """Per-token divergence between student and teacher from the teacher's dense signal.
+
+    - "full": both whole rows over the vocabulary: the exact divergence.
+    - "topk": the teacher's top-k ids plus one tail bucket holding the rest of the vocabulary,
+      for the student (1 − Σ_k πθ) and the teacher (sent by the teacher, computed in fp32). The
+      (K+1)-bucket divergence is a lower bound of the full one (a coarsening can only lose
+      divergence) and equals it when the tail holds no mass; it needs K + 1 numbers per token
+      instead of V.
+    - "topk_renorm": both renormalised over the K ids (no tail): KEPO's released top-k
+      approximation; it ignores how much mass the student puts outside the teacher's support.
+    Gradients flow through the student's log-probs only. jsd is the generalised JSD(β) of GKD
+    (arXiv 2306.13649) with TRL's endpoints (β=0 → KL(T||S), β=1 → KL(S||T)).
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"Unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}.")
+    if not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}.")
+    if estimator == "full":
+        if inp.student_full_logprobs is None or inp.teacher_full_logprobs is None:
+            raise ValueError("estimator 'full' needs student_full_logprobs and teacher_full_logprobs.")
+        s, t = inp.student_full_logprobs, inp.teacher_full_logprobs.to(inp.student_full_logprobs.dtype)
+    elif estimator in ("topk", "topk_renorm"):
+        if inp.student_topk_logprobs is None or inp.teacher_topk_logprobs is None:
+            raise ValueError(f"estimator {estimator!r} needs student_topk_logprobs and teacher_topk_logprobs.")
+        if inp.student_topk_logprobs.shape != inp.teacher_topk_logprobs.shape:
+            raise ValueError("student_topk_logprobs and teacher_topk_logprobs must have the same shape.")
+        s, t = inp.student_topk_logprobs, inp.teacher_topk_logprobs.to(inp.student_topk_logprobs.dtype)
+        if estimator == "topk_renorm":
+            s, t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+        else:
+            t_tail = inp.teacher_tail_logprobs if inp.teacher_tail_logprobs is not None else tail_logprob(t)
+            s = torch.cat([s, tail_logprob(s)[..., None]], dim=-1)
+            t = torch.cat([t, t_tail.to(s.dtype)[..., None]], dim=-1)
+    else:
+        raise ValueError(f"estimator {estimator!r} is not a dense one; valid: topk, topk_renorm, full.")
+    return _categorical_divergence(s, t, divergence, jsd_beta)
+
+
+def _distill_per_token(inp: LossInputs, divergence: str, jsd_beta: float, estimator: str = "auto") -> Tensor:
+    """KEPO's distillation term per token. ``estimator`` "auto" keeps the defaults of earlier
+    versions: the sampled-token estimator for reverse_kl, top-k renormalised otherwise."""
+    if estimator == "auto":
+        estimator = "sampled" if divergence == "reverse_kl" else "topk_renorm"
+    if estimator != "sampled":
+        return dense_divergence(inp, divergence, estimator, jsd_beta)
+    if divergence != "reverse_kl":
+        raise ValueError(f"the sampled-token estimator gives reverse_kl only, not {divergence!r}; use topk or full.")
+    if inp.teacher_logprobs is None:
+        raise ValueError("divergence 'reverse_kl' needs teacher_logprobs in LossInputs.")
+    # KL(πθ||πT) = E_θ[log πθ − log πT] has gradient E_θ[(log πθ − log πT)·∇log πθ]
+    # (the extra E_θ[∇log πθ] term is 0). Samples come from π_old, so weight by ρ = πθ/π_old:
+    # ∇(ρ·sg[d]) = ρ·d·∇log πθ, and E_old[ρ·d·∇log πθ] = ∇KL. The value ρ·d is the
+    # importance-weighted k1 estimate of the KL itself.
+    d = (inp.logprobs - inp.teacher_logprobs).detach()
+    return _ratio(inp.logprobs - inp.old_logprobs) * d
+
+
 def kepo_loss(
     inp: LossInputs, *, distill_coef: float = 1.0, divergence: str = "reverse_kl",
     jsd_beta: float = 0.5, eps_low: float = 0.2, eps_high: float = 0.28,
     loss_agg: str = "token-mean", max_len: int | None = None, kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-) -> tuple[Tensor, Metrics]:
+    kl_estimator: str = "k3", estimator: str = "auto",
+) -> LossOut:
     """KEPO (arXiv 2602.00400; code github.com/Corleno/KEPO): GRPO plus quality-gated
     distillation. Only responses with ``inp.gate`` = 1 (reward ≥ τ, decided by the caller)
     are distilled; the term is a token-mean over their tokens:
 
         loss = grpo_loss + distill_coef · Σ D_t·m_t·g_b / Σ m_t·g_b
 
-    D is "reverse_kl" (sampled-token estimator of KL(πθ||πT), see _distill_per_token),
-    "forward_kl" = Σ_k p_T (log p_T − log p_S), or the generalised JSD(β) of GKD
-    (arXiv 2306.13649) as TRL's generalized_jsd_loss: m = β p_T + (1−β) p_S,
+    The distillation term is its own ``Term``, so its denominator is the gated-token count of
+    the whole batch however it is split into micro-batches and ranks.
+
+    D is "reverse_kl", "forward_kl" = Σ p_T (log p_T − log p_S), or the generalised JSD(β) of
+    GKD (arXiv 2306.13649) as TRL's generalized_jsd_loss: m = β p_T + (1−β) p_S,
     JSD = β KL(p_T||m) + (1−β) KL(p_S||m), with TRL's endpoints β=0 → KL(T||S),
-    β=1 → KL(S||T). Knowledge-enhanced exploration (teacher hints) is driver-side.
+    β=1 → KL(S||T). ``estimator`` says what of the teacher's distribution it sees
+    (dense_divergence, the same code as OPD's): "auto" is the sampled-token estimator for
+    reverse_kl and the top-k renormalised over K for the others. Knowledge-enhanced
+    exploration (teacher hints) is driver-side.
 
     Deviations from the released code: (1) its divergence is JSD(0.5) over the full
     vocabulary; we offer the teacher's top-k ids, renormalised over K, or the sampled-token
@@ -325,55 +480,69 @@ def kepo_loss(
     """
     if inp.gate is None:
         raise ValueError("kepo_loss needs gate in LossInputs ([B], 1 = reward >= tau).")
-    loss, metrics = grpo_loss(
+    out = grpo_loss(
         inp, eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, max_len=max_len,
         kl_coef=kl_coef, kl_estimator=kl_estimator,
     )
-    gate = inp.gate.detach().to(inp.mask.dtype)
-    per_token = _distill_per_token(inp, divergence, jsd_beta)
-    distill = aggregate(per_token, inp.mask * gate.unsqueeze(-1), "token-mean")
-    metrics["kepo/gate_frac"] = gate.mean()
-    metrics["kepo/distill"] = distill.detach()
-    return loss + distill_coef * distill, metrics
+    gate = inp.gate.to(inp.mask.dtype)
+    per_token = _distill_per_token(inp, divergence, jsd_beta, estimator)
+    # Its own term: its count is the gated tokens of the whole batch, not the policy term's tokens.
+    distill = term(per_token, inp.mask * gate.unsqueeze(-1), "token-mean", coef=distill_coef)
+    out.terms["distill"] = distill
+    out.metrics["kepo/gate_frac"] = gate.mean()
+    out.metrics["kepo/distill"] = (distill.sum / _nonzero(distill.count)).detach()
+    return out
 
 
 def opd_loss(
     inp: LossInputs, *, coef: float = 1.0, loss_agg: str = "token-mean", max_len: int | None = None,
-) -> tuple[Tensor, Metrics]:
+    estimator: str = "sampled",
+) -> LossOut:
     """On-policy distillation: per-token reverse KL to the teacher on the student's samples,
     estimated from the sampled token. The per-token advantage is A_t = sg(log π_T − log π_old)
     and the surrogate −(πθ/π_old)·A_t, so on policy the gradient is −A_t ∇log πθ, whose
     expectation is ∇KL(πθ||πT) (Agarwal et al.'s GKD setting, arXiv 2306.13649, with the
     sampled-token estimator used by most on-policy distillation code).
 
-    Deviations: the sampled-token estimator instead of the full-vocabulary reverse KL; no
-    clipping, so keep to one or few updates per batch; log ρ clamped to ±20. Mix with GRPO
-    through grpo_opd_loss.
+    ``estimator`` "topk" or "full" instead minimises the per-token reverse KL over the teacher's
+    top-k plus a tail bucket, or over the whole vocabulary (dense_divergence), on the student's
+    own states: Σ_v πθ(v|s_t)(log πθ − log π_T), differentiated exactly instead of sampled.
+    That is the estimator of GKD's on-policy setting; the sampled one has the same expectation but,
+    with a peaked teacher (wrong tokens at log π_T ≈ −15), a variance that swamps its signal.
+
+    Deviations: "sampled" is the default (as in most on-policy distillation code) though the
+    dense estimators learn faster where the teacher's rows are available; no clipping, so keep
+    to one or few updates per batch; log ρ clamped to ±20. Mix with GRPO through grpo_opd_loss.
     """
+    if estimator != "sampled":
+        kl = dense_divergence(inp, "reverse_kl", estimator)
+        out = LossOut({"opd": term(kl, inp.mask, loss_agg, max_len=max_len, coef=coef)})
+        out.metrics = {"opd/loss": out.value.detach(), "opd/reverse_kl": _masked_mean(kl, inp.mask)}
+        return out
     if inp.teacher_logprobs is None:
         raise ValueError("opd_loss needs teacher_logprobs in LossInputs.")
-    adv = (inp.teacher_logprobs - inp.old_logprobs).detach()
+    adv = inp.teacher_logprobs - inp.old_logprobs
     per_token = -_ratio(inp.logprobs - inp.old_logprobs) * adv
-    loss = coef * aggregate(per_token, inp.mask, loss_agg, max_len=max_len)
-    metrics = {
-        "opd/loss": loss.detach(),
+    out = LossOut({"opd": term(per_token, inp.mask, loss_agg, max_len=max_len, coef=coef)})
+    out.metrics = {
+        "opd/loss": out.value.detach(),
         "opd/reverse_kl": _masked_mean(inp.old_logprobs - inp.teacher_logprobs, inp.mask),
     }
-    return loss, metrics
+    return out
 
 
 def grpo_opd_loss(
     inp: LossInputs, *, opd_coef: float, eps_low: float = 0.2, eps_high: float = 0.28,
     loss_agg: str = "token-mean", max_len: int | None = None, kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-) -> tuple[Tensor, Metrics]:
+    kl_estimator: str = "k3", estimator: str = "sampled",
+) -> LossOut:
     """grpo_loss + opd_loss(coef=opd_coef), with both metric sets."""
-    loss_g, metrics = grpo_loss(
+    g = grpo_loss(
         inp, eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, max_len=max_len,
         kl_coef=kl_coef, kl_estimator=kl_estimator,
     )
-    loss_o, metrics_o = opd_loss(inp, coef=opd_coef, loss_agg=loss_agg, max_len=max_len)
-    return loss_g + loss_o, {**metrics, **metrics_o}
+    o = opd_loss(inp, coef=opd_coef, loss_agg=loss_agg, max_len=max_len, estimator=estimator)
+    return LossOut({**g.terms, **o.terms}, {**g.metrics, **o.metrics})
 
 
 def dpo_loss(
@@ -383,35 +552,43 @@ def dpo_loss(
     ref_rejected: Tensor,  # [B] Σ_t log π_ref(y_l)
     *,
     beta: float = 0.1,
-) -> tuple[Tensor, Metrics]:
+    weight: Tensor | None = None,  # [B] 1 = real pair, 0 = padding pair (kept for the collectives)
+) -> LossOut:
     """DPO (arXiv 2305.18290): mean of −log σ(β[(πc − rc) − (πr − rr)]) over sequence-level
     log-prob sums, via F.logsigmoid for stability at large margins.
 
     The reference may be the initial student or the teacher (teacher-as-reference
     distillation, as in LLaVA-MoD); this function does not care. Deviations: none in the
-    objective; the reward metrics are β-scaled implicit rewards, as in the paper.
+    objective; the reward metrics are β-scaled implicit rewards, as in the paper. ``weight``
+    leaves padding pairs out of the mean (and out of the pair count).
     """
     if not (policy_chosen.shape == policy_rejected.shape == ref_chosen.shape == ref_rejected.shape):
         raise ValueError("dpo_loss inputs must all have the same shape [B].")
     chosen_reward = beta * (policy_chosen - ref_chosen.detach())
     rejected_reward = beta * (policy_rejected - ref_rejected.detach())
     margin = chosen_reward - rejected_reward
-    loss = -F.logsigmoid(margin).mean()
-    margin = margin.detach()
+    w = torch.ones_like(margin).detach() if weight is None else weight.detach().to(margin.dtype)
+    loss = Term((-F.logsigmoid(margin) * w).sum(), w.sum())
+    n = _nonzero(w.sum())
+
+    def mean(x: Tensor) -> Tensor:  # over real pairs
+        return (x.detach() * w).sum() / n
+
     metrics = {
-        "dpo/reward_margin": margin.mean(),
-        "dpo/accuracy": (margin > 0).to(margin.dtype).mean(),
-        "dpo/chosen_reward": chosen_reward.detach().mean(),
-        "dpo/rejected_reward": rejected_reward.detach().mean(),
+        "dpo/reward_margin": mean(margin),
+        "dpo/accuracy": mean((margin > 0).to(margin.dtype)),
+        "dpo/chosen_reward": mean(chosen_reward),
+        "dpo/rejected_reward": mean(rejected_reward),
     }
-    return loss, metrics
+    return LossOut({"dpo": loss}, metrics)
 
 
-def sft_loss(logprobs: Tensor, mask: Tensor) -> tuple[Tensor, Metrics]:
+def sft_loss(logprobs: Tensor, mask: Tensor) -> LossOut:
     """Supervised fine-tuning: token-mean negative log-likelihood over masked tokens.
     logprobs [B, T] are log πθ of the target tokens; mask [B, T]."""
-    loss = aggregate(-logprobs, mask, "token-mean")
-    return loss, {"sft/nll": loss.detach()}
+    out = LossOut({"nll": term(-logprobs, mask.detach(), "token-mean")})
+    out.metrics = {"sft/nll": out.value.detach()}
+    return out
 
 
 def sequence_logprobs(logprobs: Tensor, mask: Tensor) -> Tensor:  # [B]

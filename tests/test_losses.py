@@ -415,3 +415,115 @@ def test_sft_loss_and_sequence_logprobs():
     loss, m = sft_loss(lp, mask)
     assert _close(loss, 2.0) and _close(m["sft/nll"], 2.0)
     assert _close(sequence_logprobs(lp, mask), [-3.0, -3.0])
+
+
+# ---------------------------------------------------------------- dense teacher signal
+
+
+def _dense_inputs(**kw):
+    z = _t([[-1.0]])
+    return LossInputs(logprobs=z.clone().requires_grad_(), old_logprobs=z, mask=_t([[1.0]]), advantages=_t([0.0]), **kw)
+
+
+def test_tail_logprob_hand_value():
+    """log-probs [ln .5, ln .25] hold .75 of the mass: the tail is ln .25."""
+    from protege.learners.losses import tail_logprob
+
+    assert _close(tail_logprob(_t([LN(0.5), LN(0.25)])), LN(0.25))
+    # All the mass on the support: a finite, very small tail (not -inf / NaN).
+    t = tail_logprob(_t([LN(0.5), LN(0.5)]))
+    assert torch.isfinite(t) and t < -10
+
+
+def test_topk_reverse_kl_with_tail_bucket_hand_value():
+    """Student at the teacher's top-2 ids: [.5, .25] (tail .25); teacher [.7, .2] (tail .1).
+    KL(S||T) over 3 buckets = .5 ln(.5/.7) + .25 ln(.25/.2) + .25 ln(.25/.1).
+    topk_renorm instead compares [2/3, 1/3] with [7/9, 2/9]."""
+    from protege.learners.losses import dense_divergence
+
+    s = _t([[[LN(0.5), LN(0.25)]]], grad=True)
+    inp = _dense_inputs(student_topk_logprobs=s, teacher_topk_logprobs=_t([[[LN(0.7), LN(0.2)]]]),
+                        teacher_tail_logprobs=_t([[LN(0.1)]]))
+    kl = dense_divergence(inp, "reverse_kl", "topk")
+    assert _close(kl, [[0.5 * LN(0.5 / 0.7) + 0.25 * LN(0.25 / 0.2) + 0.25 * LN(0.25 / 0.1)]])
+    renorm = dense_divergence(inp, "reverse_kl", "topk_renorm")
+    assert _close(renorm, [[2 / 3 * LN((2 / 3) / (7 / 9)) + 1 / 3 * LN((1 / 3) / (2 / 9))]])
+    fwd = dense_divergence(inp, "forward_kl", "topk")
+    assert _close(fwd, [[0.7 * LN(0.7 / 0.5) + 0.2 * LN(0.2 / 0.25) + 0.1 * LN(0.1 / 0.25)]])
+    # Without a tail sent, the teacher's is computed from its top-k (same value here).
+    inp2 = _dense_inputs(student_topk_logprobs=s, teacher_topk_logprobs=_t([[[LN(0.7), LN(0.2)]]]))
+    assert _close(dense_divergence(inp2, "reverse_kl", "topk"), kl)
+
+
+def test_full_reverse_kl_equals_an_independent_kl_and_bounds_topk():
+    """Full rows: equals torch's kl_div (an independent implementation), value and gradient with
+    respect to the student's logits; the top-k + tail version is a lower bound of it (merging
+    buckets can only lose divergence) and equals it when k = V."""
+    import torch.nn.functional as F
+
+    from protege.learners.losses import dense_divergence
+
+    g = torch.Generator().manual_seed(4)
+    V = 7
+    zs = torch.randn(2, 3, V, generator=g, dtype=D, requires_grad=True)
+    t = (2 * torch.randn(2, 3, V, generator=g, dtype=D)).log_softmax(-1)
+    s = zs.log_softmax(-1)
+    inp = LossInputs(logprobs=torch.zeros(2, 3, dtype=D), old_logprobs=torch.zeros(2, 3, dtype=D),
+                     mask=torch.ones(2, 3, dtype=D), advantages=torch.zeros(2, dtype=D),
+                     student_full_logprobs=s, teacher_full_logprobs=t)
+    ours = dense_divergence(inp, "reverse_kl", "full")
+    ref = F.kl_div(t, s, log_target=True, reduction="none").sum(-1)  # Σ e^s (s − t)
+    assert _close(ours, ref, 1e-12)
+    (g1,) = torch.autograd.grad(ours.sum(), zs, retain_graph=True)
+    (g2,) = torch.autograd.grad(ref.sum(), zs)
+    assert _close(g1, g2, 1e-12)
+    for k in (2, 4, V):
+        ids = t.topk(k, dim=-1).indices
+        inp_k = LossInputs(logprobs=torch.zeros(2, 3, dtype=D), old_logprobs=torch.zeros(2, 3, dtype=D),
+                           mask=torch.ones(2, 3, dtype=D), advantages=torch.zeros(2, dtype=D),
+                           student_topk_logprobs=s.gather(-1, ids), teacher_topk_logprobs=t.gather(-1, ids))
+        topk = dense_divergence(inp_k, "reverse_kl", "topk")
+        assert bool((topk <= ours + 1e-9).all())
+        if k == V:
+            assert _close(topk, ours, 1e-5)
+
+
+def test_opd_full_estimator_is_the_expectation_of_the_sampled_one():
+    """On policy, one state, V = 5: the sampled estimator's gradient averaged over y ~ πθ (exactly,
+    by enumeration) equals the full estimator's gradient (the exact ∇KL(πθ||πT)); the full one has
+    no sampling variance. Both with respect to the student's logits."""
+    g = torch.Generator().manual_seed(6)
+    V = 5
+    z = torch.randn(V, generator=g, dtype=D, requires_grad=True)
+    t = (3 * torch.randn(V, generator=g, dtype=D)).log_softmax(-1)
+    s = z.log_softmax(-1)
+    full = opd_loss(LossInputs(logprobs=torch.zeros(1, 1, dtype=D), old_logprobs=torch.zeros(1, 1, dtype=D),
+                               mask=torch.ones(1, 1, dtype=D), advantages=torch.zeros(1, dtype=D),
+                               student_full_logprobs=s.view(1, 1, V), teacher_full_logprobs=t.view(1, 1, V)),
+                    estimator="full")[0]
+    (g_full,) = torch.autograd.grad(full, z, retain_graph=True)
+    expected = torch.zeros(V, dtype=D)
+    for y in range(V):
+        lp = s[y].view(1, 1)
+        loss, _ = opd_loss(LossInputs(logprobs=lp, old_logprobs=lp.detach(), mask=torch.ones(1, 1, dtype=D),
+                                      advantages=torch.zeros(1, dtype=D), teacher_logprobs=t[y].view(1, 1)))
+        (gy,) = torch.autograd.grad(loss, z, retain_graph=True)
+        expected += s[y].exp().detach() * gy
+    assert _close(g_full, expected, 1e-12)
+    m = opd_loss(LossInputs(logprobs=torch.zeros(1, 1, dtype=D), old_logprobs=torch.zeros(1, 1, dtype=D),
+                            mask=torch.ones(1, 1, dtype=D), advantages=torch.zeros(1, dtype=D),
+                            student_full_logprobs=s.view(1, 1, V).detach(), teacher_full_logprobs=t.view(1, 1, V)),
+                 estimator="full").metrics
+    assert _close(m["opd/reverse_kl"], (s.exp() * (s - t)).sum().detach())
+
+
+def test_dense_estimators_name_what_is_missing():
+    from protege.learners.losses import dense_divergence
+
+    inp = _dense_inputs()
+    with pytest.raises(ValueError, match="student_full_logprobs"):
+        dense_divergence(inp, "reverse_kl", "full")
+    with pytest.raises(ValueError, match="student_topk_logprobs"):
+        opd_loss(inp, estimator="topk")
+    with pytest.raises(ValueError, match="sampled-token estimator gives reverse_kl only"):
+        kepo_loss(_dense_inputs(gate=_t([1.0]), teacher_logprobs=_t([[-1.0]])), divergence="jsd", estimator="sampled")

@@ -890,7 +890,7 @@ def _sync_roundtrip(ray, tiny_models, *, zero: int, gpus: float, kind: str, buck
         timings = []
         for version in (1, 2):
             for _ in range(3):
-                ray.get(learner.train_step.remote(TrainBatch(rows, 0, global_tokens=8, global_rows=2)))
+                ray.get(learner.train_step.remote(TrainBatch(rows, 0)))
             ours = ray.get(learner.logprobs.remote(prompt, resp))
             m = sync.push(version)
             theirs = ray.get(worker.score.remote(prompt, resp))

@@ -90,7 +90,7 @@ def test_weight_sync_matches_learner_logprobs(tmp_path, tiny_models, ray_local):
         rows = [TrainRow(prompt_ids=prompt, response_ids=resp, advantage=1.0),
                 TrainRow(prompt_ids=prompt, response_ids=[8, 8, 8, 8], advantage=-1.0)]
         for _ in range(3):
-            ray.get(roles.learners[0].train_step.remote(TrainBatch(rows, 0, global_tokens=8, global_rows=2)))
+            ray.get(roles.learners[0].train_step.remote(TrainBatch(rows, 0)))
         learner = ray.get(roles.learners[0].logprobs.remote(prompt, resp))
         sync = ObjectStoreSync(roles.learners, roles.rollout, zero_stage=2, dtype="float32")
         m = sync.push(1)

@@ -1,0 +1,226 @@
+"""The learner's train step without DeepSpeed: micro-batch exactness, π_old reuse, devices.
+
+The step is driven through ``Learner.attach`` with ``DeepSpeedLike``, a plain module with
+DeepSpeed's three calls and their semantics: ``backward`` scales the loss by 1/grad_accum
+(``scale_wrt_gas``), ``step`` applies the optimizer only at the accumulation boundary, and data
+parallelism averages the ranks' gradients (done here by the test). The same step runs under real
+DeepSpeed in the pipeline tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from protege.cluster import spec as S
+from protege.cluster.records import TrainBatch, TrainRow
+from protege.learners.batching import collate, shard_rows, to_device
+from protege.learners.learner import Learner, has_active_dropout
+
+V, H, K = 32, 16, 4
+
+
+class TinyLM(torch.nn.Module):
+    """A causal LM small enough to compare gradients exactly: logits_t depend on tokens ≤ t."""
+
+    def __init__(self, seed: int = 0, dropout: float = 0.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Parameter(torch.randn(V, H, generator=g, dtype=torch.float32) * 0.5)
+        self.out = torch.nn.Parameter(torch.randn(H, V, generator=g, dtype=torch.float32) * 0.5)
+        self.drop = torch.nn.Dropout(dropout)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.emb[input_ids] * attention_mask[..., None]
+        ctx = x.cumsum(1) / torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[None, :, None]
+        return type("Out", (), {"logits": self.drop(torch.tanh(ctx)) @ self.out})()
+
+
+class DeepSpeedLike(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, grad_accum: int, lr: float = 0.0):
+        super().__init__()
+        self.module, self.gas, self.lr, self.micro = model, grad_accum, lr, 0
+
+    def forward(self, **kw):
+        return self.module(**kw)
+
+    def backward(self, loss):
+        (loss / self.gas).backward()
+
+    def step(self):
+        self.micro += 1
+        if self.lr and self.micro % self.gas == 0:
+            with torch.no_grad():
+                for p in self.module.parameters():
+                    p -= self.lr * p.grad
+                    p.grad = None
+
+    def get_global_grad_norm(self):
+        return None
+
+
+def _rows(n: int, seed: int, *, teacher: bool, pairs: bool = False) -> list[TrainRow]:
+    rnd = random.Random(seed)
+    rows = []
+    for i in range(n):
+        P, R = rnd.randint(2, 5), rnd.randint(1, 7)  # uneven lengths: micro-batches pad differently
+        kw = {}
+        if teacher:
+            kw = dict(teacher_logprobs=[-rnd.uniform(0.1, 4) for _ in range(R)],
+                      teacher_topk_ids=[rnd.sample(range(V), K) for _ in range(R)],
+                      teacher_topk_logprobs=[sorted((-rnd.uniform(1.5, 5) for _ in range(K)), reverse=True)
+                                             for _ in range(R)],
+                      teacher_tail_logprobs=[-rnd.uniform(0.1, 1) for _ in range(R)],
+                      teacher_full_logprobs=torch.randn(R, V, generator=torch.Generator().manual_seed(seed * 100 + i),
+                                                        dtype=torch.float32).log_softmax(-1))
+        rows.append(TrainRow(
+            prompt_ids=[rnd.randrange(1, V) for _ in range(P)], response_ids=[rnd.randrange(1, V) for _ in range(R)],
+            advantage=0.0 if pairs else rnd.uniform(-1.5, 1.5), gate=float(i % 3 == 0),
+            rollout_logprobs=[-rnd.uniform(0.1, 3) for _ in range(R)], ref_seq_logprob=-rnd.uniform(5, 20) if pairs else None,
+            **kw))
+    return rows
+
+
+ALGOS = {
+    "grpo-token-mean": S.GRPOSpec(),
+    "grpo-seq-mean": S.GRPOSpec(loss_agg="seq-mean-token-mean"),
+    "grpo-sum-norm": S.GRPOSpec(loss_agg="seq-mean-token-sum-norm"),
+    "rlad": S.RLADSpec(alpha=0.5),
+    "kepo-reverse-kl": S.KEPOSpec(),
+    "kepo-jsd": S.KEPOSpec(divergence="jsd"),
+    "opd": S.OPDSpec(),
+    "opd+grpo": S.OPDSpec(grpo_coef=0.5),
+    "opd-topk": S.OPDSpec(estimator="topk"),
+    "opd-full+grpo": S.OPDSpec(estimator="full", grpo_coef=0.5),
+    "kepo-forward-kl-topk-tail": S.KEPOSpec(divergence="forward_kl", estimator="topk"),
+    "kepo-full": S.KEPOSpec(estimator="full"),
+    "dpo": S.DPOSpec(reference="teacher"),
+    "sft": S.SFTSpec(),
+}
+
+
+def _learner(algo, *, model, grad_accum: int, rank: int = 0, world: int = 1, updates: int = 1, lr: float = 0.0,
+             device="cpu") -> Learner:
+    ln = Learner(rank=rank, world_size=world, model_path="", learner_spec=S.LearnerSpec(updates_per_step=updates),
+                 algo=algo, temperature=1.0, grad_accum=grad_accum, max_response_tokens=8)
+    ln.attach(DeepSpeedLike(model, grad_accum, lr), device=device, pad_id=0)
+    return ln
+
+
+def _run(algo, rows, *, micro: int, ranks: int, pairs: bool):
+    """One train step split over ``ranks`` simulated ranks × ``micro`` micro-batches each. Returns
+    the global loss and the gradient data parallelism would apply (the ranks' mean)."""
+    base = TinyLM()
+    shards = shard_rows(rows, ranks, group=2 if pairs else 1)
+    learners = [_learner(algo, model=copy.deepcopy(base), grad_accum=micro, rank=r, world=ranks) for r in range(ranks)]
+    for ln in learners:
+        ln.all_reduce_sum = lambda t: t  # the simulated ranks' all-reduces are done by hand below
+    mbs = [ln.prepare(TrainBatch(rows=s, policy_version=0, pairs=pairs)) for ln, s in zip(learners, shards)]
+    local = [ln.global_counts(m) for ln, m in zip(learners, mbs)]
+    counts = {k: sum(c[k] for c in local) for k in local[0]}
+    out = [ln.run_updates(m, counts) for ln, m in zip(learners, mbs)]
+    loss = sum(o["loss/total"] for o in out)
+    grads = [torch.cat([p.grad.flatten() for p in ln.engine.module.parameters()]) for ln in learners]
+    return loss, sum(grads) / ranks
+
+
+@pytest.mark.parametrize("name", list(ALGOS))
+def test_micro_batch_split_gives_the_same_loss_and_gradients(name):
+    """The same 12 rows (uneven lengths, gates, teacher top-k) in 1, 2 and 4 micro-batches on one
+    rank, and 2 ranks × 2 micro-batches: loss and gradients equal to float32 rounding. Before
+    the (sum, count) terms KEPO's distillation term was a mean per micro-batch re-weighted by
+    token share, and two micro-batches gave half the whole-batch value."""
+    algo = ALGOS[name]
+    pairs = algo.type == "dpo"
+    rows = _rows(12, seed=3, teacher=True, pairs=pairs)
+    ref_loss, ref_grad = _run(algo, rows, micro=1, ranks=1, pairs=pairs)
+    assert ref_grad.abs().sum() > 0
+    for micro, ranks in ((2, 1), (4, 1), (2, 2), (1, 2)):
+        loss, grad = _run(algo, rows, micro=micro, ranks=ranks, pairs=pairs)
+        assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-7), (micro, ranks, float(loss), float(ref_loss))
+        tol = 1e-5 * float(ref_grad.abs().max())
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=tol), (micro, ranks, (grad - ref_grad).abs().max())
+
+
+def test_kepo_distill_term_is_normalised_by_the_global_gated_count():
+    """Hand check of the KEPO fix: with gates open on rows 0 and 3 only, split into 2 micro-batches
+    of 3 rows, the distill metric of the whole batch equals Σ D·m·g / Σ m·g over both, which is
+    what the summed micro-batch terms give (and not the mean of the two micro-batch means)."""
+    rows = _rows(6, seed=5, teacher=True)
+    algo = S.KEPOSpec(distill_coef=1.0)
+    whole, _ = _run(algo, rows, micro=1, ranks=1, pairs=False)
+    split, _ = _run(algo, rows, micro=2, ranks=1, pairs=False)
+    assert torch.allclose(whole, split, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["grpo-token-mean", "rlad", "kepo-jsd", "opd+grpo"])
+def test_old_logprobs_from_the_training_forward_change_nothing(name):
+    """π_old taken from the first training forward (detached) instead of a separate eval-mode
+    forward: same loss/metrics and the same weights after two updates per batch (SGD), so π_old
+    stays the step's starting weights on the second pass too."""
+    rows = _rows(8, seed=7, teacher=True)
+    results = []
+    for reuse in (True, False):
+        ln = _learner(ALGOS[name], model=TinyLM(), grad_accum=2, updates=2, lr=0.5)
+        ln.old_from_training_forward = reuse
+        mbs = ln.prepare(TrainBatch(rows=rows, policy_version=0))
+        assert all(("old_logprobs" in b) != reuse for b in mbs)  # no separate forward when reused
+        m = ln.run_updates(mbs, ln.global_counts(mbs))
+        results.append((m, torch.cat([p.detach().flatten() for p in ln.engine.module.parameters()])))
+    (m1, w1), (m2, w2) = results
+    assert torch.allclose(w1, w2, atol=1e-6)
+    assert set(m1) == set(m2) and all(torch.allclose(m1[k], m2[k], atol=1e-6) for k in m1)
+
+
+def test_dropout_turns_the_reuse_off():
+    assert not has_active_dropout(TinyLM())
+    assert has_active_dropout(TinyLM(dropout=0.1))
+    ln = _learner(ALGOS["grpo-token-mean"], model=TinyLM(dropout=0.1), grad_accum=1)
+    assert ln.old_from_training_forward is False
+
+
+def test_to_device_moves_every_field():
+    b = collate(_rows(3, seed=1, teacher=True), pad_id=0)
+    moved = to_device(b, "meta")
+    assert set(moved) == set(b) and all(t.device.type == "meta" for t in moved.values())
+
+
+@pytest.mark.parametrize("name", list(ALGOS))
+def test_train_step_keeps_every_tensor_on_the_learner_device(name):
+    """The whole step (collate, π_old, counts, loss, backward, metrics) with the model on the
+    ``meta`` device: any tensor left on the CPU raises "Tensor on device cpu is not on the
+    expected device meta", as it would with CUDA. This is what caught rollout_logprobs and mask
+    left on the CPU beside old_logprobs on the device (the first GPU step of every GRPO job)."""
+    algo = ALGOS[name]
+    pairs = algo.type == "dpo"
+    model = TinyLM().to("meta")
+    ln = _learner(algo, model=model, grad_accum=2, updates=2, device="meta")
+    if getattr(algo, "kl_coef", 0) > 0 or (pairs and algo.reference == "initial"):
+        ln.ref = copy.deepcopy(model)
+    mbs = ln.prepare(TrainBatch(rows=_rows(6, seed=2, teacher=True, pairs=pairs), policy_version=0, pairs=pairs))
+    metrics = ln.run_updates(mbs, ln.global_counts(mbs))
+    assert metrics and all(v.device.type == "meta" for v in metrics.values())
+    if not pairs and algo.type != "sft":
+        assert "rollout/logprob_mismatch" in metrics
+
+
+def test_losses_detach_their_constant_inputs():
+    """A caller passing old/teacher/ref log-probs that still require grad gets no gradient into
+    them (the losses detach every input but the student's log-probs)."""
+    from protege.learners import losses
+
+    lp = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    old, teacher, ref = (torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    adv = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    inp = losses.LossInputs(logprobs=lp, old_logprobs=old, mask=torch.ones(2, 3, dtype=torch.float64),
+                            advantages=adv, teacher_logprobs=teacher, ref_logprobs=ref,
+                            gate=torch.ones(2, dtype=torch.float64))
+    for fn in (lambda i: losses.grpo_loss(i, kl_coef=0.1), lambda i: losses.rlad_loss(i, alpha=0.3),
+               losses.opd_loss, losses.kepo_loss):
+        loss, _ = fn(inp)
+        loss.backward()
+    assert lp.grad is not None and lp.grad.abs().sum() > 0
+    assert all(t.grad is None for t in (old, teacher, ref, adv))
