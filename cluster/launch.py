@@ -16,7 +16,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from protege.actors.rollout import RolloutWorker
-from protege.cluster.placement import reserve, role_requests
+from protege.cluster.placement import reserve, role_requests, shares_gpus
 from protege.env import worker_env
 from protege.learners.learner import Learner
 from protege.rewards.base import RewardRunner
@@ -36,7 +36,9 @@ def connect() -> dict[str, Any]:
     if ray.is_initialized():
         return {"address": "existing", "embedded": False}
     address = os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": worker_env()}
+    # A cluster's nodes need not have this machine's hardware: only what the user set travels there,
+    # and each actor sets its node's defaults itself. An embedded Ray's actors run here, so ours apply.
+    env = {"env_vars": worker_env(local=not address)}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # Inside a Ray job: the job's runtime_env already carries our env vars, and Ray refuses
         # a second, overlapping one from the driver.
@@ -69,7 +71,7 @@ class Roles:
                     pass
         from ray.util.placement_group import remove_placement_group
 
-        for pg in self.groups.values():
+        for pg in {pg.id: pg for pg in self.groups.values()}.values():  # colocated roles share one
             try:
                 remove_placement_group(pg)
             except Exception:
@@ -83,6 +85,27 @@ def gpu_memory_share(spec, role: str) -> float:
     if spec.rollout.gpu_memory_utilization is not None:
         return spec.rollout.gpu_memory_utilization
     return 0.85 if getattr(spec.resources, role).gpus >= 1 else 0.3
+
+
+# vLLM's GPU weight transfer pickles CUDA IPC handles and worker-side functions into its engine
+# process; vLLM refuses that unless this is set before the engine starts. Set per rollout actor, so
+# it holds however the job was started (a KubeRay RayJob's driver passes no runtime_env at all).
+GPU_SYNC_ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+
+
+def rollout_runtime_env(spec) -> dict | None:
+    """The rollout actors' own runtime_env (Ray merges its env_vars into the job's): the GPU weight
+    transfer's switch when learner.weight_sync may use it (nccl, or auto on GPUs)."""
+    if spec.learner.weight_sync == "object_store":
+        return None
+    return {"env_vars": dict(GPU_SYNC_ENV)}
+
+
+def must_wait_for_rollout(spec) -> bool:
+    """Learner ranks start only once the rollout engines are built when the two may share a GPU:
+    vLLM profiles free GPU memory at start-up and asserts it never grows meanwhile, so a rank on the
+    same GPU freeing memory in that window kills the engine."""
+    return shares_gpus(spec)
 
 
 def _opts(pg, index: int, bundle: dict[str, float], **extra) -> dict:
@@ -134,7 +157,8 @@ def start_roles(spec) -> Roles:
     restart = dict(max_restarts=ft.actor_restarts)
     for i in range(spec.rollout.workers):
         roles.rollout.append(
-            RolloutActor.options(**_opts(groups["rollout"], i, reqs["rollout"].bundle), **restart, max_task_retries=0).remote(
+            RolloutActor.options(**_opts(groups["rollout"], i, reqs["rollout"].bundle), **restart, max_task_retries=0,
+                                 runtime_env=rollout_runtime_env(spec)).remote(
                 student.path, engine=spec.rollout.engine, dtype=student.dtype, seed=spec.seed + i,
                 max_model_len=max_len, kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
                 gpu_memory_utilization=gpu_memory_share(spec, "rollout"),
@@ -164,6 +188,8 @@ def start_roles(spec) -> Roles:
     # calls each step (DeepSpeed collectives) whatever the batch's real size.
     per_rank = math.ceil(rows_per_step(spec) / spec.learner.ranks)
     roles.grad_accum = max(1, math.ceil(per_rank / spec.learner.micro_batch))
+    if must_wait_for_rollout(spec):
+        gather([w.pid.remote() for w in roles.rollout])  # answers once __init__ (the engine) is done
     start_learners(spec, roles, reqs["learner"].bundle)
     return roles
 

@@ -1,7 +1,12 @@
 """Process-wide defaults that make the real stack behave on a small CPU machine.
 
-Each is a default only (``setdefault``): a user's own environment always wins. The reasons are
-measured in ../shared/docs/platform.md.
+Each is a default only (``setdefault``): a user's own environment always wins.
+
+Two kinds. Quiet defaults (logging, telemetry, tokenizer threads) are right everywhere. Node
+defaults depend on the hardware of the machine a process runs on (no CUDA: engine in-process, CPU
+DeepSpeed, one OpenMP thread), so they are decided where each actor runs
+(:func:`configure_node_defaults` at the top of every actor's ``__init__``), never shipped from the
+driver: a CPU laptop driving a GPU cluster must not hand its CPU defaults to the GPU nodes.
 """
 
 from __future__ import annotations
@@ -9,10 +14,49 @@ from __future__ import annotations
 import os
 import shutil
 
+# Node defaults for a machine without CUDA. On a GPU node none applies (vLLM, DeepSpeed and Ray
+# pick the right values there by themselves).
+CPU_NODE_DEFAULTS = {
+    # Engine in-process: 3 s start instead of 15-28 s, and Ray's CPU accounting stays true.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # Without a bound vLLM reserves most of RAM for KV cache.
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "DS_ACCELERATOR": "cpu",
+    "OMP_NUM_THREADS": "1",
+}
+
+# What worker_env() passes to actors when the user set it: the node defaults above (a user's choice
+# applies everywhere), the quiet defaults, and paths/modes that mean the same on every node.
+WORKER_KEYS = [
+    "TOKENIZERS_PARALLELISM", "VLLM_NO_USAGE_STATS", *CPU_NODE_DEFAULTS, "HF_HUB_OFFLINE",
+    "TORCH_EXTENSIONS_DIR", "HF_HOME", "VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY",
+    "HF_HUB_DISABLE_PROGRESS_BARS", "VLLM_ALLOW_INSECURE_SERIALIZATION",
+]
+
+# Keys this process set as node defaults itself (not the user): worker_env() keeps them off a cluster.
+_node_defaulted: set[str] = set()
+
 
 def has_cuda() -> bool:
     # nvidia-smi is cheaper than importing torch just to ask.
     return shutil.which("nvidia-smi") is not None and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
+
+
+def node_defaults(cuda: bool) -> dict[str, str]:
+    """Pure: the hardware-dependent defaults for a node with or without CUDA."""
+    return {} if cuda else dict(CPU_NODE_DEFAULTS)
+
+
+def configure_node_defaults() -> dict[str, str]:
+    """setdefault this machine's node defaults; returns the ones it set. Call it first thing in an
+    actor's ``__init__``: vLLM and DeepSpeed read these when the engine / accelerator is created."""
+    applied = {}
+    for key, value in node_defaults(has_cuda()).items():
+        if key not in os.environ:
+            os.environ[key] = value
+            _node_defaulted.add(key)
+            applied[key] = value
+    return applied
 
 
 def configure_defaults() -> None:
@@ -23,26 +67,19 @@ def configure_defaults() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # Ray would otherwise spread a worker's default env; we pass ours explicitly per actor.
-    if has_cuda():
-        # vLLM's IPC weight transfer passes CUDA IPC handles to its engine process pickled (as
-        # vLLM's own RLHF examples do); needed only by learner.weight_sync nccl/auto.
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    if not has_cuda():
-        # Engine in-process: 3 s start instead of 15-28 s, and Ray's CPU accounting stays true.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        # Without a bound vLLM reserves most of RAM for KV cache.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # The driver's own in-process work (tiny models, demo, an embedded Ray's actors) runs here.
+    configure_node_defaults()
 
 
-def worker_env() -> dict[str, str]:
-    """Environment passed to every Ray actor of a job (runtime_env.env_vars)."""
-    keys = [
-        "TOKENIZERS_PARALLELISM", "VLLM_NO_USAGE_STATS", "VLLM_ENABLE_V1_MULTIPROCESSING",
-        "VLLM_CPU_KVCACHE_SPACE", "DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE",
-        "TORCH_EXTENSIONS_DIR", "HF_HOME", "VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY",
-        "HF_HUB_DISABLE_PROGRESS_BARS", "VLLM_ALLOW_INSECURE_SERIALIZATION",
-    ]
-    return {k: os.environ[k] for k in keys if k in os.environ}
+def worker_env(local: bool | None = None) -> dict[str, str]:
+    """Environment passed to every Ray actor of a job (runtime_env.env_vars).
+
+    ``local``: the actors run on this machine (an embedded Ray), so this machine's node defaults are
+    theirs too; by default, when no ``$RAY_ADDRESS`` names a cluster. Otherwise node defaults this
+    process chose for itself stay here; only values the user set travel (each actor decides the
+    rest on its own node).
+    """
+    if local is None:
+        local = not os.environ.get("RAY_ADDRESS")
+    return {k: os.environ[k] for k in WORKER_KEYS
+            if k in os.environ and (local or k not in _node_defaulted)}

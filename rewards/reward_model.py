@@ -18,10 +18,13 @@ import os
 
 import torch
 
+from protege.env import configure_node_defaults
+
 
 class RewardModelScorer:
     def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, max_length: int = 1024,
                  system_prompt: str | None = None):
+        configure_node_defaults()  # this node's hardware decides, before the model loads
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")

@@ -402,9 +402,10 @@ def _fit(spec, node_types: dict, head: str) -> tuple[dict, list]:
         get_nodes_for,
     )
 
-    from protege.cluster.placement import role_requests
+    from protege.cluster.placement import placement_bundles, role_requests
 
-    bundles = [dict(q.bundle) for q in role_requests(spec) for _ in range(q.count)]
+    # the bundles the job's placement groups ask for (a colocated pair is one bundle)
+    bundles = [b for group in placement_bundles(role_requests(spec)).values() for b in group]
     rest, _ = get_bin_pack_residual([dict(node_types[head]["resources"])], bundles)
     workers = {k: v for k, v in node_types.items() if k != head}
     scorer = partial(_default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary({}))
@@ -452,7 +453,7 @@ def _gpu_ids(spec) -> dict[str, list[list[str]]]:
             scheduling_strategy=PlacementGroupSchedulingStrategy(groups[q.role], placement_group_bundle_index=i),
         ).remote() for i in range(q.count)]) for q in reqs}
     finally:
-        for pg in groups.values():
+        for pg in {pg.id: pg for pg in groups.values()}.values():  # colocated roles share one group
             remove_placement_group(pg)
 
 
