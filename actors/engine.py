@@ -23,6 +23,17 @@ from protege.cluster.records import Sample
 EXTENSION = "protege.actors.vllm_ext.WeightReloadExtension"
 
 
+def fp32_exact_env(dtype: str, cuda: bool) -> dict[str, str]:
+    """Environment an engine needs so that float32 means float32 on a GPU.
+
+    vLLM rules out FlashAttention/FlashInfer for float32 and picks its Triton attention, whose
+    ``tl.dot`` defaults to TF32 (10-bit mantissa): log-probs then drift ~1e-3 from the learner's
+    float32 ones, the size of the train/infer mismatch the sync checks look for. IEEE dots keep
+    them to float32 rounding. bf16/fp16 engines are untouched.
+    """
+    return {"TRITON_F32_DEFAULT": "ieee"} if cuda and dtype == "float32" else {}
+
+
 class VLLMEngine:
     TOKEN_BUDGET = 8192
 
@@ -36,6 +47,12 @@ class VLLMEngine:
         seed: int = 0,
         gpu_memory_utilization: float = 0.3,
     ):
+        import os
+
+        # Before vLLM is imported: Triton reads it when kernels are compiled, in this process or
+        # in the engine-core process that inherits the environment.
+        for k, v in fp32_exact_env(dtype, torch.cuda.is_available()).items():
+            os.environ.setdefault(k, v)
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(

@@ -335,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                                                          if (ROOT / "models" / "smollm2").is_dir() else None)
 
     if result["environment"]["cuda"]:
-        result["problems"].append("CUDA is visible: VLLMEngine uses the GPU but HFEngine stays on the CPU "
-                                  "(actors/engine.py never moves it), so vLLM / HF compares devices, not engines")
+        # Both engines take the GPU when one is visible (VLLMEngine through vLLM, HFEngine on cuda:0),
+        # so the engine comparison compares engines on the same device.
+        result["environment"]["engines_device"] = "cuda:0"
     if not args.skip_pipeline:
         print(f"[bench] GRPO pipeline: {args.steps} steps on {tiny}", flush=True)
         result["pipeline"] = bench_pipeline(tiny, args.steps, out, args.keep_checkpoints)
