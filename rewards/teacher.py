@@ -1,9 +1,10 @@
 """TeacherScorer: teacher log-probs of the student's sampled tokens (RLAD, OPD, KEPO, DPO-ref).
 
 One forward pass of the frozen teacher over (prompt + response) per rollout, batched; returns
-the sampled-token log-prob (one float per token) and, when asked, the teacher's top-k rows
-(ids + log-probs) for KEPO's forward-KL / JSD. Hints for KEPO's knowledge-enhanced
-exploration come from the teacher as a generator (``generate``).
+per response token the sampled token's log-prob (float32) and, when asked, the teacher's dense
+signal as tensors: the top-k ids (int32) and log-probs (float16) plus the log-mass outside them
+(float32, computed here where the whole row is known), or whole rows (float16). Hints for KEPO's
+knowledge-enhanced exploration come from the teacher as a generator (``generate``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,21 @@ import time
 import torch
 
 from protege.cluster.records import TeacherScores, TrainRow
-from protege.learners.batching import collate
+from protege.env import configure_node_defaults
+from protege.learners.batching import collate, to_device
+
+# Top-k and full-row log-probs travel in float16: half the bytes of float32, and its 11-bit
+# mantissa keeps a log-prob of −10 to ±0.005, far below what a distillation loss can resolve.
+# The sampled token's log-prob (RLAD's ratio, OPD's sampled estimator) and the tail mass stay
+# float32.
+PAYLOAD_DTYPE = torch.float16
 
 
 class TeacherScorer:
     def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, temperature: float = 1.0,
                  engine: str = "vllm", max_model_len: int = 512, kv_cache_bytes: int = 128 << 20,
                  gpu_memory_utilization: float = 0.3):
+        configure_node_defaults()  # this node's hardware decides, before the model and engine load
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_path, self.dtype, self.engine_kind = model, dtype, engine
@@ -36,29 +45,35 @@ class TeacherScorer:
         self.temperature = temperature if temperature > 0 else 1.0
 
     @torch.no_grad()
-    def score(self, items: list[tuple[list[int], list[int]]], top_k: int = 0) -> dict:
+    def score(self, items: list[tuple[list[int], list[int]]], top_k: int = 0, full: bool = False) -> dict:
+        """Scores for each (prompt ids, response ids). Returns {"scores": [TeacherScores],
+        "seconds", "bytes" (payload size), "tokens"}."""
+        from protege.learners.losses import tail_logprob
+
         t0 = time.perf_counter()
         out: list[TeacherScores] = []
         for i in range(0, len(items), self.batch_size):
             chunk = items[i : i + self.batch_size]
-            b = collate([TrainRow(prompt_ids=p, response_ids=r) for p, r in chunk], self.pad_id)
-            logits = self.model(input_ids=b["input_ids"].to(self.device),
-                                attention_mask=b["attention_mask"].to(self.device)).logits[:, :-1]
-            pos = b["resp_pos"].to(self.device)
-            rows = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+            b = to_device(collate([TrainRow(prompt_ids=p, response_ids=r) for p, r in chunk], self.pad_id), self.device)
+            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            rows = torch.gather(logits, 1, b["resp_pos"][..., None].expand(-1, -1, logits.shape[-1]))
             logp = (rows.float() / self.temperature).log_softmax(-1)  # [B, T, V]
-            lp = logp.gather(-1, b["targets"].to(self.device)[..., None])[..., 0].cpu()
+            lp = logp.gather(-1, b["targets"][..., None])[..., 0].cpu()
             if top_k:
                 vals, ids = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
-                vals, ids = vals.cpu(), ids.cpu()
+                tail = tail_logprob(vals).cpu()
+                vals, ids = vals.to(PAYLOAD_DTYPE).cpu(), ids.to(torch.int32).cpu()
+            rows_out = logp.to(PAYLOAD_DTYPE).cpu() if full else None
             for j, (_, resp) in enumerate(chunk):
                 n = len(resp)
-                ts = TeacherScores(logprobs=lp[j, :n].tolist())
+                ts = TeacherScores(logprobs=lp[j, :n].clone())
                 if top_k:
-                    ts.topk_ids = ids[j, :n].tolist()
-                    ts.topk_logprobs = vals[j, :n].tolist()
+                    ts.topk_ids, ts.topk_logprobs, ts.tail_logprobs = ids[j, :n].clone(), vals[j, :n].clone(), tail[j, :n].clone()
+                if full:
+                    ts.full_logprobs = rows_out[j, :n].clone()
                 out.append(ts)
-        return {"scores": out, "seconds": time.perf_counter() - t0}
+        return {"scores": out, "seconds": time.perf_counter() - t0, "bytes": sum(s.nbytes() for s in out),
+                "tokens": sum(len(r) for _, r in items)}
 
     @torch.no_grad()
     def sequence_logprobs(self, items: list[tuple[list[int], list[int]]]) -> list[float]:
@@ -68,7 +83,7 @@ class TeacherScorer:
             scores = self.score(items)["scores"]
         finally:
             self.temperature = saved
-        return [sum(s.logprobs) for s in scores]
+        return [float(s.logprobs.sum()) for s in scores]
 
     def generate(self, prompts: list[list[int]], *, n: int = 1, temperature: float = 0.0, max_tokens: int = 64,
                  seed: int | None = None) -> list[list[str]]:
