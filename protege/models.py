@@ -52,6 +52,11 @@ __all__ = [
     "tokenizers_match",
     "ensure_demo_models",
     "is_converted_model",
+    "is_hub_id",
+    "hub_offline",
+    "model_config_file",
+    "has_weights",
+    "kv_cache_bytes_per_token",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -674,6 +679,66 @@ def prune_layers(src: str | os.PathLike, out: str | os.PathLike, *, keep_every: 
 # --------------------------------------------------------------------------------------------------
 # Loading and tokenizer checks
 # --------------------------------------------------------------------------------------------------
+
+def is_hub_id(name: str) -> bool:
+    """Could ``name`` be a Hugging Face hub id (``org/name`` or ``name``)? A path such as
+    ``models/tiny/student`` or ``./m`` cannot."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not name.startswith((".", "~"))
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set: a model not in the local cache cannot be fetched."""
+    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def model_config_file(name_or_path: str | os.PathLike, revision: str | None = None) -> Path | None:
+    """``config.json`` of a local model folder, or of a hub model already in the local Hugging Face
+    cache; None when there is none here (a hub id would be downloaded on first load)."""
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.is_dir():
+        return path / "config.json" if (path / "config.json").is_file() else None
+    name = os.fspath(name_or_path)
+    if not is_hub_id(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json", revision=revision)
+    return Path(found) if isinstance(found, str) else None  # None, or a "known not to exist" marker
+
+
+def has_weights(folder: str | os.PathLike) -> bool:
+    """Does a model folder hold weight files (any format transformers / vLLM read)?"""
+    return any(f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES) for f in Path(folder).iterdir())
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_cache_bytes_per_token(config: dict, dtype: str) -> int | None:
+    """Bytes of KV cache one token takes in a standard decoder: layers × 2 (K and V) × KV heads ×
+    head dim × dtype size. None for layouts this formula does not describe (sliding-window or
+    linear-attention layers, MLA): those hold less, and the engine checks them itself."""
+    cfg = config.get("text_config") or config  # multimodal configs nest the language model
+    layers, heads = cfg.get("num_hidden_layers"), cfg.get("num_attention_heads")
+    if not layers or not heads or cfg.get("kv_lora_rank"):
+        return None
+    if set(cfg.get("layer_types") or ["full_attention"]) != {"full_attention"}:
+        return None
+    if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):  # Qwen2 says False
+        return None
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads)
+    if not head_dim:
+        return None
+    return layers * 2 * kv_heads * head_dim * _DTYPE_BYTES[_DTYPES.get(dtype, dtype)]
+
 
 def load_causal_lm(name_or_path: str | os.PathLike, dtype: Any = "float32", **kwargs):
     """Load a causal LM from a local folder or a hub id (``"Qwen/Qwen2.5-0.5B-Instruct"``).
