@@ -23,6 +23,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _derive(model: BaseModel, name: str, value: Any) -> None:
+    """Give a field the user did not write a value that follows the fields they did write.
+
+    Stored past pydantic's assignment hook on purpose: the field stays out of
+    ``model_fields_set`` (it is still "not written"), so a dump with ``exclude_unset`` (what
+    ``--set`` re-validates) derives it again from the new values instead of freezing it.
+    Callers only pass values that already satisfy the field's own constraints.
+    """
+    model.__dict__[name] = value
+
+
+def _default(model: type[BaseModel], name: str) -> Any:
+    return model.model_fields[name].default
+
+
 # --------------------------------------------------------------------------- models
 class ModelRef(_Strict):
     """A causal LM: a Hugging Face hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) or a local folder."""
@@ -56,11 +71,14 @@ class DataSpec(_Strict):
     # Preference data for offline DPO (prompt, chosen, rejected).
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
-    eval_size: int = Field(default=32, ge=0, description="held-out examples for greedy evaluation")
+    eval_size: int = Field(default=32, ge=0, description=(
+        "held-out examples for greedy evaluation; unset: 32, at most half of the examples (data.size, "
+        "or the rows of a file), or eval.size when that is larger"))
     system_prompt: str | None = None
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataSpec":
+        self._follow_defaults()
         if self.source == "reasoning_gym" and not self.task:
             raise ValueError("task: source 'reasoning_gym' needs a task name")
         if self.source == "file" and not self.path:
@@ -68,6 +86,22 @@ class DataSpec(_Strict):
         if self.source == "reasoning_gym" and self.eval_size >= self.size:
             raise ValueError(f"eval_size: must be smaller than size ({self.size})")
         return self
+
+    def _follow_defaults(self) -> None:
+        written = self.model_fields_set
+        # `data: {path: rows.jsonl}` means a file, not a reasoning-gym task without a name.
+        if "source" not in written and self.path and not self.task:
+            _derive(self, "source", "file")
+        # `size: 16` alone must be valid: hold out at most half of a small generated set.
+        if "eval_size" not in written and self.source == "reasoning_gym":
+            _derive(self, "eval_size", min(_default(DataSpec, "eval_size"), self.size // 2))
+
+    def held_out(self, n_examples: int) -> int:
+        """How many of ``n_examples`` loaded rows to hold out: ``eval_size`` as written (too many is
+        then the user's error), else at most half, so a small file still leaves rows to train on."""
+        if "eval_size" in self.model_fields_set:
+            return self.eval_size
+        return min(self.eval_size, n_examples // 2)
 
 
 # --------------------------------------------------------------------------- algorithms
@@ -263,20 +297,23 @@ class CheckpointSpec(_Strict):
 
 class EvalSpec(_Strict):
     interval: int = Field(default=5, ge=1)
-    size: int = Field(default=32, ge=1, description="held-out prompts, greedy decoding")
+    size: int = Field(default=32, ge=1, description=(
+        "held-out prompts, greedy decoding; unset: 32, or data.eval_size when that is smaller"))
 
 
 class AutoscaleSpec(_Strict):
     """Ray Serve autoscaling of the student endpoint's replicas (Serve's defaults for the delays)."""
 
     min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=2, ge=1)
+    max_replicas: int = Field(default=2, ge=1, description="unset: 2, or min_replicas when that is larger")
     target_ongoing_requests: float = Field(default=4, gt=0, description="requests in flight per replica to aim for")
     upscale_delay_s: float = Field(default=30, ge=0, description="load must stay above target this long to add a replica")
     downscale_delay_s: float = Field(default=600, ge=0, description="load must stay below target this long to remove one")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscaleSpec":
+        if "max_replicas" not in self.model_fields_set and self.max_replicas < self.min_replicas:
+            _derive(self, "max_replicas", self.min_replicas)  # `min_replicas: 3` alone is valid
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas: must be at least min_replicas")
         return self
@@ -329,7 +366,9 @@ class JobSpec(_Strict):
     algorithm: AlgorithmSpec = Field(default_factory=GRPOSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     learner: LearnerSpec = Field(default_factory=LearnerSpec)
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="reasoning_gym")])
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="reasoning_gym")], description=(
+        "unset: the data's verifier (reasoning_gym for a task, exact_match for a file), plus "
+        "reward_model when models.reward_model is set"))
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
@@ -338,6 +377,7 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "JobSpec":
+        self._follow_defaults()
         algo = self.algorithm
         if algo.type in TEACHER_ALGORITHMS and self.models.teacher is None:
             raise ValueError(f"models.teacher: algorithm '{algo.type}' needs a teacher model")
@@ -355,7 +395,8 @@ class JobSpec(_Strict):
         if algo.type == "kepo" and algo.hint_replace > self.rollout.samples_per_prompt:
             raise ValueError("algorithm.hint_replace: cannot exceed rollout.samples_per_prompt")
         if self.eval.size > self.data.eval_size and self.data.eval_size > 0:
-            raise ValueError(f"eval.size: cannot exceed data.eval_size ({self.data.eval_size})")
+            raise ValueError(f"eval.size: cannot exceed data.eval_size ({self.data.eval_size}); lower it, "
+                             "or raise data.eval_size")
         names = [r.name for r in self.rewards]
         if "reward_model" in names and self.models.reward_model is None:
             raise ValueError("models.reward_model: the reward 'reward_model' needs a reward model "
@@ -370,6 +411,45 @@ class JobSpec(_Strict):
         if not self.rewards and algo.type not in {"sft", "opd"} and not (algo.type == "dpo" and algo.mode == "offline"):
             raise ValueError(f"rewards: algorithm '{algo.type}' needs at least one reward")
         return self
+
+    def _follow_defaults(self) -> None:
+        """Unset fields that depend on others take their value from them, so a spec is never
+        refused for a field its author did not write (an explicit conflict is still an error)."""
+        data, ev = self.data, self.eval
+        # `eval.size: 64` alone: hold out that many (when the generated set is large enough).
+        if ("eval_size" not in data.model_fields_set and "size" in ev.model_fields_set
+                and ev.size > data.eval_size and (data.source != "reasoning_gym" or ev.size < data.size)):
+            _derive(data, "eval_size", ev.size)
+        # `data.eval_size: 4` alone: evaluate on those 4 (0 turns evaluation off; size is unused).
+        if "size" not in ev.model_fields_set and data.eval_size > 0:
+            _derive(ev, "size", min(_default(EvalSpec, "size"), data.eval_size))
+        if "rewards" not in self.model_fields_set:
+            _derive(self, "rewards", self._default_rewards())
+
+    def fit_data(self, n_examples: int) -> None:
+        """The data turned out to have ``n_examples`` rows (a file): with data.eval_size unset, hold
+        out at most half of them, and let an unset eval.size follow."""
+        if "eval_size" in self.data.model_fields_set:
+            return
+        _derive(self.data, "eval_size", self.data.held_out(n_examples))
+        if "size" not in self.eval.model_fields_set and self.data.eval_size > 0:
+            _derive(self.eval, "size", min(_default(EvalSpec, "size"), self.data.eval_size))
+
+    def _default_rewards(self) -> list[RewardSpec]:
+        # The verifier that fits the data: reasoning-gym's own scorer for its tasks, exact match
+        # against the answer field for a file; and the reward model when the spec names one.
+        verifier = "reasoning_gym" if self.data.source == "reasoning_gym" else "exact_match"
+        rewards = [RewardSpec(name=verifier)]
+        if self.models.reward_model is not None:
+            rewards.append(RewardSpec(name="reward_model"))
+        return rewards
+
+    @property
+    def max_model_len(self) -> int:
+        """Tokens one sequence may hold in a rollout or teacher engine: the prompt, the longer of
+        the response and a KEPO hint, and 64 for the chat template around them."""
+        longest = max(self.rollout.max_new_tokens, getattr(self.algorithm, "hint_max_tokens", 0))
+        return self.rollout.max_prompt_tokens + longest + 64
 
     @property
     def run_uri(self) -> str | None:

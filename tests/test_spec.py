@@ -117,3 +117,91 @@ def test_cli_set_override_is_revalidated():
 def test_cli_help_explains():
     r = _cli("--help")
     assert r.returncode == 0 and "validate" in r.stdout and "models" in r.stdout
+
+
+# ------------------------------------------------------------------ defaults that follow the user
+# A field the user did not write takes its value from the ones they did; an explicit conflict is
+# still an error naming the field they wrote.
+def test_eval_size_follows_data_eval_size():
+    s = parse_spec(_minimal(data={"task": "chain_sum", "eval_size": 4}))
+    assert s.eval.size == 4 and "size" not in s.eval.model_fields_set
+    assert parse_spec(_minimal(data={"task": "chain_sum", "eval_size": 100})).eval.size == 32  # min with its default
+    assert parse_spec(_minimal(data={"task": "chain_sum", "eval_size": 0})).eval.size == 32  # no eval: unused
+    with pytest.raises(SpecError) as e:
+        parse_spec(_minimal(data={"task": "chain_sum", "eval_size": 4}, eval={"size": 8}))
+    assert e.value.errors[0][0] == "eval.size" and "cannot exceed data.eval_size (4)" in e.value.errors[0][1]
+
+
+def test_data_eval_size_follows_size_and_eval_size():
+    s = parse_spec(_minimal(data={"task": "chain_sum", "size": 16}))
+    assert (s.data.eval_size, s.eval.size) == (8, 8)  # at most half of a small generated set
+    assert parse_spec(_minimal(data={"task": "chain_sum", "size": 1})).data.eval_size == 0
+    s = parse_spec(_minimal(eval={"size": 64}))
+    assert (s.data.eval_size, s.eval.size) == (64, 64)  # hold out what will be evaluated
+    with pytest.raises(SpecError) as e:
+        parse_spec(_minimal(data={"task": "chain_sum", "size": 16, "eval_size": 16}))
+    assert e.value.errors == [("data.eval_size", "must be smaller than size (16)")]
+    with pytest.raises(SpecError) as e:  # eval.size as written cannot fit: it is what the user must change
+        parse_spec(_minimal(data={"task": "chain_sum", "size": 16}, eval={"size": 20}))
+    assert e.value.errors[0][0] == "eval.size"
+
+
+def test_data_source_follows_path():
+    s = parse_spec({"models": {"student": {"path": "s"}}, "data": {"path": "rows.jsonl"}})
+    assert s.data.source == "file" and [r.name for r in s.rewards] == ["exact_match"]
+    with pytest.raises(SpecError, match="data.task: source 'reasoning_gym' needs a task name"):
+        parse_spec({"models": {"student": {"path": "s"}}, "data": {"source": "reasoning_gym", "path": "rows.jsonl"}})
+
+
+def test_rewards_follow_data_and_reward_model():
+    file_data = {"source": "file", "path": "rows.jsonl"}
+    assert [r.name for r in parse_spec(_minimal(data=file_data)).rewards] == ["exact_match"]
+    s = parse_spec(_minimal(models={"student": {"path": "s"}, "reward_model": {"path": "r"}}))
+    assert [r.name for r in s.rewards] == ["reasoning_gym", "reward_model"]
+    with pytest.raises(SpecError) as e:  # written rewards are taken as written
+        parse_spec(_minimal(data=file_data, rewards=[{"name": "reasoning_gym"}]))
+    assert e.value.errors[0][0] == "rewards"
+    with pytest.raises(SpecError, match="no reward uses it"):
+        parse_spec(_minimal(models={"student": {"path": "s"}, "reward_model": {"path": "r"}},
+                            rewards=[{"name": "exact_match"}]))
+
+
+def test_max_replicas_follows_min_replicas():
+    s = parse_spec(_minimal(serve={"autoscale": {"min_replicas": 3}}))
+    assert (s.serve.autoscale.min_replicas, s.serve.autoscale.max_replicas) == (3, 3)
+    assert parse_spec(_minimal()).serve.autoscale.max_replicas == 2
+
+
+def test_derived_fields_stay_unwritten_and_round_trip():
+    s = parse_spec(_minimal(data={"task": "chain_sum", "eval_size": 4}))
+    assert s.model_dump(exclude_unset=True) == _minimal(data={"task": "chain_sum", "eval_size": 4})
+    assert parse_spec(json.loads(s.model_dump_json())) == s  # what we print loads back
+
+
+def test_cli_set_derives_again(tmp_path):
+    """--set re-validates what the user wrote, so an unset field follows the new value."""
+    from protege.cli import _apply_overrides
+
+    s = parse_spec(_minimal(data={"task": "chain_sum", "eval_size": 4}))
+    assert _apply_overrides(s, ["data.eval_size=8"]).eval.size == 8
+    assert _apply_overrides(s, ["data.size=6"]).data.eval_size == 4  # written: kept (4 < 6)
+    t = parse_spec(_minimal(data={"task": "chain_sum"}))
+    assert _apply_overrides(t, ["data.size=10"]).data.eval_size == 5
+
+
+def test_fit_data_follows_a_small_file():
+    s = parse_spec(_minimal(data={"source": "file", "path": "rows.jsonl"}))
+    s.fit_data(10)
+    assert (s.data.eval_size, s.eval.size) == (5, 5)
+    assert parse_spec(json.loads(s.model_dump_json())) == s
+    t = parse_spec(_minimal(data={"source": "file", "path": "rows.jsonl", "eval_size": 9}))
+    t.fit_data(10)
+    assert t.data.eval_size == 9  # written: kept (the pre-flight check says whether it fits)
+    assert t.data.held_out(10) == 9 and s.data.held_out(4) == 2
+
+
+def test_max_model_len_covers_kepo_hints():
+    assert parse_spec(_minimal(rollout={"max_new_tokens": 16, "max_prompt_tokens": 100})).max_model_len == 180
+    kepo = _minimal(algorithm={"type": "kepo", "hint_max_tokens": 50}, rollout={"max_new_tokens": 16},
+                    models={"student": {"path": "s"}, "teacher": {"path": "t"}})
+    assert parse_spec(kepo).max_model_len == 256 + 50 + 64
