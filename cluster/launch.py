@@ -212,7 +212,7 @@ def start_learners(spec, roles: Roles, bundle: dict[str, float] | None = None) -
             LearnerActor.options(**_opts(pg, rank, bundle)).remote(
                 rank=rank, world_size=spec.learner.ranks, model_path=spec.models.student.path, learner_spec=spec.learner,
                 algo=algo, temperature=spec.rollout.temperature, grad_accum=roles.grad_accum,
-                seed=spec.seed, needs_ref=needs_ref,
+                seed=spec.seed, needs_ref=needs_ref, max_response_tokens=spec.rollout.max_new_tokens,
             )
         )
     addr, port = ray.get(_rendezvous.options(

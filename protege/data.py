@@ -285,17 +285,29 @@ def _short(value: Any, limit: int = 40) -> str:
 
 
 def split(examples: list[Any], *, eval_size: int, seed: int) -> tuple[list[Any], list[Any]]:
-    """Deterministic train/eval split; both parts keep the input order.
+    """Deterministic train/eval split, disjoint by question; both parts keep the input order.
+
+    ``eval_size`` distinct questions (same prompt text = same question) are held out, one example
+    each, and *every* copy of them leaves the training set: a generated task with a small question
+    space repeats questions, and a split by row would then test on questions seen in training.
 
     >>> split(list("abcdef"), eval_size=2, seed=0)
     (['a', 'b', 'd', 'f'], ['c', 'e'])
+    >>> split(list("abcabd"), eval_size=2, seed=0)
+    (['b', 'b', 'd'], ['a', 'c'])
     """
-    if not 0 <= eval_size < len(examples):
-        raise DataError(f"eval_size must be >= 0 and < the number of examples ({len(examples)}), got {eval_size}")
-    order = list(range(len(examples)))
+    keys = [getattr(ex, "prompt", ex) for ex in examples]
+    first: dict[Any, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    if not 0 <= eval_size < len(first):
+        raise DataError(f"eval_size must be >= 0 and < the number of distinct questions ({len(first)}"
+                        f"{f' in {len(examples)} examples' if len(first) != len(examples) else ''}), got {eval_size}")
+    order = list(first.values())
     random.Random(seed).shuffle(order)
     held_out = set(order[:eval_size])
-    train = [ex for i, ex in enumerate(examples) if i not in held_out]
+    held_keys = {keys[i] for i in held_out}
+    train = [ex for ex, k in zip(examples, keys) if k not in held_keys]
     return train, [examples[i] for i in sorted(held_out)]
 
 

@@ -199,6 +199,19 @@ def test_split_is_deterministic_and_disjoint():
             split(data, eval_size=bad, seed=1)
 
 
+def test_split_holds_out_questions_not_rows():
+    """A generated task repeats questions: 200 rows over 20 distinct prompts. Holding out 5 must
+    take every copy of those 5 out of training, and keep one copy of each in the eval set."""
+    data = [Example(f"prompt {i % 20}", str(i % 20), {}) for i in range(200)]
+    train, held_out = split(data, eval_size=5, seed=3)
+    held = {e.prompt for e in held_out}
+    assert len(held_out) == len(held) == 5
+    assert not held & {e.prompt for e in train}
+    assert len(train) == 150
+    with pytest.raises(DataError, match="distinct questions \\(20 in 200 examples\\)"):
+        split(data, eval_size=20, seed=3)
+
+
 def test_prompt_stream_epochs_and_resume():
     data = _examples(10)
     uninterrupted = PromptStream(data, seed=3)
