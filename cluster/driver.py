@@ -23,6 +23,7 @@ import ray
 import torch
 
 from protege.cluster import checkpoints, hints, storage
+from protege.cluster.gpu_status import gpu_warnings
 from protege.cluster.jobdata import Encoder, load_job_data
 from protege.actors.rollout import StaleWeights
 from protege.cluster.launch import Roles, connect, gather, start_learners, start_roles
@@ -49,6 +50,8 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
     enc = Encoder(tok, system_prompt=spec.data.system_prompt, max_prompt_tokens=spec.rollout.max_prompt_tokens)
     if spec.run_uri:  # a missing backend, bad credentials or an unwritable bucket fail here, too
         _open_remote_run(spec, resume)
+    for w in gpu_warnings(spec):
+        print(f"warning: {w}", file=sys.stderr)
     connect()
     roles = start_roles(spec)
     start = (checkpoints.read_state(c)["step"] if resume and (c := checkpoints.latest(location)) else 0)
@@ -160,11 +163,13 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
         reward_refs = _submit_scoring(roles, rollouts, [batch_examples[r.example_index] for r in rollouts])
         teacher_ref = None
         if roles.teacher is not None and spec.needs_teacher_scoring() and rollouts:
-            top_k = algo.top_k if algo.type == "kepo" and algo.divergence != "reverse_kl" else 0
-            teacher_ref = roles.teacher.score.remote([(r.prompt_ids, r.sample.response_ids) for r in rollouts], top_k)
+            ask = spec.teacher_request()
+            teacher_ref = roles.teacher.score.remote([(r.prompt_ids, r.sample.response_ids) for r in rollouts],
+                                                     ask.top_k, ask.full)
         scored = ray.get([*reward_refs, *([teacher_ref] if teacher_ref is not None else [])])
         scores = _combine_scores(spec, *scored[:len(reward_refs)]) if rollouts else []
         teacher = scored[-1]["scores"] if teacher_ref is not None else None
+        teacher_metrics = _teacher_metrics(scored[-1]) if teacher_ref is not None else {}
         _count_scorer_restarts(run_dir, roles, faults)
         t_score = time.perf_counter() - t0
 
@@ -193,7 +198,8 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
             pending = _submit_generation(spec, roles, enc, stream, step, version)
 
         # 6. metrics, eval, checkpoint
-        m = {**learner_metrics, **credit_metrics, **explore_metrics, **faults, **sync_metrics, **_rollout_metrics(spec, rollouts, scores, version)}
+        m = {**learner_metrics, **credit_metrics, **explore_metrics, **faults, **sync_metrics, **teacher_metrics,
+             **_rollout_metrics(spec, rollouts, scores, version)}
         m.update({"time/generate": t_gen, "time/score": t_score, "time/train": t_train,
                   "time/sync": sync_metrics.get("sync/seconds", 0.0), "time/step": time.perf_counter() - t_step,
                   "rollout/tokens_per_s": sum(g["tokens"] for g in gen) / max(t_gen, 1e-9)})
@@ -335,13 +341,20 @@ def _explore_with_hints(spec, roles: Roles, enc: Encoder, rollouts, scores, teac
         m["kepo/injected"] += k
     if changed and teacher is not None:
         # Teacher log-probs of the injected responses under the hint-free prompt.
-        top_k = algo.top_k if algo.divergence != "reverse_kl" else 0
+        ask = spec.teacher_request()
         fresh = ray.get(roles.teacher.score.remote([(rollouts[i].prompt_ids, rollouts[i].sample.response_ids)
-                                                    for i in changed], top_k))["scores"]
+                                                    for i in changed], ask.top_k, ask.full))["scores"]
         teacher = list(teacher)
         for i, t in zip(changed, fresh):
             teacher[i] = t
     return rollouts, scores, teacher, m
+
+
+def _teacher_metrics(result: dict) -> dict:
+    """What the teacher's signal costs: bytes per response token it moves, and its seconds
+    (the scorer's share of the step is time/score beside the other phases)."""
+    return {"teacher/bytes_per_token": result["bytes"] / max(1, result["tokens"]),
+            "teacher/seconds": result["seconds"]}
 
 
 def _rows_for_step(spec, roles: Roles, enc, rollouts, rewards, teacher, examples) -> tuple[list[TrainRow], dict]:
@@ -372,10 +385,8 @@ def _learner_step(spec, roles: Roles, rows: list[TrainRow], version: int) -> dic
         for r, v in zip(rows, ref):
             r.ref_seq_logprob = v
     shards = shard_rows(rows, len(roles.learners), group=2 if pairs else 1)
-    global_tokens = sum(len(r.response_ids) for r in rows)
     out = gather([
-        ln.train_step.remote(TrainBatch(rows=shard, policy_version=version, global_tokens=global_tokens,
-                                        global_rows=len(rows), pairs=pairs))
+        ln.train_step.remote(TrainBatch(rows=shard, policy_version=version, pairs=pairs))
         for ln, shard in zip(roles.learners, shards)
     ])
     return out[0]  # ranks agree on the loss; rank 0 speaks for the group

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -109,6 +110,18 @@ LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 KlEstimator = Literal["k1", "k2", "k3"]
 
 
+@dataclass(frozen=True)
+class TeacherRequest:
+    """What the teacher scorer returns per response token besides the sampled token's log-prob."""
+
+    top_k: int = 0  # > 0: the teacher's top-k ids and log-probs, plus the log-mass outside them
+    full: bool = False  # whole log-prob rows over the vocabulary
+
+    @classmethod
+    def for_estimator(cls, estimator: str, top_k: int) -> TeacherRequest:
+        return cls(top_k=top_k if estimator in ("topk", "topk_renorm") else 0, full=estimator == "full")
+
+
 class _PolicyGradient(_Strict):
     """Options shared by the GRPO family (DeepSeekMath GRPO, DAPO clip-higher, Dr. GRPO)."""
 
@@ -150,18 +163,35 @@ class KEPOSpec(_PolicyGradient):
     distill_coef: float = Field(default=1.0, ge=0)
     gate_threshold: float = Field(default=1.0, description="τ: distil responses whose accuracy reward ≥ τ")
     divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
-    top_k: int = Field(default=16, ge=1, le=1024, description="teacher top-k rows for forward_kl / jsd")
+    estimator: Literal["auto", "sampled", "topk", "topk_renorm", "full"] = Field(
+        default="auto", description="what of the teacher's distribution the distillation term sees; auto: the "
+        "sampled token for reverse_kl, the top-k renormalised over k for forward_kl / jsd")
+    top_k: int = Field(default=16, ge=1, le=1024, description="teacher top-k rows (estimators topk, topk_renorm)")
     jsd_beta: float = Field(default=0.5, gt=0, lt=1)
     hints: bool = Field(default=True, description="knowledge-enhanced exploration on all-zero groups")
     hint_attempts: int = Field(default=4, ge=1, description="N: rejection-sampling attempts with the hint")
     hint_replace: int = Field(default=2, ge=1, description="m: group members replaced by accepted responses")
     hint_max_tokens: int = Field(default=64, ge=1)
 
+    @model_validator(mode="after")
+    def _estimator_fits(self) -> KEPOSpec:
+        if self.estimator == "sampled" and self.divergence != "reverse_kl":
+            raise ValueError(f"estimator: 'sampled' gives reverse_kl only, not {self.divergence}; use topk or full")
+        return self
+
+    def teacher_request(self) -> TeacherRequest:
+        est = self.estimator if self.estimator != "auto" else ("sampled" if self.divergence == "reverse_kl" else "topk_renorm")
+        return TeacherRequest.for_estimator(est, self.top_k)
+
 
 class OPDSpec(_Strict):
     """On-policy distillation: per-token reverse KL to the teacher on student samples (GKD, λ=1)."""
 
     type: Literal["opd"] = "opd"
+    estimator: Literal["sampled", "topk", "full"] = Field(
+        default="sampled", description="sampled: the sampled token's log-prob (one number per token); topk: the "
+        "teacher's top_k plus a tail bucket; full: whole vocabulary rows (exact; small vocabularies)")
+    top_k: int = Field(default=32, ge=1, le=1024, description="teacher top-k rows for estimator topk")
     grpo_coef: float = Field(default=0.0, ge=0, description="> 0 adds the GRPO loss with this weight")
     opd_coef: float = Field(default=1.0, gt=0)
     eps_low: float = Field(default=0.2, gt=0, lt=1)
@@ -169,6 +199,9 @@ class OPDSpec(_Strict):
     adv_std_norm: bool = True
     loss_agg: LossAgg = "token-mean"
     max_staleness: int = Field(default=0, ge=0, le=4)
+
+    def teacher_request(self) -> TeacherRequest:
+        return TeacherRequest.for_estimator(self.estimator, self.top_k)
 
 
 class DPOSpec(_Strict):
@@ -471,6 +504,12 @@ class JobSpec(_Strict):
 
     def needs_teacher_scoring(self) -> bool:
         return self.algorithm.type in TEACHER_ALGORITHMS
+
+    def teacher_request(self) -> TeacherRequest:
+        """The teacher's dense signal this algorithm trains on (none beyond the sampled token's
+        log-prob for RLAD, for OPD's and KEPO's sampled estimators)."""
+        ask = getattr(self.algorithm, "teacher_request", None)
+        return ask() if ask is not None else TeacherRequest()
 
 
 # --------------------------------------------------------------------------- loading
