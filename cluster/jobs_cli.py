@@ -9,7 +9,8 @@
 
 The address defaults to $RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265. Ray's token (token
 auth is on by default in Ray 2.60) is read from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or
-~/.ray/auth_token. Exit codes: 0 ok, 1 the cluster said no (or no such job), 2 invalid spec.
+~/.ray/auth_token. Exit codes: 0 ok, 1 the cluster said no (or no such job), 2 invalid spec
+(or a pre-flight check failed: one line naming the field).
 ``register(subparsers)`` adds the commands to the main ``protege`` parser.
 """
 
@@ -93,9 +94,15 @@ def _guard(fn):
 
 
 def cmd_submit(args) -> int:
-    from protege.cli import _apply_overrides, _load  # exit 2 with every field error, before any network call
+    from protege.cli import EXIT_INVALID, _apply_overrides, _load  # exit 2 with every field error, before any network call
+    from protege.cluster.preflight import UserError, for_submit
 
     spec = _apply_overrides(_load(args.spec), args.set)
+    try:
+        for_submit(spec)  # what can be checked here: the task, the KV cache, an uploaded data file
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
     return _submit(args, spec)
 
 
