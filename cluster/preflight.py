@@ -180,34 +180,59 @@ def check_task(spec) -> None:
                         f"{d.task_config}: {_first_line(err)}") from None
 
 
-def check_data_file(spec) -> int | None:
-    """Read every row of a data file as the job will (missing file, permissions, a bad row at its
-    line); returns the number of rows, None for a reasoning-gym task."""
+def _examples(spec) -> list:
+    """The job's examples, loaded as the driver will load them."""
     d = spec.data
-    if d.source != "file":
-        return None
+    if d.source == "reasoning_gym":
+        from protege.data import DataError, load_reasoning_gym
+
+        check_task(spec)  # the name and the config, naming the field at fault
+        try:
+            return load_reasoning_gym(d.task, size=d.size, seed=d.seed, config=d.task_config)
+        except DataError as err:
+            raise UserError("data.task_config", str(err)) from None
+        except Exception as err:  # an entry past the first failed to generate with this config
+            raise UserError("data.task_config", f"reasoning-gym task {d.task!r} cannot generate with "
+                            f"{d.task_config}: {_first_line(err)}") from None
     from protege.data import load_file, load_preferences
 
     if spec.algorithm.type == "dpo" and spec.algorithm.mode == "offline":
-        rows = _data_error("data.path", load_preferences, d.path, prompt_field=d.prompt_field,
+        return _data_error("data.path", load_preferences, d.path, prompt_field=d.prompt_field,
                            chosen_field=d.chosen_field, rejected_field=d.rejected_field)
-    else:
-        rows = _data_error("data.path", load_file, d.path, prompt_field=d.prompt_field, answer_field=d.answer_field)
-    n = len(rows)
-    if d.held_out(n) >= n:
-        raise UserError("data.eval_size", f"holding out {d.eval_size} of the {n} rows of {d.path} leaves none to "
-                        f"train on; set it below {n} (0 turns evaluation off)")
-    return n
+    return _data_error("data.path", load_file, d.path, prompt_field=d.prompt_field, answer_field=d.answer_field)
 
 
-def fit_data(spec, rows: int) -> None:
-    """Let unset eval sizes follow the file's real length; an explicit eval.size that no longer fits
-    is the user's to change."""
-    spec.fit_data(rows)
+def _where(spec) -> str:
+    d = spec.data
+    return f"in {d.path}" if d.source == "file" else f"among the {d.size} examples generated for {d.task}"
+
+
+def check_data(spec) -> int:
+    """Load the data as the job will (a missing or unreadable file, a bad row at its line, a task
+    that cannot generate) and return its number of distinct questions: the split holds out whole
+    questions, so that is what data.eval_size must stay below."""
+    distinct = len({ex.prompt for ex in _examples(spec)})
+    d = spec.data
+    if d.held_out(distinct) >= distinct:
+        raise UserError("data.eval_size", f"holding out {d.eval_size} of the {distinct} distinct questions "
+                        f"{_where(spec)} leaves none to train on; set it below {distinct} (0 turns evaluation off)")
+    return distinct
+
+
+def check_data_file(spec) -> int | None:
+    """:func:`check_data` for a data file (a reasoning-gym task is generated, not read); else None."""
+    return check_data(spec) if spec.data.source == "file" else None
+
+
+def fit_data(spec, distinct: int) -> None:
+    """Let unset eval sizes follow the data's real number of distinct questions; an explicit
+    eval.size that no longer fits is the user's to change."""
+    spec.fit_data(distinct)
     d, ev = spec.data, spec.eval
     if 0 < d.eval_size < ev.size:
-        raise UserError("eval.size", f"{ev.size} is more than the {d.eval_size} rows held out of the {rows} in "
-                        f"{d.path} (data.eval_size unset holds out at most half); lower it, or set data.eval_size")
+        raise UserError("eval.size", f"{ev.size} is more than the {d.eval_size} questions held out of the {distinct} "
+                        f"distinct ones {_where(spec)} (data.eval_size unset holds out at most half); lower it, "
+                        "or set data.eval_size")
 
 
 # --------------------------------------------------------------------------- Ray, ports
@@ -344,24 +369,18 @@ def check_bucket(spec, *, write: bool = True) -> None:
 
 
 # --------------------------------------------------------------------------- per command
-def local_checks(spec) -> int | None:
-    """Model folders and the data file as this machine sees them; returns the data file's rows."""
-    check_models(spec)
-    return check_data_file(spec)
-
-
 def portable_checks(spec) -> None:
-    """True of the spec on any machine with the same packages and models."""
+    """True of the spec on any machine with the same packages and models (and cheap: the task's
+    first entry is generated, not the whole set)."""
     check_task(spec)
     check_kv_cache(spec)
 
 
 def for_run(spec, *, dry_run: bool = False) -> None:
     """Everything ``protege run`` needs, cheapest first; nothing is started or (for a dry run) written."""
-    rows = local_checks(spec)
-    if rows is not None:
-        fit_data(spec, rows)
-    portable_checks(spec)
+    check_models(spec)
+    fit_data(spec, check_data(spec))
+    check_kv_cache(spec)
     check_ray_address()
     if spec.serve.enabled and serving_here():
         check_port(spec.serve.host, spec.serve.port)

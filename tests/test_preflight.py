@@ -246,7 +246,19 @@ def test_eval_size_follows_a_small_file(tmp_path, tiny_models, capsys, no_start)
     assert code == 2 and "leaves none to train on" in _one_error(err, "data.eval_size")
     too_many = _file_spec(tmp_path, tiny_models, rows, **{"eval.size": 5})
     code, err = _run(capsys, "run", str(too_many), "--dry-run")
-    assert code == 2 and "more than the 3 rows held out" in _one_error(err, "eval.size")
+    assert code == 2 and "more than the 3 questions held out of the 6" in _one_error(err, "eval.size")
+
+
+def test_eval_size_counts_distinct_questions(tmp_path, tiny_models, capsys, no_start):
+    """The split holds out whole questions (every copy leaves training): 8 rows, 2 questions."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i % 2}+1", "answer": str(i % 2 + 1)}) + "\n" for i in range(8)))
+    spec = parse_spec(yaml.safe_load(_file_spec(tmp_path, tiny_models, rows).read_text()))
+    preflight.for_run(spec, dry_run=True)
+    assert (spec.data.eval_size, spec.eval.size) == (1, 1)
+    written = _file_spec(tmp_path, tiny_models, rows, **{"data.eval_size": 2})
+    code, err = _run(capsys, "run", str(written), "--dry-run")
+    assert code == 2 and "of the 2 distinct questions" in _one_error(err, "data.eval_size")
 
 
 # ------------------------------------------------------------------------------ Ray, port
