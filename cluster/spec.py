@@ -73,8 +73,9 @@ class DataSpec(_Strict):
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
     eval_size: int = Field(default=32, ge=0, description=(
-        "held-out examples for greedy evaluation; unset: 32, at most half of the examples (data.size, "
-        "or the rows of a file), or eval.size when that is larger"))
+        "held-out questions for greedy evaluation (every copy of one leaves training); unset: 32, at "
+        "most half of the distinct questions (of data.size generated, or of a file's rows), or eval.size "
+        "when that is larger"))
     system_prompt: str | None = None
 
     @model_validator(mode="after")
@@ -98,8 +99,8 @@ class DataSpec(_Strict):
             _derive(self, "eval_size", min(_default(DataSpec, "eval_size"), self.size // 2))
 
     def held_out(self, n_examples: int) -> int:
-        """How many of ``n_examples`` loaded rows to hold out: ``eval_size`` as written (too many is
-        then the user's error), else at most half, so a small file still leaves rows to train on."""
+        """How many of ``n_examples`` distinct questions to hold out: ``eval_size`` as written (too
+        many is then the user's error), else at most half, so small data still leaves some to train on."""
         if "eval_size" in self.model_fields_set:
             return self.eval_size
         return min(self.eval_size, n_examples // 2)
@@ -460,8 +461,8 @@ class JobSpec(_Strict):
             _derive(self, "rewards", self._default_rewards())
 
     def fit_data(self, n_examples: int) -> None:
-        """The data turned out to have ``n_examples`` rows (a file): with data.eval_size unset, hold
-        out at most half of them, and let an unset eval.size follow."""
+        """The data turned out to have ``n_examples`` distinct questions (known once loaded): with
+        data.eval_size unset, hold out at most half of them, and let an unset eval.size follow."""
         if "eval_size" in self.data.model_fields_set:
             return
         _derive(self.data, "eval_size", self.data.held_out(n_examples))
