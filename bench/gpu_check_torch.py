@@ -4,8 +4,8 @@ Needs only torch, transformers, tokenizers and safetensors (what a stock PyTorch
 plus DeepSpeed, pydantic and hjson, which ``bench/gpu_wheels.sh`` downloads as wheels to carry
 (under 64 MiB). No vLLM, no Ray, no network. Checks, each recorded with its numbers:
 
-1. ``train_steps``: the real ``Learner`` (DeepSpeed, in-process, world size 1) runs GRPO, OPD,
-   RLAD and KEPO-top-k train steps on rows that carry rollout, teacher and top-k log-probs, for
+1. ``train_steps``: the real ``Learner`` (DeepSpeed, in-process, world size 1) runs GRPO, OPD
+   (sampled and top-k), RLAD and KEPO-top-k train steps on rows that carry rollout, teacher and top-k log-probs, for
    ZeRO-0 and ZeRO-2 in fp32 and bf16: every tensor must be on the device (the first GPU step of
    every GRPO job used to fail on rollout_logprobs left on the CPU), the loss finite, the weights
    moved; step seconds, tokens/s and peak memory are recorded.
@@ -81,7 +81,8 @@ def _rows(n: int, resp: int, vocab: int, k: int, seed: int):
             rollout_logprobs=[-rnd.uniform(0.5, 6) for _ in range(R)],
             teacher_logprobs=[-rnd.uniform(0.1, 6) for _ in range(R)],
             teacher_topk_ids=[rnd.sample(range(vocab), k) for _ in range(R)],
-            teacher_topk_logprobs=[sorted((-rnd.uniform(0.1, 8) for _ in range(k)), reverse=True) for _ in range(R)],
+            teacher_topk_logprobs=[sorted((-rnd.uniform(3, 8) for _ in range(k)), reverse=True) for _ in range(R)],
+            teacher_tail_logprobs=[-rnd.uniform(0.05, 0.5) for _ in range(R)],
         ))
     return rows
 
@@ -112,8 +113,8 @@ def check_train_steps(model_dir: Path, device, quick: bool) -> list[dict]:
     from protege.cluster.records import TrainBatch
     from protege.learners.learner import Learner
 
-    algos = {"grpo": S.GRPOSpec(), "opd": S.OPDSpec(), "rlad": S.RLADSpec(alpha=0.5),
-             "kepo_topk_jsd": S.KEPOSpec(divergence="jsd")}
+    algos = {"grpo": S.GRPOSpec(), "opd": S.OPDSpec(), "opd_topk": S.OPDSpec(estimator="topk"),
+             "rlad": S.RLADSpec(alpha=0.5), "kepo_topk_jsd": S.KEPOSpec(divergence="jsd")}
     steps = 2 if quick else 6
     n_rows, resp = (8, 24) if quick else (32, 256)
     out = []
@@ -161,45 +162,57 @@ def check_train_steps(model_dir: Path, device, quick: bool) -> list[dict]:
 
 
 def check_dense_losses(device) -> list[dict]:
+    """The distillation losses over the teacher's dense signal on the device, in fp32 and bf16,
+    against float64 on the CPU: KEPO (sampled reverse KL, top-k renormalised forward KL, top-k +
+    tail JSD) and OPD (top-k + tail, full rows)."""
     import torch
 
     from protege.learners import losses
 
     out = []
     g = torch.Generator().manual_seed(0)
-    B, T, K = 8, 64, 32
+    B, T, K, V = 8, 64, 32, 256
     base = dict(
         lp=torch.randn(B, T, generator=g, dtype=torch.float64) - 2,
-        s_topk=torch.randn(B, T, K, generator=g, dtype=torch.float64) - 3,
-        t_topk=torch.randn(B, T, K, generator=g, dtype=torch.float64) - 3,
+        s_topk=torch.randn(B, T, K, generator=g, dtype=torch.float64) - 5,
+        t_topk=torch.randn(B, T, K, generator=g, dtype=torch.float64) - 5,
+        s_full=torch.randn(B, T, V, generator=g, dtype=torch.float64),
+        t_full=(2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)).log_softmax(-1),
         teacher=torch.randn(B, T, generator=g, dtype=torch.float64) - 2,
         adv=torch.randn(B, generator=g, dtype=torch.float64),
     )
 
-    def run(dev, dtype, divergence):
-        lp = base["lp"].to(dev, dtype).requires_grad_()
-        st = base["s_topk"].to(dev, dtype).requires_grad_()
+    def leaf(x, dev, dtype):
+        return x.detach().to(dev, dtype, copy=True).requires_grad_()
+
+    def run(dev, dtype, algo, divergence, estimator):
+        lp, st, sf = leaf(base["lp"], dev, dtype), leaf(base["s_topk"], dev, dtype), leaf(base["s_full"], dev, dtype)
         inp = losses.LossInputs(
             logprobs=lp, old_logprobs=base["lp"].to(dev, dtype), mask=torch.ones(B, T, device=dev, dtype=dtype),
             advantages=base["adv"].to(dev, dtype), teacher_logprobs=base["teacher"].to(dev, dtype),
             student_topk_logprobs=st, teacher_topk_logprobs=base["t_topk"].to(dev, dtype),
+            student_full_logprobs=sf.log_softmax(-1), teacher_full_logprobs=base["t_full"].to(dev, dtype),
             gate=(torch.arange(B, device=dev) % 2 == 0).to(dtype))
-        loss, _ = losses.kepo_loss(inp, divergence=divergence)
+        if algo == "kepo":
+            loss, _ = losses.kepo_loss(inp, divergence=divergence, estimator=estimator)
+        else:
+            loss, _ = losses.opd_loss(inp, estimator=estimator)
         loss.backward()
-        grad_topk = st.grad if st.grad is not None else torch.zeros_like(st)  # reverse_kl reads no top-k
-        return loss.detach().double().cpu(), grad_topk.double().cpu(), lp.grad.double().cpu()
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in (lp, st, sf)]
+        return [loss.detach().double().cpu()] + [x.double().cpu() for x in grads]
 
-    for divergence in ("reverse_kl", "forward_kl", "jsd"):
-        ref = run(torch.device("cpu"), torch.float64, divergence)
+    cases = [("kepo", "reverse_kl", "sampled"), ("kepo", "forward_kl", "topk_renorm"), ("kepo", "jsd", "topk"),
+             ("opd", "reverse_kl", "topk"), ("opd", "reverse_kl", "full")]
+    for algo, divergence, estimator in cases:
+        ref = run(torch.device("cpu"), torch.float64, algo, divergence, estimator)
         for dtype in (torch.float32, torch.bfloat16):
-            rec = {"loss": f"kepo/{divergence}", "dtype": str(dtype).removeprefix("torch."), "ok": False}
+            rec = {"loss": f"{algo}/{divergence}/{estimator}", "dtype": str(dtype).removeprefix("torch."), "ok": False}
             try:
-                got = run(device, dtype, divergence)
+                got = run(device, dtype, algo, divergence, estimator)
                 tol = 1e-4 if dtype == torch.float32 else 5e-2  # bf16 keeps 8 bits of mantissa
-                errs = [float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) if b.abs().max() > 0
-                        else float((a - b).abs().max()) for a, b in zip(got, ref)]
-                rec.update(ok=max(errs) < tol, rel_err_loss=errs[0], rel_err_grad_topk=errs[1],
-                           rel_err_grad_logprobs=errs[2], tolerance=tol)
+                errs = [float((a - b).abs().max() / b.abs().max()) if b.abs().max() > 0 else float((a - b).abs().max())
+                        for a, b in zip(got, ref)]
+                rec.update(ok=max(errs) < tol, rel_err_loss=errs[0], rel_err_grad=max(errs[1:]), tolerance=tol)
             except Exception as e:
                 rec["error"] = f"{type(e).__name__}: {e}"
             out.append(rec)

@@ -136,15 +136,6 @@ def _rendezvous() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
-def rows_per_step(spec) -> int:
-    a = spec.algorithm
-    if a.type == "dpo":
-        return 2 * spec.rollout.prompts_per_step
-    if a.type == "sft":
-        return spec.rollout.prompts_per_step
-    return spec.rollout.prompts_per_step * spec.rollout.samples_per_prompt
-
-
 def start_roles(spec) -> Roles:
     reqs = {q.role: q for q in role_requests(spec)}
     groups = reserve(list(reqs.values()), spec.resources.placement_timeout_s)
@@ -186,8 +177,9 @@ def start_roles(spec) -> Roles:
         )
     # Fixed micro-batch count per rank, so every rank runs the same number of forward/backward
     # calls each step (DeepSpeed collectives) whatever the batch's real size.
-    per_rank = math.ceil(rows_per_step(spec) / spec.learner.ranks)
-    roles.grad_accum = max(1, math.ceil(per_rank / spec.learner.micro_batch))
+    # grad_accum is per mini-batch: DeepSpeed steps the optimizer once per mini-batch.
+    per_rank = math.ceil(spec.rows_per_step() / spec.learner.ranks)
+    roles.grad_accum = max(1, math.ceil(per_rank / (spec.learner.micro_batch * spec.learner.mini_batches)))
     if must_wait_for_rollout(spec):
         gather([w.pid.remote() for w in roles.rollout])  # answers once __init__ (the engine) is done
     start_learners(spec, roles, reqs["learner"].bundle)

@@ -256,7 +256,10 @@ class LearnerSpec(_Strict):
     micro_batch: int = Field(default=8, ge=1, description="sequences per rank per forward")
     grad_clip: float = Field(default=1.0, gt=0)
     bf16: bool = False
-    updates_per_step: int = Field(default=1, ge=1, description="optimizer steps per rollout batch")
+    updates_per_step: int = Field(default=1, ge=1, description="passes over each rollout batch")
+    mini_batches: int = Field(default=1, ge=1, description=(
+        "optimizer steps per pass: the rollout batch is split into this many mini-batches (PPO), "
+        "π_old stays the batch's starting policy; optimizer steps per batch = updates_per_step × mini_batches"))
     weight_sync: Literal["auto", "object_store", "nccl"] = Field(
         default="object_store",
         description="object_store: safetensors blob via Ray (CPU and GPU, tested); nccl / auto: vLLM's "
@@ -419,6 +422,10 @@ class JobSpec(_Strict):
             raise ValueError("models.teacher: dpo with reference 'teacher' needs a teacher model")
         if algo.type == "sft" and algo.targets == "teacher" and self.models.teacher is None:
             raise ValueError("models.teacher: sft with targets 'teacher' needs a teacher model")
+        rows = self.rows_per_step() // self.learner.ranks
+        if self.learner.mini_batches > max(1, rows):
+            raise ValueError(f"learner.mini_batches: {self.learner.mini_batches} mini-batches need at least as many "
+                             f"rows per learner rank, and a step has {rows}")
         if algo.type == "dpo" and algo.mode == "offline" and self.data.source != "file":
             raise ValueError("data.source: offline dpo reads (prompt, chosen, rejected) rows from a file: set it to 'file'")
         needs_groups = algo.type in {"grpo", "rlad", "kepo"} or (algo.type == "dpo" and algo.mode == "online")
@@ -502,6 +509,15 @@ class JobSpec(_Strict):
     def run_location(self) -> str:
         """Where the run's durable files live: the URI, else the local run dir."""
         return self.run_uri or str(self.run_dir)
+
+    def rows_per_step(self) -> int:
+        """Training rows one step produces: pairs count twice (DPO), SFT one per prompt."""
+        a, r = self.algorithm, self.rollout
+        if a.type == "dpo":
+            return 2 * r.prompts_per_step
+        if a.type == "sft":
+            return r.prompts_per_step
+        return r.prompts_per_step * r.samples_per_prompt
 
     def needs_teacher_scoring(self) -> bool:
         return self.algorithm.type in TEACHER_ALGORITHMS

@@ -12,10 +12,15 @@ That is multiplied by (grad_accum × world_size), which DeepSpeed divides out ag
 1/grad_accum and averages gradients over ranks). The sum is then exactly the loss one process
 would compute over the whole batch, however the rows were split.
 
+Updates: ``updates_per_step`` passes over the batch, each of ``mini_batches`` optimizer steps
+(PPO's epochs × mini-batches); DeepSpeed's gradient accumulation spans one mini-batch
+(``grad_accum`` micro-batches), and each mini-batch is normalised by its own global counts.
+
 π_old: it is the weights at the start of the step, and DeepSpeed only steps the optimizer at the
-end of a pass over the micro-batches, so the first training forward already runs at π_old. Its
-detached log-probs are π_old's, and no separate forward is spent on them — unless the model has
-active dropout, where the training forward (train mode) is not π_old's eval-mode forward.
+end of a mini-batch, so the first mini-batch's training forward on the first pass runs at π_old.
+Its detached log-probs are π_old's, and no separate forward is spent on them — unless the model
+has active dropout, where the training forward (train mode) is not π_old's eval-mode forward.
+Later mini-batches train after a step, so their π_old is computed before the first update.
 """
 
 from __future__ import annotations
@@ -158,7 +163,7 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
     # ------------------------------------------------------------------ train
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One rollout batch: micro-batches on the device, the terms' global counts, then
-        ``updates_per_step`` passes (one optimizer step each)."""
+        ``updates_per_step`` passes of ``mini_batches`` optimizer steps each."""
         t0 = time.perf_counter()
         mbs = self.prepare(batch)
         counts = self.global_counts(mbs)
@@ -169,40 +174,50 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
         out["learner/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         return out
 
+    @property
+    def mini_batches(self) -> int:
+        return getattr(self.spec, "mini_batches", 1)
+
     def prepare(self, batch: TrainBatch) -> list[dict[str, torch.Tensor]]:
-        """Rows → micro-batches on the device, with the log-probs that need their own forward:
-        the reference model's, and π_old's when the training forward cannot stand in for it."""
+        """Rows → micro-batches on the device (``grad_accum`` per mini-batch), with the log-probs
+        that need their own forward: the reference model's, and π_old's where the training
+        forward cannot stand in for it (dropout; every mini-batch after the first, which trains
+        after an optimizer step)."""
         group = 2 if batch.pairs else 1
         mbs = [to_device(collate(mb, self.pad_id), self.device)
-               for mb in micro_batches(batch.rows, self.grad_accum, group=group)]
-        if self.ref is None and self.old_from_training_forward:
+               for mb in micro_batches(batch.rows, self.grad_accum * self.mini_batches, group=group)]
+        need_old = [not (self.old_from_training_forward and i < self.grad_accum) for i in range(len(mbs))]
+        if self.ref is None and not any(need_old):
             return mbs
         self.engine.eval()
         with torch.no_grad():
-            for b in mbs:
-                if not self.old_from_training_forward:
+            for b, old in zip(mbs, need_old):
+                if old:
                     b["old_logprobs"], _, _ = self._token_logprobs(self.engine, b)
                 if self.ref is not None:
                     b["ref_logprobs"], _, _ = self._token_logprobs(self.ref, b)
         self.engine.train()
         return mbs
 
-    def global_counts(self, mbs: list[dict]) -> dict[str, torch.Tensor]:
-        """Each loss term's count (tokens, rows, pairs, gated tokens) over every micro-batch of
-        every rank. Counts depend on masks, gates and weights only, so they are read off the loss
+    def global_counts(self, mbs: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Each loss term's count (tokens, rows, pairs, gated tokens) per mini-batch, over every
+        rank. Counts depend on masks, gates and weights only, so they are read off the loss
         evaluated on placeholder log-probs: one definition of each count, the loss's own."""
-        local: dict[str, torch.Tensor] = {}
-        for b in mbs:
+        per_mini: list[dict[str, torch.Tensor]] = [{} for _ in range(self.mini_batches)]
+        for i, b in enumerate(mbs):
             zeros = torch.zeros_like(b["mask"])
             dense = {side: torch.zeros_like(b[f"teacher_{side}_logprobs"])
                      for side in ("topk", "full") if f"teacher_{side}_logprobs" in b}
+            local = per_mini[i // self.grad_accum]
             for name, c in self._loss(b, zeros, dense, old=zeros).counts().items():
                 local[name] = local.get(name, 0) + c
-        names = sorted(local)
+        names = sorted(per_mini[0])
         if not names:
-            return {}
-        vec = self.all_reduce_sum(torch.stack([local[n] for n in names]))
-        return dict(zip(names, vec.unbind()))
+            return per_mini
+        flat = torch.stack([torch.as_tensor(d.get(n, 0.0), device=self.device, dtype=torch.float32)
+                            for d in per_mini for n in names])
+        flat = self.all_reduce_sum(flat).view(len(per_mini), len(names))
+        return [dict(zip(names, row.unbind())) for row in flat]
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -211,30 +226,32 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
             dist.all_reduce(t)
         return t
 
-    def run_updates(self, mbs: list[dict], counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``updates_per_step`` passes over the micro-batches; metrics as 0-d tensors (means over
-        micro-batches; ``loss/total`` is the exact global loss, averaged over the updates)."""
+    def run_updates(self, mbs: list[dict], counts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``updates_per_step`` passes over the mini-batches, one optimizer step per mini-batch;
+        metrics as 0-d tensors (means over micro-batches; ``loss/total`` is the exact global loss
+        of a mini-batch, averaged over the optimizer steps)."""
         sums: dict[str, torch.Tensor] = {}
         seen: dict[str, int] = {}
         total = torch.zeros((), device=self.device)
         for update in range(self.spec.updates_per_step):
-            for b in mbs:
-                loss, metrics = self._micro_step(b, counts, first=update == 0)
+            for i, b in enumerate(mbs):
+                loss, metrics = self._micro_step(b, counts[i // self.grad_accum], first=update == 0)
                 total = total + loss
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
                     seen[k] = seen.get(k, 0) + 1
-            self.steps_done += 1
+                if (i + 1) % self.grad_accum == 0:
+                    self.steps_done += 1  # DeepSpeed stepped the optimizer at this boundary
         out = {k: v / seen[k] for k, v in sums.items()}
-        out["loss/total"] = self.all_reduce_sum(total) / self.spec.updates_per_step
+        out["loss/total"] = self.all_reduce_sum(total) / (self.spec.updates_per_step * self.mini_batches)
         return out
 
     def _micro_step(self, b: dict, counts: dict[str, torch.Tensor], *, first: bool) -> tuple[torch.Tensor, dict]:
         lp, entropy, dense = self._token_logprobs(self.engine, b, want_topk=True)
         mask = b["mask"]
         metrics: dict[str, torch.Tensor] = {}
-        if first and self.old_from_training_forward:
-            # The weights are still π_old on the first pass (see the module docstring).
+        if "old_logprobs" not in b:
+            # First pass, first mini-batch: the weights are still π_old (module docstring).
             b["old_logprobs"] = lp.detach()
         if first and "rollout_logprobs" in b:
             # Train/infer mismatch: |log π_old(learner) − log π(engine)| on the sampled tokens.

@@ -337,6 +337,14 @@ def rlad_loss(
     §4.1 says the reverse ("α=0 recovers GRPO"); that contradicts Eq. 3 and Appendix C, and
     we follow Eq. 3.
 
+    The trust region only acts when θ moves away from π_old within a batch, i.e. with several
+    updates per rollout batch (learner.updates_per_step > 1 or learner.mini_batches > 1, as the
+    paper's PPO setup runs). With one update, every token is at θ = π_old, the first factor is 1
+    and the loss only re-weights the GRPO gradient: a weak student's correct but improbable
+    tokens (log πθ − log π_T ≤ −c, clamp active, so only the α term carries gradient) get weight
+    α·e^{−c(1−α)} ≈ 0.30 (c = 1, α = 0.5), while tokens it is already sure of keep ≈ 1. That is
+    rich-get-richer: entropy collapses and groups go all-equal, so use several updates per batch.
+
     Deviations: aggregation defaults to "token-mean" (Eq. 4 writes seq-mean-token-mean;
     select it with loss_agg); the KL-to-reference weight β, never given in the paper,
     defaults to 0; the clamp is a plain clamp, so outside ±c the teacher term passes no

@@ -103,8 +103,9 @@ ALGOS = {
 
 
 def _learner(algo, *, model, grad_accum: int, rank: int = 0, world: int = 1, updates: int = 1, lr: float = 0.0,
-             device="cpu") -> Learner:
-    ln = Learner(rank=rank, world_size=world, model_path="", learner_spec=S.LearnerSpec(updates_per_step=updates),
+             device="cpu", mini: int = 1) -> Learner:
+    spec = S.LearnerSpec(updates_per_step=updates, mini_batches=mini)
+    ln = Learner(rank=rank, world_size=world, model_path="", learner_spec=spec,
                  algo=algo, temperature=1.0, grad_accum=grad_accum, max_response_tokens=8)
     ln.attach(DeepSpeedLike(model, grad_accum, lr), device=device, pad_id=0)
     return ln
@@ -120,7 +121,7 @@ def _run(algo, rows, *, micro: int, ranks: int, pairs: bool):
         ln.all_reduce_sum = lambda t: t  # the simulated ranks' all-reduces are done by hand below
     mbs = [ln.prepare(TrainBatch(rows=s, policy_version=0, pairs=pairs)) for ln, s in zip(learners, shards)]
     local = [ln.global_counts(m) for ln, m in zip(learners, mbs)]
-    counts = {k: sum(c[k] for c in local) for k in local[0]}
+    counts = [{k: sum(c[j][k] for c in local) for k in local[0][j]} for j in range(len(local[0]))]
     out = [ln.run_updates(m, counts) for ln, m in zip(learners, mbs)]
     loss = sum(o["loss/total"] for o in out)
     grads = [torch.cat([p.grad.flatten() for p in ln.engine.module.parameters()]) for ln in learners]
@@ -224,3 +225,44 @@ def test_losses_detach_their_constant_inputs():
         loss.backward()
     assert lp.grad is not None and lp.grad.abs().sum() > 0
     assert all(t.grad is None for t in (old, teacher, ref, adv))
+
+
+def _weights(ln) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in ln.engine.module.parameters()])
+
+
+@pytest.mark.parametrize("name", ["rlad", "grpo-token-mean", "kepo-jsd"])
+def test_mini_batches_are_sequential_optimizer_steps_with_a_fixed_pi_old(name):
+    """mini_batches=2 on rows A+B (2 micro-batches each) equals, step for step: one optimizer step
+    on A, then one on B whose π_old is still the starting weights (the rollout policy), as PPO's
+    mini-batch epochs do; each mini-batch normalised by its own counts."""
+    algo = ALGOS[name]
+    rows = _rows(8, seed=11, teacher=True)
+    base = TinyLM(seed=2)
+    ln = _learner(algo, model=copy.deepcopy(base), grad_accum=2, lr=0.3, mini=2)
+    mbs = ln.prepare(TrainBatch(rows=rows, policy_version=0))
+    assert ["old_logprobs" in b for b in mbs] == [False, False, True, True]  # mini-batch 2 needs its own
+    ln.run_updates(mbs, ln.global_counts(mbs))
+    assert ln.engine.micro == 4 and ln.steps_done == 2
+    start = copy.deepcopy(base)
+    starter = _learner(algo, model=start, grad_accum=2)
+    for b in mbs:  # every mini-batch trained against the starting policy, also after a step
+        with torch.no_grad():
+            assert torch.allclose(b["old_logprobs"], starter._token_logprobs(start, b)[0], atol=1e-6)
+
+    ref = _learner(algo, model=copy.deepcopy(base), grad_accum=2, lr=0.3)
+    first = ref.prepare(TrainBatch(rows=rows[:4], policy_version=0))
+    ref.run_updates(first, ref.global_counts(first))
+    second = ref.prepare(TrainBatch(rows=rows[4:], policy_version=0))
+    for b in second:
+        with torch.no_grad():
+            b["old_logprobs"] = starter._token_logprobs(start, b)[0]
+    ref.run_updates(second, ref.global_counts(second))
+    assert torch.allclose(_weights(ln), _weights(ref), atol=1e-6)
+    assert not torch.allclose(_weights(ln), torch.cat([p.flatten() for p in base.parameters()]))
+
+
+def test_mini_batches_need_rows():
+    with pytest.raises(Exception, match="learner.mini_batches"):
+        S.parse_spec({"models": {"student": {"path": "x"}}, "data": {"task": "basic_arithmetic"},
+                      "rollout": {"prompts_per_step": 1, "samples_per_prompt": 2}, "learner": {"mini_batches": 4}})
