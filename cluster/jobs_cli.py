@@ -94,7 +94,8 @@ def _guard(fn):
 
 
 def cmd_submit(args) -> int:
-    from protege.cli import EXIT_INVALID, _apply_overrides, _load  # exit 2 with every field error, before any network call
+    # exit 2 with every field error, before any network call
+    from protege.cli import EXIT_INVALID, _apply_overrides, _load
     from protege.cluster.preflight import UserError, for_submit
 
     spec = _apply_overrides(_load(args.spec), args.set)

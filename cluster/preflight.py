@@ -96,7 +96,8 @@ def check_tokenizers(spec) -> None:
             raise UserError(field, f"cannot load a tokenizer from '{ref.path}': {_first_line(err)}") from None
     ok, why = tokenizers_match(toks["models.student.path"], toks["models.teacher.path"])
     if not ok:
-        raise UserError("models.teacher.path", f"the teacher's tokenizer differs from the student's ({why}); "
+        raise UserError("models.teacher.path", f"the teacher's tokenizer differs from the student's "
+                        f"(student vs teacher: {why}); "
                         f"'{spec.algorithm.type}' compares them token by token: use a teacher and student from "
                         "one family (protege models prune makes a student from a teacher)")
 
@@ -312,7 +313,8 @@ def check_port(host: str, port: int, port_field: str = "serve.port", host_field:
     try:
         family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror:
-        raise UserError(host_field, f"unknown host '{host}'; listen on 127.0.0.1, 0.0.0.0 or an address of this machine") from None
+        raise UserError(host_field, f"unknown host '{host}'; listen on 127.0.0.1, 0.0.0.0 or an address "
+                        "of this machine") from None
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to use
         try:

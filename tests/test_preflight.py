@@ -94,13 +94,15 @@ def test_missing_model_folder(tmp_path, tiny_models, capsys, no_start, role):
 
 def test_folder_that_is_not_a_model(tmp_path, tiny_models, capsys, no_start):
     parent = Path(tiny_models["student"]).parent  # holds teacher/, student/, reward/
-    code, err = _run(capsys, "run", str(_spec(tmp_path, tiny_models, **{"models.student.path": str(parent)})), "--dry-run")
+    spec = _spec(tmp_path, tiny_models, **{"models.student.path": str(parent)})
+    code, err = _run(capsys, "run", str(spec), "--dry-run")
     msg = _one_error(err, "models.student.path")
     assert code == 2 and "no config.json" in msg and f"did you mean {parent / 'reward'}" in msg
     empty = tmp_path / "weightless"
     empty.mkdir()
     shutil.copy(Path(tiny_models["student"]) / "config.json", empty)
-    code, err = _run(capsys, "run", str(_spec(tmp_path, tiny_models, **{"models.student.path": str(empty)})), "--dry-run")
+    spec = _spec(tmp_path, tiny_models, **{"models.student.path": str(empty)})
+    code, err = _run(capsys, "run", str(spec), "--dry-run")
     assert code == 2 and "no weights" in _one_error(err, "models.student.path")
 
 
