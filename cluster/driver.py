@@ -29,6 +29,7 @@ from protege.actors.rollout import StaleWeights
 from protege.cluster.launch import Roles, connect, gather, start_learners, start_roles
 from protege.cluster.metrics import MetricsWriter, plot_curves
 from protege.cluster.records import TrainBatch, TrainRow
+from protege.console import Progress, quiet_driver
 from protege.cluster.nccl_sync import pick_weight_sync
 from protege.data import PromptStream
 from protege.learners.algorithms import build_rows
@@ -39,10 +40,14 @@ class JobError(RuntimeError):
     pass
 
 
-def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> dict:
-    """Train as ``spec`` says. ``stop_after`` ends the session after that many steps (tests)."""
+def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+        quiet: bool = False) -> dict:
+    """Train as ``spec`` says. ``stop_after`` ends the session after that many steps (tests).
+    ``quiet`` (the CLI's default) sends this process's third-party logging and warnings to
+    RUN_DIR/logs/driver.log; the actors' output goes to RUN_DIR/logs/ in any case."""
     run_dir, location = spec.run_dir, spec.run_location  # local files; where checkpoints live
     run_dir.mkdir(parents=True, exist_ok=True)
+    logs = quiet_driver(run_dir) if quiet else None
     (run_dir / "resolved_spec.json").write_text(spec.model_dump_json(indent=2))
     train_set, eval_set = load_job_data(spec)  # bad data fails here, before any resource is taken
     tok = _check_tokenizers(spec)
@@ -52,8 +57,19 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
         _open_remote_run(spec, resume)
     for w in gpu_warnings(spec):
         print(f"warning: {w}", file=sys.stderr)
-    connect()
-    roles = start_roles(spec)
+    say = print if progress else (lambda *a, **k: None)
+    say(f"protege: {spec.name}: {spec.algorithm.type} for {spec.steps} steps -> {run_dir}"
+        + (f" (logs: {logs.parent})" if logs else ""), flush=True)
+    t0 = time.perf_counter()
+    where = connect()
+    try:
+        roles = start_roles(spec)
+    except Exception:
+        _point_at_logs(logs)
+        raise
+    say(f"protege: {len(roles.rollout)} rollout worker(s), {len(roles.learners)} learner rank(s)"
+        + (", teacher" if roles.teacher is not None else "") + f" ready in {time.perf_counter() - t0:.0f} s "
+        f"(Ray: {where['address']})", flush=True)
     start = (checkpoints.read_state(c)["step"] if resume and (c := checkpoints.latest(location)) else 0)
     until = spec.steps if stop_after is None else min(spec.steps, start + stop_after)
     faults = {"fault/rollout_restarts": 0.0, "fault/learner_restarts": 0.0,
@@ -79,8 +95,18 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
                       "checkpoint", file=sys.stderr)
                 start_learners(spec, roles)
                 resume = True
+    except Exception:
+        _point_at_logs(logs)
+        raise
     finally:
         roles.kill_all()
+
+
+def _point_at_logs(logs: Path | None) -> None:
+    """A failure still shows its error (the traceback follows); say where each role's own output is."""
+    if logs is not None:
+        files = sorted(p.name for p in logs.parent.glob("*.log"))
+        print(f"protege: the run failed; each role's output is in {logs.parent}/ ({', '.join(files)})", file=sys.stderr)
 
 
 def _write_actor_table(run_dir: Path, roles: Roles) -> None:
@@ -145,7 +171,8 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
         metrics.write(0, _evaluate(spec, roles, sync, enc, eval_set, version, faults))
 
     last = until
-    bar = _progress(step, spec.steps, progress)
+    bar = Progress(step, spec.steps, enabled=progress)
+    last_acc = float("nan")  # the newest held-out accuracy, shown beside every step
     pending = _submit_generation(spec, roles, enc, stream, step, version) if step < last else None
     while step < last:
         t_step = time.perf_counter()
@@ -205,13 +232,17 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
                   "rollout/tokens_per_s": sum(g["tokens"] for g in gen) / max(t_gen, 1e-9)})
         if do_eval:
             m.update(_evaluate(spec, roles, sync, enc, eval_set, version, faults))
+            bar.line(f"eval   step {step}: accuracy {m['eval/accuracy']:.3f} on {min(spec.eval.size, len(eval_set))} "
+                     "held-out prompts")
         metrics.write(step, m)
         _log_samples(run_dir, step, enc, rollouts, scores, batch_examples)
         if step % spec.checkpoint.interval == 0 or step == spec.steps:
             # The next batch may already be in flight: store the data position before it.
-            _save(spec, roles, pending[3] if pending is not None else stream.state_dict(), step, version)
-        bar.update(1)
-        bar.set_postfix(reward=f"{m.get('reward/mean', 0):.3f}", acc=f"{m.get('eval/accuracy', float('nan')):.3f}")
+            ckpt = _save(spec, roles, pending[3] if pending is not None else stream.state_dict(), step, version)
+            bar.line(f"saved  step {step}: {ckpt}")
+        last_acc = m.get("eval/accuracy", last_acc)
+        bar.update(step, {"reward": f"{m.get('reward/mean', 0):.3f}", "acc": f"{last_acc:.3f}",
+                          "s/step": f"{m['time/step']:.2f}", "tok/s": f"{m['rollout/tokens_per_s']:.0f}"})
     bar.close()
     metrics.close()
     plot = plot_curves(run_dir)
@@ -561,13 +592,6 @@ def _check_reward_functions(spec) -> None:
         reward_functions(spec.rewards)
     except RewardImportError as err:
         raise JobError(str(err)) from err
-
-
-def _progress(start: int, total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True)
 
 
 def _summary(spec, step: int, version: int, plot) -> dict:

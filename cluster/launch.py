@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from protege.actors.rollout import RolloutWorker
 from protege.cluster.placement import reserve, role_requests, shares_gpus
+from protege.console import actor_env, verbose
 from protege.env import worker_env
 from protege.learners.learner import Learner
 from protege.rewards.base import RewardRunner
@@ -31,6 +32,12 @@ RewardModelActor = ray.remote(RewardModelScorer)
 TeacherActor = ray.remote(TeacherScorer)
 
 
+def _ray_log_level() -> int:
+    import logging
+
+    return logging.INFO if verbose() else logging.WARNING  # "Started a local Ray instance" etc.
+
+
 def connect() -> dict[str, Any]:
     """$RAY_ADDRESS when set (a cluster), else an embedded local Ray started in-process."""
     if ray.is_initialized():
@@ -42,12 +49,13 @@ def connect() -> dict[str, Any]:
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # Inside a Ray job: the job's runtime_env already carries our env vars, and Ray refuses
         # a second, overlapping one from the driver.
-        ray.init(address=address or "auto", log_to_driver=True)
+        ray.init(address=address or "auto", log_to_driver=verbose(), logging_level=_ray_log_level())
         return {"address": address or "auto", "embedded": False}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=verbose(), logging_level=_ray_log_level())
         return {"address": address, "embedded": False}
-    ray.init(num_cpus=os.cpu_count(), runtime_env=env, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=os.cpu_count(), runtime_env=env, include_dashboard=False, log_to_driver=verbose(),
+             logging_level=_ray_log_level())
     return {"address": "local", "embedded": True}
 
 
@@ -101,6 +109,12 @@ def rollout_runtime_env(spec) -> dict | None:
     return {"env_vars": dict(GPU_SYNC_ENV)}
 
 
+def actor_runtime_env(spec, name: str, base: dict | None = None) -> dict | None:
+    """An actor's runtime_env: ``base`` plus where its output goes (protege/console.py)."""
+    env = {**((base or {}).get("env_vars") or {}), **actor_env(spec.run_dir, name)}
+    return {**(base or {}), "env_vars": env} if env else base
+
+
 def must_wait_for_rollout(spec) -> bool:
     """Learner ranks start only once the rollout engines are built when the two may share a GPU:
     vLLM profiles free GPU memory at start-up and asserts it never grows meanwhile, so a rank on the
@@ -141,7 +155,7 @@ def start_roles(spec) -> Roles:
     groups = reserve(list(reqs.values()), spec.resources.placement_timeout_s)
     roles = Roles(groups=groups)
     student = spec.models.student
-    max_len = spec.rollout.max_prompt_tokens + max(spec.rollout.max_new_tokens, getattr(spec.algorithm, "hint_max_tokens", 0)) + 64
+    max_len = spec.max_model_len
     ft = spec.fault_tolerance
     # Stateless helpers restart and retry by themselves. Rollout workers restart but never retry
     # on their own: a restarted worker holds the initial weights, so the driver re-syncs it first.
@@ -149,14 +163,15 @@ def start_roles(spec) -> Roles:
     for i in range(spec.rollout.workers):
         roles.rollout.append(
             RolloutActor.options(**_opts(groups["rollout"], i, reqs["rollout"].bundle), **restart, max_task_retries=0,
-                                 runtime_env=rollout_runtime_env(spec)).remote(
+                                 runtime_env=actor_runtime_env(spec, f"rollout-{i}", rollout_runtime_env(spec))).remote(
                 student.path, engine=spec.rollout.engine, dtype=student.dtype, seed=spec.seed + i,
                 max_model_len=max_len, kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
                 gpu_memory_utilization=gpu_memory_share(spec, "rollout"),
             )
         )
     roles.reward = RewardActor.options(**_opts(groups["reward"], 0, reqs["reward"].bundle), **restart,
-                                       max_task_retries=ft.actor_restarts).remote(
+                                       max_task_retries=ft.actor_restarts,
+                                       runtime_env=actor_runtime_env(spec, "reward")).remote(
         # the reward model has its own actor (below); the runner applies the rule / user functions
         [(r.name, r.weight) for r in spec.rewards if r.name != "reward_model"], timeout_s=ft.reward_timeout_s,
         functions=reward_functions(spec.rewards),
@@ -164,13 +179,15 @@ def start_roles(spec) -> Roles:
     if "reward_model" in groups:
         rm = spec.models.reward_model
         roles.reward_model = RewardModelActor.options(**_opts(groups["reward_model"], 0, reqs["reward_model"].bundle),
-                                                      **restart, max_task_retries=ft.actor_restarts).remote(
+                                                      **restart, max_task_retries=ft.actor_restarts,
+                                                      runtime_env=actor_runtime_env(spec, "reward_model")).remote(
             rm.path, dtype=rm.dtype, system_prompt=spec.data.system_prompt,
         )
     if "teacher" in groups:
         t = spec.models.teacher
         roles.teacher = TeacherActor.options(**_opts(groups["teacher"], 0, reqs["teacher"].bundle), **restart,
-                                             max_task_retries=ft.actor_restarts).remote(
+                                             max_task_retries=ft.actor_restarts,
+                                             runtime_env=actor_runtime_env(spec, "teacher")).remote(
             t.path, dtype=t.dtype, temperature=spec.rollout.temperature, engine=spec.rollout.engine,
             max_model_len=max_len, kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
             gpu_memory_utilization=gpu_memory_share(spec, "teacher"),
@@ -201,7 +218,7 @@ def start_learners(spec, roles: Roles, bundle: dict[str, float] | None = None) -
     pg = roles.groups["learner"]
     for rank in range(spec.learner.ranks):
         roles.learners.append(
-            LearnerActor.options(**_opts(pg, rank, bundle)).remote(
+            LearnerActor.options(**_opts(pg, rank, bundle), runtime_env=actor_runtime_env(spec, f"learner-{rank}")).remote(
                 rank=rank, world_size=spec.learner.ranks, model_path=spec.models.student.path, learner_spec=spec.learner,
                 algo=algo, temperature=spec.rollout.temperature, grad_accum=roles.grad_accum,
                 seed=spec.seed, needs_ref=needs_ref, max_response_tokens=spec.rollout.max_new_tokens,

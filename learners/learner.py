@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from protege.cluster.records import TrainBatch, TrainRow
+from protege.console import capture_actor_output
 from protege.env import configure_node_defaults
 from protege.learners import algorithms, losses
 from protege.learners.batching import collate, micro_batches, to_device
@@ -67,6 +68,7 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
         needs_ref: bool = False,
         max_response_tokens: int | None = None,
     ):
+        capture_actor_output()  # third-party output to RUN_DIR/logs (protege/console.py)
         configure_node_defaults()  # this node's hardware decides, before DeepSpeed is imported (setup)
         self.rank, self.world_size = rank, world_size
         self.model_path = model_path

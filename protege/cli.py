@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -99,8 +100,10 @@ def cmd_run(args) -> int:
         return 0
     from protege.cluster.driver import run
 
-    result = run(spec, resume=args.resume)
-    print(json.dumps(result, indent=2))
+    result = run(spec, resume=args.resume, quiet=True)
+    acc = [("n/a" if result[k] is None else f"{result[k]:.3f}") for k in ("eval_accuracy_first", "eval_accuracy_last")]
+    print(f"done: {result['steps']} steps; held-out accuracy {acc[0]} -> {acc[1]}\n  checkpoint {result['checkpoint']}/model\n  metrics    "
+          f"{result['run_dir']}/metrics.jsonl (summary.json, TensorBoard tb/)\n  plot       {result['plot']}")
     if spec.serve.enabled:
         from protege.serve.api import ServeArgs
         from protege.serve.cli import serve_forever
@@ -144,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n  protege validate examples/grpo_tiny.yaml\n  protege run examples/grpo_tiny.yaml\n"
         "  protege models tiny models/tiny\n  protege demo",
     )
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show third-party output (vLLM, Ray, DeepSpeed, transformers) on the console; by "
+                   "default it goes to RUN_DIR/logs/")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     v = sub.add_parser("validate", help="check a job spec and print it with every default filled in",
@@ -224,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     from protege.cluster.preflight import UserError
 
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        from protege.console import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     try:
         return args.fn(args)
     except UserError as err:  # bad input found by a pre-flight check: one line, no traceback

@@ -35,7 +35,7 @@ def main(out: Path = Path("runs/demo"), steps: int | None = None) -> int:
 
     print("== 2/3 SFT warm start of the student (a deliberately weak starting point)")
     sft = _spec("sft_warmstart.yaml", **{"models.student.path": str(tiny["student"]), "checkpoint.dir": str(out / "sft")})
-    run(sft)
+    run(sft, quiet=True)
     warm = checkpoints.latest(sft.run_dir) / "model"
 
     print("== 3/3 GRPO on Ray: 1 vLLM rollout worker, 2 DeepSpeed ranks (ZeRO-2 over gloo)")
@@ -43,7 +43,7 @@ def main(out: Path = Path("runs/demo"), steps: int | None = None) -> int:
     if steps is not None:
         grpo_over["steps"] = steps
     grpo = _spec("grpo_cpu.yaml", **grpo_over)
-    summary = run(grpo)
+    summary = run(grpo, quiet=True)
 
     print()
     print(f"held-out greedy accuracy ({grpo.eval.size} prompts): after SFT warm start "

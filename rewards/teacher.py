@@ -15,6 +15,7 @@ import time
 import torch
 
 from protege.cluster.records import TeacherScores, TrainRow
+from protege.console import capture_actor_output
 from protege.env import configure_node_defaults
 from protege.learners.batching import collate, to_device
 
@@ -29,6 +30,7 @@ class TeacherScorer:
     def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, temperature: float = 1.0,
                  engine: str = "vllm", max_model_len: int = 512, kv_cache_bytes: int = 128 << 20,
                  gpu_memory_utilization: float = 0.3):
+        capture_actor_output()  # third-party output to RUN_DIR/logs (protege/console.py)
         configure_node_defaults()  # this node's hardware decides, before the model and engine load
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
