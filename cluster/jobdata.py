@@ -17,7 +17,7 @@ def load_job_data(spec) -> tuple[list, list[Example]]:
                                  rejected_field=d.rejected_field)
         if d.eval_size == 0:
             return prefs, []
-        train, held = split(prefs, eval_size=d.eval_size, seed=d.seed)
+        train, held = split(prefs, eval_size=d.held_out(len({p.prompt for p in prefs})), seed=d.seed)
         return train, [Example(prompt=p.prompt, answer=p.chosen, meta={}) for p in held]
     if d.source == "reasoning_gym":
         examples = load_reasoning_gym(d.task, size=d.size, seed=d.seed, config=d.task_config)
@@ -25,7 +25,7 @@ def load_job_data(spec) -> tuple[list, list[Example]]:
         examples = load_file(d.path, prompt_field=d.prompt_field, answer_field=d.answer_field)
     if d.eval_size == 0:
         return examples, []
-    return split(examples, eval_size=d.eval_size, seed=d.seed)
+    return split(examples, eval_size=d.held_out(len({e.prompt for e in examples})), seed=d.seed)
 
 
 class Encoder:
