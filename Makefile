@@ -1,7 +1,7 @@
 # Two commands on a fresh clone:  make demo  |  make test
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU-friendly defaults (../shared/docs/platform.md): one OpenMP thread per process, vLLM engine
+# CPU-friendly defaults (docs/platform.md): one OpenMP thread per process, vLLM engine
 # in-process, a small KV cache, no hub access, DeepSpeed on the CPU accelerator.
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -12,14 +12,17 @@ export HF_HUB_OFFLINE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lint clean
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(PY) -m protege.cli demo
 
-test: setup
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup lint
 	$(PY) -m pytest -q --timeout=900 tests
 
 test-fast: setup

@@ -135,7 +135,9 @@ def summarize(windows: list[dict], clients: int, trimmed: dict) -> dict:
     replica_half_slope = slope([(w["t_min"], w["rss_mb"]["replica"]) for w in half])
     half_requests = sum(w["requests"] for w in half[1:])
     blocks = [w.get("replica_py_blocks") for w in (first, mid, last)]
-    r = lambda x: None if x is None else round(x, 2)
+    def r(x):
+        return None if x is None else round(x, 2)
+
     return {
         "minutes": round(last["t_min"], 2), "clients": clients, "requests": total, "errors": errors,
         "error_rate": round(errors / max(1, total + errors), 5),

@@ -41,7 +41,7 @@ def _load(path: str):
         return load_spec(path)
     except SpecError as err:
         _print_spec_error(err)
-        raise SystemExit(EXIT_INVALID)
+        raise SystemExit(EXIT_INVALID) from None
 
 
 def _apply_overrides(spec, overrides: list[str]):
@@ -65,7 +65,7 @@ def _apply_overrides(spec, overrides: list[str]):
         return parse_spec(data, "--set")
     except SpecError as err:
         _print_spec_error(err)
-        raise SystemExit(EXIT_INVALID)
+        raise SystemExit(EXIT_INVALID) from None
 
 
 def cmd_validate(args) -> int:

@@ -126,7 +126,7 @@ def _torch_dtype(dtype: Any):
     try:
         return getattr(torch, _DTYPES[str(dtype).lower()])
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES.values()))} or 'auto'")
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES.values()))} or 'auto'") from None
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -609,7 +609,7 @@ def test_readme_creates_the_secrets_and_configmap_the_manifests_use():
             created[argv[3]] = {a.split("=", 2)[1] for a in argv if a.startswith("--from-file=")}
             assert all((ROOT / a.split("=", 2)[2]).is_file() for a in argv if a.startswith("--from-file="))
     used: set[tuple[str, str]] = set()
-    for kind, spec in cluster_specs().items():
+    for spec in cluster_specs().values():
         used.add((spec["authOptions"]["secretName"], "auth_token"))  # KubeRay's key for the Ray token
         for _, tpl in pod_templates(spec):
             for c in tpl["spec"]["containers"]:

@@ -19,7 +19,7 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
-import pytest
+import pytest  # noqa: E402  (after the environment above, which vLLM reads at import)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
