@@ -136,6 +136,12 @@ class _PolicyGradient(_Strict):
     max_staleness: int = Field(
         default=0, ge=0, le=4, description="0 strictly on-policy; 1 overlaps generation of t+1 with training of t"
     )
+    tis_cap: float | None = Field(default=None, gt=0, description=(
+        "truncated importance sampling against the rollout engine's log-probs, min(π_old/π_rollout, cap) per "
+        "token; unset: 2.0 when max_staleness ≥ 1, off when 0"))
+
+    def effective_tis_cap(self) -> float | None:
+        return self.tis_cap if self.tis_cap is not None else (2.0 if self.max_staleness >= 1 else None)
 
 
 class GRPOSpec(_PolicyGradient):
@@ -200,9 +206,13 @@ class OPDSpec(_Strict):
     adv_std_norm: bool = True
     loss_agg: LossAgg = "token-mean"
     max_staleness: int = Field(default=0, ge=0, le=4)
+    tis_cap: float | None = Field(default=None, gt=0, description="as for GRPO; unset: 2.0 when max_staleness ≥ 1")
 
     def teacher_request(self) -> TeacherRequest:
         return TeacherRequest.for_estimator(self.estimator, self.top_k)
+
+    def effective_tis_cap(self) -> float | None:
+        return self.tis_cap if self.tis_cap is not None else (2.0 if self.max_staleness >= 1 else None)
 
 
 class DPOSpec(_Strict):
@@ -383,6 +393,27 @@ class ResourcesSpec(_Strict):
     placement_timeout_s: float = Field(default=30, gt=0, description="fail fast when roles cannot be placed")
 
 
+class MetricsSpec(_Strict):
+    """Trackers that get each step's metrics besides RUN_DIR/metrics.jsonl (always written; cluster/trackers.py)."""
+
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description=(
+            "any of tensorboard (RUN_DIR/tb), wandb, mlflow; wandb / mlflow need `pip install 'protege[trackers]'` "
+            "and their own credentials (WANDB_API_KEY, WANDB_MODE=offline; MLFLOW_TRACKING_URI); [] for none"))
+    project: str = Field(default="protege", min_length=1, description="W&B project / MLflow experiment")
+    run_name: str | None = Field(default=None, description="the tracker run's name; unset: the job name")
+    entity: str | None = Field(default=None, description="W&B entity (team); unset: the key's default")
+    tracking_uri: str | None = Field(default=None, description=(
+        "MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else a file store in RUN_DIR/mlruns"))
+
+    @field_validator("loggers")
+    @classmethod
+    def _once(cls, v: list[str]) -> list[str]:
+        if twice := sorted({x for x in v if v.count(x) > 1}):
+            raise ValueError(f"each logger once; repeated: {', '.join(twice)}")
+        return v
+
+
 class FaultToleranceSpec(_Strict):
     """How many failures a job absorbs before it stops (with an intact checkpoint)."""
 
@@ -411,6 +442,7 @@ class JobSpec(_Strict):
     serve: ServeSpec = Field(default_factory=ServeSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     fault_tolerance: FaultToleranceSpec = Field(default_factory=FaultToleranceSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
 
     @model_validator(mode="after")
     def _cross_field(self) -> "JobSpec":

@@ -83,27 +83,29 @@ def compute_loss(algo: Any, inp: losses.LossInputs, max_len: int | None = None) 
         case "grpo":
             return losses.grpo_loss(
                 inp, eps_low=algo.eps_low, eps_high=algo.eps_high, loss_agg=algo.loss_agg, max_len=max_len,
-                kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
+                kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, tis_cap=algo.effective_tis_cap(),
             )
         case "rlad":
             return losses.rlad_loss(
                 inp, alpha=algo.alpha, clamp=algo.clamp, eps_low=algo.eps_low, eps_high=algo.eps_high,
                 loss_agg=algo.loss_agg, max_len=max_len, kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
+                tis_cap=algo.effective_tis_cap(),
             )
         case "kepo":
             return losses.kepo_loss(
                 inp, distill_coef=algo.distill_coef, divergence=algo.divergence, jsd_beta=algo.jsd_beta,
                 eps_low=algo.eps_low, eps_high=algo.eps_high, loss_agg=algo.loss_agg, max_len=max_len,
                 kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, estimator=algo.estimator,
+                tis_cap=algo.effective_tis_cap(),
             )
         case "opd":
             if algo.grpo_coef > 0:
                 return losses.grpo_opd_loss(
                     inp, opd_coef=algo.opd_coef / algo.grpo_coef, eps_low=algo.eps_low, eps_high=algo.eps_high,
-                    loss_agg=algo.loss_agg, max_len=max_len, estimator=algo.estimator,
+                    loss_agg=algo.loss_agg, max_len=max_len, estimator=algo.estimator, tis_cap=algo.effective_tis_cap(),
                 ).scaled(algo.grpo_coef)
             return losses.opd_loss(inp, coef=algo.opd_coef, loss_agg=algo.loss_agg, max_len=max_len,
-                                   estimator=algo.estimator)
+                                   estimator=algo.estimator, tis_cap=algo.effective_tis_cap())
         case "sft":
             return losses.sft_loss(inp.logprobs, inp.mask)
         case _:

@@ -289,6 +289,7 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
             student_full_logprobs=dense.get("full"),
             teacher_full_logprobs=b.get("teacher_full_logprobs"),
             gate=b["gate"] if self.algo.type == "kepo" else None,
+            behaviour_logprobs=b.get("rollout_logprobs"),
         )
         return algorithms.compute_loss(self.algo, inp, max_len=self.max_response_tokens)
 

@@ -62,12 +62,13 @@ class LossInputs:
     student_full_logprobs: Tensor | None = None  # [B, T, V] log πθ over the vocabulary; grad
     teacher_full_logprobs: Tensor | None = None  # [B, T, V] log π_T over the vocabulary
     gate: Tensor | None = None  # [B] float/bool, 1 = response passes the KEPO quality gate
+    behaviour_logprobs: Tensor | None = None  # [B, T] log π of the policy that sampled (the rollout engine's)
 
     def __post_init__(self) -> None:
         shape = self.logprobs.shape
         if self.logprobs.dim() != 2:
             raise ValueError(f"logprobs must be [B, T], got {tuple(shape)}.")
-        for name in ("old_logprobs", "mask", "ref_logprobs", "teacher_logprobs"):
+        for name in ("old_logprobs", "mask", "ref_logprobs", "teacher_logprobs", "behaviour_logprobs"):
             t = getattr(self, name)
             if t is not None and t.shape != shape:
                 raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}.")
@@ -91,7 +92,7 @@ class LossInputs:
 
 
 _CONSTANTS = ("old_logprobs", "mask", "advantages", "ref_logprobs", "teacher_logprobs", "teacher_topk_logprobs",
-              "teacher_tail_logprobs", "teacher_full_logprobs", "gate")
+              "teacher_tail_logprobs", "teacher_full_logprobs", "gate", "behaviour_logprobs")
 
 
 @dataclass(frozen=True)
@@ -265,9 +266,28 @@ def clipped_surrogate(
     return -torch.where(is_clipped, clipped, unclipped), is_clipped
 
 
+def tis_weights(inp: LossInputs, cap: float | None) -> tuple[Tensor | None, Metrics]:
+    """Truncated importance sampling against the behaviour policy (Yao et al. 2025, "Your efficient
+    RL framework secretly brings you off-policy RL training"; Espeholt et al. 2018's truncation):
+    per token w = min(π_old / π_behaviour, cap), a constant multiplying the per-token loss.
+
+    Rollouts generated one step behind (max_staleness ≥ 1), or by an engine whose numerics differ
+    from the learner's, are not samples of π_old; the PPO ratio is taken against π_old, so without
+    w the update is biased towards what the stale policy liked. Truncating at ``cap`` bounds the
+    variance. Metrics: the raw ratio's mean and the fraction of tokens truncated.
+    """
+    if cap is None or inp.behaviour_logprobs is None:
+        return None, {}
+    if cap <= 0:
+        raise ValueError(f"tis cap must be positive, got {cap}.")
+    raw = _ratio(inp.old_logprobs - inp.behaviour_logprobs)
+    m = inp.mask
+    return raw.clamp(max=cap), {"tis/ratio_mean": _masked_mean(raw, m), "tis/truncated_frac": _masked_mean(raw > cap, m)}
+
+
 def _pg_loss(
     inp: LossInputs, log_ratio: Tensor, *, eps_low: float, eps_high: float, loss_agg: str,
-    max_len: int | None, kl_coef: float, kl_estimator: str,
+    max_len: int | None, kl_coef: float, kl_estimator: str, tis_cap: float | None = None,
 ) -> LossOut:
     """The clipped policy-gradient loss shared by GRPO and RLAD; they differ only in log ρ."""
     if kl_estimator not in KL_ESTIMATORS:
@@ -284,6 +304,9 @@ def _pg_loss(
         kl = kl_penalty(logp, inp.ref_logprobs, kl_estimator)
         if kl_coef > 0:
             per_token = pg + kl_coef * kl
+    w, tis_metrics = tis_weights(inp, tis_cap)
+    if w is not None:
+        per_token = per_token * w
     m = inp.mask
     pg_term = term(per_token, m, loss_agg, max_len=max_len)
     zero = pg_term.sum.new_zeros(()).detach()
@@ -294,13 +317,14 @@ def _pg_loss(
         "loss/ratio_mean": _masked_mean(_ratio(log_ratio.detach()), m),
         # verl's ppo_kl: mean of (old − logp), the drift since rollout.
         "loss/approx_kl_old": _masked_mean(inp.old_logprobs - inp.logprobs, m),
+        **tis_metrics,
     }
     return LossOut({"pg": pg_term}, metrics)
 
 
 def grpo_loss(
     inp: LossInputs, *, eps_low: float = 0.2, eps_high: float = 0.28, loss_agg: str = "token-mean",
-    max_len: int | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+    max_len: int | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3", tis_cap: float | None = None,
 ) -> LossOut:
     """GRPO: PPO-clipped ratio ρ = πθ/π_old times a group-relative advantage, plus an optional
     KL-to-reference loss term. DeepSeekMath (arXiv 2402.03300) Eq. for J_GRPO.
@@ -315,17 +339,19 @@ def grpo_loss(
       clamped to [−10, 10] as in verl.
     - log ρ is clamped to ±20 before exp() for float safety; no dual-clip.
     - The advantage is an input (see advantages.py); [B, T] advantages allow process rewards.
+    - ``tis_cap``: truncated importance weights against the behaviour policy (tis_weights),
+      for rollouts one step stale; off (None) by default here.
     """
     return _pg_loss(
         inp, inp.logprobs - inp.old_logprobs, eps_low=eps_low, eps_high=eps_high,
-        loss_agg=loss_agg, max_len=max_len, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        loss_agg=loss_agg, max_len=max_len, kl_coef=kl_coef, kl_estimator=kl_estimator, tis_cap=tis_cap,
     )
 
 
 def rlad_loss(
     inp: LossInputs, *, alpha: float = 0.5, clamp: float = 1.0, eps_low: float = 0.2,
     eps_high: float = 0.28, loss_agg: str = "token-mean", max_len: int | None = None,
-    kl_coef: float = 0.0, kl_estimator: str = "k3",
+    kl_coef: float = 0.0, kl_estimator: str = "k3", tis_cap: float | None = None,
 ) -> LossOut:
     """RLAD / TRRD (arXiv 2602.22495): GRPO with the trust-region ratio anchored to a mix of
     π_old and the teacher, per sampled token:
@@ -364,7 +390,7 @@ def rlad_loss(
         log_ratio = alpha * (inp.logprobs - inp.old_logprobs) + (1.0 - alpha) * teacher_lr
     out = _pg_loss(
         inp, log_ratio, eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg,
-        max_len=max_len, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        max_len=max_len, kl_coef=kl_coef, kl_estimator=kl_estimator, tis_cap=tis_cap,
     )
     metrics = out.metrics
     if teacher is None:
@@ -459,7 +485,7 @@ def kepo_loss(
     inp: LossInputs, *, distill_coef: float = 1.0, divergence: str = "reverse_kl",
     jsd_beta: float = 0.5, eps_low: float = 0.2, eps_high: float = 0.28,
     loss_agg: str = "token-mean", max_len: int | None = None, kl_coef: float = 0.0,
-    kl_estimator: str = "k3", estimator: str = "auto",
+    kl_estimator: str = "k3", estimator: str = "auto", tis_cap: float | None = None,
 ) -> LossOut:
     """KEPO (arXiv 2602.00400; code github.com/Corleno/KEPO): GRPO plus quality-gated
     distillation. Only responses with ``inp.gate`` = 1 (reward ≥ τ, decided by the caller)
@@ -490,7 +516,7 @@ def kepo_loss(
         raise ValueError("kepo_loss needs gate in LossInputs ([B], 1 = reward >= tau).")
     out = grpo_loss(
         inp, eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, max_len=max_len,
-        kl_coef=kl_coef, kl_estimator=kl_estimator,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, tis_cap=tis_cap,
     )
     gate = inp.gate.to(inp.mask.dtype)
     per_token = _distill_per_token(inp, divergence, jsd_beta, estimator)
@@ -504,7 +530,7 @@ def kepo_loss(
 
 def opd_loss(
     inp: LossInputs, *, coef: float = 1.0, loss_agg: str = "token-mean", max_len: int | None = None,
-    estimator: str = "sampled",
+    estimator: str = "sampled", tis_cap: float | None = None,
 ) -> LossOut:
     """On-policy distillation: per-token reverse KL to the teacher on the student's samples,
     estimated from the sampled token. The per-token advantage is A_t = sg(log π_T − log π_old)
@@ -531,10 +557,14 @@ def opd_loss(
         raise ValueError("opd_loss needs teacher_logprobs in LossInputs.")
     adv = inp.teacher_logprobs - inp.old_logprobs
     per_token = -_ratio(inp.logprobs - inp.old_logprobs) * adv
+    w, tis_metrics = tis_weights(inp, tis_cap)  # the sampled estimator is an expectation over tokens
+    if w is not None:
+        per_token = per_token * w
     out = LossOut({"opd": term(per_token, inp.mask, loss_agg, max_len=max_len, coef=coef)})
     out.metrics = {
         "opd/loss": out.value.detach(),
         "opd/reverse_kl": _masked_mean(inp.old_logprobs - inp.teacher_logprobs, inp.mask),
+        **tis_metrics,
     }
     return out
 
@@ -542,14 +572,14 @@ def opd_loss(
 def grpo_opd_loss(
     inp: LossInputs, *, opd_coef: float, eps_low: float = 0.2, eps_high: float = 0.28,
     loss_agg: str = "token-mean", max_len: int | None = None, kl_coef: float = 0.0,
-    kl_estimator: str = "k3", estimator: str = "sampled",
+    kl_estimator: str = "k3", estimator: str = "sampled", tis_cap: float | None = None,
 ) -> LossOut:
     """grpo_loss + opd_loss(coef=opd_coef), with both metric sets."""
     g = grpo_loss(
         inp, eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, max_len=max_len,
-        kl_coef=kl_coef, kl_estimator=kl_estimator,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, tis_cap=tis_cap,
     )
-    o = opd_loss(inp, coef=opd_coef, loss_agg=loss_agg, max_len=max_len, estimator=estimator)
+    o = opd_loss(inp, coef=opd_coef, loss_agg=loss_agg, max_len=max_len, estimator=estimator, tis_cap=tis_cap)
     return LossOut({**g.terms, **o.terms}, {**g.metrics, **o.metrics})
 
 

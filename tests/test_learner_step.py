@@ -88,6 +88,7 @@ ALGOS = {
     "grpo-token-mean": S.GRPOSpec(),
     "grpo-seq-mean": S.GRPOSpec(loss_agg="seq-mean-token-mean"),
     "grpo-sum-norm": S.GRPOSpec(loss_agg="seq-mean-token-sum-norm"),
+    "grpo-stale-tis": S.GRPOSpec(max_staleness=1),
     "rlad": S.RLADSpec(alpha=0.5),
     "kepo-reverse-kl": S.KEPOSpec(),
     "kepo-jsd": S.KEPOSpec(divergence="jsd"),

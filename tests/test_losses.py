@@ -527,3 +527,33 @@ def test_dense_estimators_name_what_is_missing():
         opd_loss(inp, estimator="topk")
     with pytest.raises(ValueError, match="sampled-token estimator gives reverse_kl only"):
         kepo_loss(_dense_inputs(gate=_t([1.0]), teacher_logprobs=_t([[-1.0]])), divergence="jsd", estimator="sampled")
+
+
+def test_truncated_importance_weights_hand_values():
+    """On policy (logp = old = −1), A = +1; the rollout engine sampled at [−1.5, −0.2]:
+    raw ratio π_old/π_b = [e^0.5, e^−0.8] = [1.6487, 0.4493]; cap 1.5 -> w = [1.5, 0.4493].
+    Per-token loss −ρA·w = [−1.5, −0.4493] -> token-mean −0.97466; truncated 1 of 2;
+    ratio_mean (1.6487 + 0.4493)/2. Gradient −w/2 = [−0.75, −0.22466]. Without a cap: plain GRPO."""
+    old = _t([[-1.0, -1.0]])
+    logp = old.clone().requires_grad_()
+    inp = LossInputs(logprobs=logp, old_logprobs=old, mask=_t([[1.0, 1.0]]), advantages=_t([1.0]),
+                     behaviour_logprobs=_t([[-1.5, -0.2]]))
+    loss, m = grpo_loss(inp, tis_cap=1.5)
+    w = [1.5, math.exp(-0.8)]
+    assert _close(loss, -(w[0] + w[1]) / 2)
+    assert _close(m["tis/truncated_frac"], 0.5) and _close(m["tis/ratio_mean"], (math.exp(0.5) + math.exp(-0.8)) / 2)
+    loss.backward()
+    assert _close(logp.grad, [[-w[0] / 2, -w[1] / 2]])
+    plain, m0 = grpo_loss(inp)
+    assert _close(plain, -1.0) and "tis/ratio_mean" not in m0
+    with pytest.raises(ValueError, match="tis cap"):
+        grpo_loss(inp, tis_cap=0.0)
+
+
+def test_tis_is_on_by_default_with_stale_rollouts_only():
+    from protege.cluster import spec as S
+
+    assert S.GRPOSpec().effective_tis_cap() is None
+    assert S.GRPOSpec(max_staleness=1).effective_tis_cap() == 2.0
+    assert S.RLADSpec(max_staleness=1, tis_cap=5.0).effective_tis_cap() == 5.0
+    assert S.OPDSpec(max_staleness=1).effective_tis_cap() == 2.0
