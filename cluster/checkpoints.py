@@ -41,8 +41,9 @@ def tmp_dir(run_dir: str | Path, step: int) -> Path:
     return d
 
 
-def commit(tmp: Path, state: dict, *, keep: int) -> Path:
-    """Write state.json into ``tmp``, fsync, rename to step_N, prune to the last ``keep``."""
+def commit(tmp: Path, state: dict, *, keep: int, keep_best: str | None = None) -> Path:
+    """Write state.json into ``tmp``, fsync, rename to step_N, prune to the last ``keep`` (and the
+    best by ``keep_best``, see ``prunable``)."""
     step = int(state["step"])
     with open(tmp / "state.json.part", "w") as f:
         json.dump(state, f)
@@ -54,9 +55,25 @@ def commit(tmp: Path, state: dict, *, keep: int) -> Path:
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(final.parent)
-    for old in list_checkpoints(tmp.parent.parent)[:-keep]:
+    for old in prunable(list_checkpoints(tmp.parent.parent), keep=keep, keep_best=keep_best):
         _remove_local(old)
     return final
+
+
+def prunable(ckpts: list, *, keep: int, keep_best: str | None = None) -> list:
+    """Checkpoints (oldest first) to delete: all but the last ``keep``, sparing the one with the
+    highest ``keep_best`` metric (recorded in its state.json at save time), since users keep the
+    best student, not the last."""
+    old = ckpts[:-keep] if keep else list(ckpts)
+    b = best(ckpts, keep_best) if keep_best else None
+    return [c for c in old if c != b]
+
+
+def best(ckpts: list, metric: str):
+    """The checkpoint with the highest ``metric`` among ``ckpts`` (the latest on ties), or None."""
+    scored = [(read_state(c).get("metrics", {}).get(metric), i, c) for i, c in enumerate(ckpts)]
+    scored = [x for x in scored if isinstance(x[0], (int, float))]
+    return max(scored)[2] if scored else None
 
 
 def _remove_local(ckpt: Path) -> None:
@@ -82,10 +99,10 @@ def prepare_remote(run_uri: str, step: int) -> str:
     return remote_path(run_uri, step)
 
 
-def commit_remote(dest: str, state: dict, *, run_uri: str, keep: int) -> str:
+def commit_remote(dest: str, state: dict, *, run_uri: str, keep: int, keep_best: str | None = None) -> str:
     """All files of ``dest`` are uploaded: write state.json (the commit marker), prune to ``keep``."""
     storage.write_text(storage.join(dest, "state.json"), json.dumps(state))
-    for old in list_checkpoints(run_uri)[:-keep]:
+    for old in prunable(list_checkpoints(run_uri), keep=keep, keep_best=keep_best):
         storage.remove(old, marker="state.json")
     return dest
 

@@ -173,6 +173,7 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
     last = until
     bar = Progress(step, spec.steps, enabled=progress)
     last_acc = float("nan")  # the newest held-out accuracy, shown beside every step
+    last_eval: dict[str, float] = {}  # the newest eval metrics, stored with each checkpoint
     pending = _submit_generation(spec, roles, enc, stream, step, version) if step < last else None
     while step < last:
         t_step = time.perf_counter()
@@ -232,13 +233,15 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
                   "rollout/tokens_per_s": sum(g["tokens"] for g in gen) / max(t_gen, 1e-9)})
         if do_eval:
             m.update(_evaluate(spec, roles, sync, enc, eval_set, version, faults))
+            last_eval.update({k: v for k, v in m.items() if k.startswith("eval/")})
             bar.line(f"eval   step {step}: accuracy {m['eval/accuracy']:.3f} on {min(spec.eval.size, len(eval_set))} "
                      "held-out prompts")
         metrics.write(step, m)
         _log_samples(run_dir, step, enc, rollouts, scores, batch_examples)
         if step % spec.checkpoint.interval == 0 or step == spec.steps:
             # The next batch may already be in flight: store the data position before it.
-            ckpt = _save(spec, roles, pending[3] if pending is not None else stream.state_dict(), step, version)
+            ckpt = _save(spec, roles, pending[3] if pending is not None else stream.state_dict(), step, version,
+                         evals={k: v for k, v in last_eval.items()})
             bar.line(f"saved  step {step}: {ckpt}")
         last_acc = m.get("eval/accuracy", last_acc)
         bar.update(step, {"reward": f"{m.get('reward/mean', 0):.3f}", "acc": f"{last_acc:.3f}",
@@ -501,18 +504,20 @@ def _rollout_metrics(spec, rollouts, scores, version: int) -> dict:
 _NOT_MIRRORED = ("checkpoints", "actors.json")
 
 
-def _save(spec, roles: Roles, data_state: dict, step: int, version: int):
-    state = {"step": step, "version": version, "data": data_state, "rng": _get_rng(), "time": time.time()}
+def _save(spec, roles: Roles, data_state: dict, step: int, version: int, evals: dict | None = None):
+    state = {"step": step, "version": version, "data": data_state, "rng": _get_rng(), "time": time.time(),
+             "metrics": evals or {}}  # the newest eval metrics: checkpoint.keep_best ranks by them
+    keep, best = spec.checkpoint.keep, spec.checkpoint.keep_best
     try:
         tmp = checkpoints.tmp_dir(spec.run_dir, step)
         gather([ln.save_checkpoint.remote(str(tmp)) for ln in roles.learners])
         if not spec.run_uri:
-            return checkpoints.commit(tmp, state, keep=spec.checkpoint.keep)
+            return checkpoints.commit(tmp, state, keep=keep, keep_best=best)
         # Object store: each node uploads what its ranks wrote (nodes need not share a disk), then
         # state.json goes up last as the commit marker; the metrics mirror follows.
         dest = checkpoints.prepare_remote(spec.run_uri, step)
         gather([ln.upload_checkpoint.remote(str(tmp), dest) for ln in _one_learner_per_node(roles)])
-        ckpt = checkpoints.commit_remote(dest, state, run_uri=spec.run_uri, keep=spec.checkpoint.keep)
+        ckpt = checkpoints.commit_remote(dest, state, run_uri=spec.run_uri, keep=keep, keep_best=best)
         storage.upload_tree(spec.run_dir, spec.run_uri, exclude=_NOT_MIRRORED)
         shutil.rmtree(tmp, ignore_errors=True)
         return ckpt
@@ -601,4 +606,7 @@ def _summary(spec, step: int, version: int, plot) -> dict:
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     return {"run_dir": spec.run_location, "steps": step, "policy_version": version,
             "eval_accuracy_first": evals[0][1] if evals else None, "eval_accuracy_last": evals[-1][1] if evals else None,
-            "eval_curve": evals, "checkpoint": str(checkpoints.latest(spec.run_location) or ""), "plot": str(plot or "")}
+            "eval_curve": evals, "checkpoint": str(checkpoints.latest(spec.run_location) or ""), "plot": str(plot or ""),
+            **({"best_checkpoint": str(checkpoints.best(checkpoints.list_checkpoints(spec.run_location),
+                                                        spec.checkpoint.keep_best) or "")}
+               if spec.checkpoint.keep_best else {})}

@@ -323,6 +323,16 @@ class CheckpointSpec(_Strict):
         "for a local `dir`"))
     interval: int = Field(default=10, ge=1, description="save every N steps")
     keep: int = Field(default=2, ge=1, description="keep the last K checkpoints")
+    keep_best: str | None = Field(default=None, description=(
+        "also keep the checkpoint with the highest value of this eval metric (e.g. eval/accuracy), as of the "
+        "newest evaluation at or before it: save on eval steps (interval a multiple of eval.interval)"))
+
+    @field_validator("keep_best")
+    @classmethod
+    def _eval_metric(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("eval/"):
+            raise ValueError(f"must name an eval metric such as eval/accuracy, got {v!r}")
+        return v
 
     @field_validator("dir")
     @classmethod

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from protege.cluster import checkpoints
 
 
@@ -57,3 +59,20 @@ def test_failed_commit_keeps_previous(tmp_path, monkeypatch):
         assert e.errno == 28
     monkeypatch.undo()
     assert checkpoints.latest(tmp_path).name == "step_000001"
+
+
+def test_keep_best_spares_the_best_checkpoint_by_an_eval_metric(tmp_path):
+    """keep=1, keep_best=eval/accuracy: after saves at accuracy 0.2, 0.6, 0.4, 0.3 the folder holds
+    the last (step 4) and the best (step 2); a spec naming a non-eval metric is refused."""
+    from protege.cluster import checkpoints
+    from protege.cluster.spec import CheckpointSpec
+
+    for step, acc in enumerate([0.2, 0.6, 0.4, 0.3], start=1):
+        tmp = checkpoints.tmp_dir(tmp_path, step)
+        tmp.mkdir(parents=True, exist_ok=True)
+        checkpoints.commit(tmp, {"step": step, "metrics": {"eval/accuracy": acc}}, keep=1, keep_best="eval/accuracy")
+    kept = [checkpoints.read_state(c)["step"] for c in checkpoints.list_checkpoints(tmp_path)]
+    assert kept == [2, 4]
+    assert checkpoints.read_state(checkpoints.best(checkpoints.list_checkpoints(tmp_path), "eval/accuracy"))["step"] == 2
+    with pytest.raises(Exception, match="eval metric"):
+        CheckpointSpec(keep_best="loss/total")
