@@ -46,6 +46,7 @@ class VLLMEngine:
         kv_cache_bytes: int = 256 << 20,
         seed: int = 0,
         gpu_memory_utilization: float = 0.3,
+        max_logprobs: int = 20,
     ):
         import os
 
@@ -70,6 +71,7 @@ class VLLMEngine:
             # at once, so prefills are never chunked.
             max_num_batched_tokens=self.TOKEN_BUDGET,
             max_num_seqs=256,
+            max_logprobs=max(20, max_logprobs),  # a teacher's top-k rows
         )
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
@@ -77,6 +79,19 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+
+    def _waves(self, costs: list[int]) -> list[list[int]]:
+        """Consecutive indices whose prompt tokens fit the scheduler budget: see TOKEN_BUDGET."""
+        waves, cur, used = [], [], 0
+        for i, cost in enumerate(costs):
+            if cur and used + cost > self.TOKEN_BUDGET:
+                waves.append(cur)
+                cur, used = [], 0
+            cur.append(i)
+            used += cost
+        if cur:
+            waves.append(cur)
+        return waves
 
     def generate(
         self,
@@ -89,17 +104,7 @@ class VLLMEngine:
         seed: int | None = None,
         stop_token_ids: list[int] | None = None,
     ) -> list[list[Sample]]:
-        # Waves whose prompt tokens (× n samples) fit the scheduler budget: see TOKEN_BUDGET.
-        waves, cur, used = [], [], 0
-        for i, p in enumerate(prompts):
-            cost = len(p) * n
-            if cur and used + cost > self.TOKEN_BUDGET:
-                waves.append(cur)
-                cur, used = [], 0
-            cur.append(i)
-            used += cost
-        if cur:
-            waves.append(cur)
+        waves = self._waves([len(p) * n for p in prompts])
         out: list[list[Sample]] = []
         for wave in waves:
             out += self._generate([prompts[i] for i in wave], [i for i in wave], n=n, temperature=temperature,
@@ -145,6 +150,32 @@ class VLLMEngine:
         res = self.llm.generate([TokensPrompt(prompt_token_ids=full)], sp, use_tqdm=False)[0]
         rows = res.prompt_logprobs
         return [float(rows[i][full[i]].logprob) for i in range(len(prompt_ids), len(full))]
+
+    def prompt_logprobs(self, items: list[tuple[list[int], list[int]]], top_k: int = 0) -> list[dict]:
+        """Teacher scoring: for each (prompt ids, response ids) the temperature-1 log-probs of the
+        response tokens and, with ``top_k``, the k most likely ids and their log-probs at each
+        response position, from vLLM's prompt log-probs (one prefill per item, no decoding).
+        Returns [{"logprobs": [T], "topk_ids": [T][k], "topk_logprobs": [T][k]}]."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=1.0)
+        full = [list(p) + list(r) for p, r in items]
+        out: list[dict] = []
+        for wave in self._waves([len(x) for x in full]):
+            results = self.llm.generate([TokensPrompt(prompt_token_ids=full[i]) for i in wave], sp, use_tqdm=False)
+            for i, res in zip(wave, results):
+                start, ids = len(items[i][0]), full[i]
+                rows = res.prompt_logprobs[start:]
+                entry = {"logprobs": [float(row[ids[start + t]].logprob) for t, row in enumerate(rows)]}
+                if top_k:
+                    # Each row holds the top-k (rank 1..k) plus the actual token when it ranks lower.
+                    best = [sorted((lp.rank, tok, lp.logprob) for tok, lp in row.items() if lp.rank <= top_k)
+                            for row in rows]
+                    entry["topk_ids"] = [[tok for _, tok, _ in b] for b in best]
+                    entry["topk_logprobs"] = [[float(v) for _, _, v in b] for b in best]
+                out.append(entry)
+        return out
 
     def load_weights(self, payload: bytes) -> float:
         """Load safetensors bytes into the running engine; returns seconds taken."""

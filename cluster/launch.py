@@ -191,6 +191,7 @@ def start_roles(spec) -> Roles:
             t.path, dtype=t.dtype, temperature=spec.rollout.temperature, engine=spec.rollout.engine,
             max_model_len=max_len, kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
             gpu_memory_utilization=gpu_memory_share(spec, "teacher"),
+            score_engine=spec.teacher_score_engine(), max_logprobs=spec.teacher_request().top_k,
         )
     # Fixed micro-batch count per rank, so every rank runs the same number of forward/backward
     # calls each step (DeepSpeed collectives) whatever the batch's real size.

@@ -48,9 +48,19 @@ class ModelRef(_Strict):
     revision: str | None = None
 
 
+class TeacherRef(ModelRef):
+    """The teacher: a model plus how its scores are computed."""
+
+    score_engine: Literal["auto", "vllm", "hf"] = Field(default="auto", description=(
+        "vllm: the teacher's log-probs (and top-k) of the student's responses from vLLM's prompt log-probs, "
+        "batched like the rollout engine (and tensor-parallel where vLLM is); hf: a transformers forward, which "
+        "also gives full rows and any sampling temperature; auto: vllm when rollout.engine is vllm, the "
+        "rollout temperature is 1 and no full rows are asked for, else hf"))
+
+
 class ModelsSpec(_Strict):
     student: ModelRef
-    teacher: ModelRef | None = None
+    teacher: TeacherRef | None = None
     reward_model: ModelRef | None = Field(
         default=None, description=("sequence-classification reward model with one output (optional); "
                                    "used by the reward named 'reward_model'")
@@ -563,6 +573,14 @@ class JobSpec(_Strict):
 
     def needs_teacher_scoring(self) -> bool:
         return self.algorithm.type in TEACHER_ALGORITHMS
+
+    def teacher_score_engine(self) -> str:
+        """models.teacher.score_engine with "auto" resolved (see TeacherRef)."""
+        chosen = self.models.teacher.score_engine if self.models.teacher is not None else "hf"
+        if chosen != "auto":
+            return chosen
+        vllm_ok = self.rollout.engine == "vllm" and self.rollout.temperature == 1.0 and not self.teacher_request().full
+        return "vllm" if vllm_ok else "hf"
 
     def teacher_request(self) -> TeacherRequest:
         """The teacher's dense signal this algorithm trains on (none beyond the sampled token's

@@ -29,30 +29,70 @@ PAYLOAD_DTYPE = torch.float16
 class TeacherScorer:
     def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, temperature: float = 1.0,
                  engine: str = "vllm", max_model_len: int = 512, kv_cache_bytes: int = 128 << 20,
-                 gpu_memory_utilization: float = 0.3):
+                 gpu_memory_utilization: float = 0.3, score_engine: str = "hf", max_logprobs: int = 20):
         capture_actor_output()  # third-party output to RUN_DIR/logs (protege/console.py)
         configure_node_defaults()  # this node's hardware decides, before the model and engine load
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.model_path, self.dtype, self.engine_kind = model, dtype, engine
+        # "vllm": scores from the generation engine's prompt log-probs; "hf": a transformers forward
+        # (also the fallback for full rows and temperatures other than 1, which vLLM's raw prompt
+        # log-probs cannot give).
+        self.score_engine = score_engine
         self.engine_kwargs = {"max_model_len": max_model_len, "kv_cache_bytes": kv_cache_bytes,
                               "gpu_memory_utilization": gpu_memory_utilization}
+        if engine == "vllm":
+            self.engine_kwargs["max_logprobs"] = max_logprobs
         self._generator = None
+        self._model = None
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.batch_size = batch_size
         # Same temperature as the student's sampling so log-ratios compare like with like.
         self.temperature = temperature if temperature > 0 else 1.0
 
+    @property
+    def model(self):
+        """The transformers teacher, loaded on first use (a vLLM-scored teacher may never need it)."""
+        if self._model is None:
+            from transformers import AutoModelForCausalLM
+
+            self._model = AutoModelForCausalLM.from_pretrained(
+                self.model_path, dtype=getattr(torch, self.dtype)).to(self.device).eval()
+        return self._model
+
+    def scores_with_vllm(self, full: bool) -> bool:
+        return self.score_engine == "vllm" and self.engine_kind == "vllm" and not full and self.temperature == 1.0
+
     @torch.no_grad()
     def score(self, items: list[tuple[list[int], list[int]]], top_k: int = 0, full: bool = False) -> dict:
         """Scores for each (prompt ids, response ids). Returns {"scores": [TeacherScores],
-        "seconds", "bytes" (payload size), "tokens"}."""
+        "seconds", "bytes" (payload size), "tokens", "engine"}."""
+        t0 = time.perf_counter()
+        if self.scores_with_vllm(full):
+            out = self._score_vllm(items, top_k)
+        else:
+            out = self._score_hf(items, top_k, full)
+        return {"scores": out, "seconds": time.perf_counter() - t0, "bytes": sum(s.nbytes() for s in out),
+                "tokens": sum(len(r) for _, r in items), "engine": "vllm" if self.scores_with_vllm(full) else "hf"}
+
+    def _score_vllm(self, items, top_k: int) -> list[TeacherScores]:
         from protege.learners.losses import tail_logprob
 
-        t0 = time.perf_counter()
+        out = []
+        for entry in self._engine().prompt_logprobs(items, top_k):
+            ts = TeacherScores(logprobs=torch.tensor(entry["logprobs"], dtype=torch.float32))
+            if top_k:
+                vals = torch.tensor(entry["topk_logprobs"], dtype=torch.float32).view(len(entry["logprobs"]), -1)
+                ts.topk_ids = torch.tensor(entry["topk_ids"], dtype=torch.int32).view(vals.shape)
+                ts.topk_logprobs, ts.tail_logprobs = vals.to(PAYLOAD_DTYPE), tail_logprob(vals)
+            out.append(ts)
+        return out
+
+    def _score_hf(self, items, top_k: int, full: bool) -> list[TeacherScores]:
+        from protege.learners.losses import tail_logprob
+
         out: list[TeacherScores] = []
         for i in range(0, len(items), self.batch_size):
             chunk = items[i : i + self.batch_size]
@@ -74,8 +114,7 @@ class TeacherScorer:
                 if full:
                     ts.full_logprobs = rows_out[j, :n].clone()
                 out.append(ts)
-        return {"scores": out, "seconds": time.perf_counter() - t0, "bytes": sum(s.nbytes() for s in out),
-                "tokens": sum(len(r) for _, r in items)}
+        return out
 
     @torch.no_grad()
     def sequence_logprobs(self, items: list[tuple[list[int], list[int]]]) -> list[float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from protege.cluster.records import TeacherScores
@@ -57,3 +58,38 @@ def test_teacher_logprobs_line_up_with_the_learners_frame(tiny_models):
     theirs = scorer.score([(prompt, resp)])["scores"][0].logprobs.tolist()
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-5
     assert all(math.isfinite(x) for x in ours)
+
+
+@pytest.mark.slow
+def test_vllm_scoring_matches_the_transformers_forward(tiny_models):
+    """The teacher scored through vLLM's prompt log-probs (batched prefills, no decoding) gives the
+    same sampled-token log-probs, the same top-k ids and values and the same tail as the HF
+    forward (float32, CPU vLLM); full rows and temperatures other than 1 fall back to HF."""
+    vllm_scorer = TeacherScorer(tiny_models["teacher"], engine="vllm", score_engine="vllm", max_logprobs=8,
+                                kv_cache_bytes=64 << 20)
+    hf_scorer = TeacherScorer(tiny_models["teacher"], engine="hf")
+    items = [([5, 17, 42, 9], [33, 7, 250, 11, 3]), ([8, 8, 1], [99, 100]), ([4, 4, 4, 4, 4, 4], [12])]
+    try:
+        got = vllm_scorer.score(items, top_k=8)
+        want = hf_scorer.score(items, top_k=8)
+        assert got["engine"] == "vllm" and want["engine"] == "hf" and got["bytes"] == want["bytes"]
+        for a, b in zip(got["scores"], want["scores"]):
+            assert torch.allclose(a.logprobs, b.logprobs, atol=1e-4)
+            assert torch.equal(a.topk_ids, b.topk_ids)
+            assert torch.allclose(a.topk_logprobs.float(), b.topk_logprobs.float(), atol=2e-3)
+            assert torch.allclose(a.tail_logprobs, b.tail_logprobs, atol=1e-3)
+        assert vllm_scorer.score(items, full=True)["engine"] == "hf"
+    finally:
+        vllm_scorer._generator.close()
+
+
+def test_auto_score_engine_follows_the_spec():
+    from protege.cluster.spec import parse_spec
+
+    base = {"models": {"student": {"path": "s"}, "teacher": {"path": "t"}}, "data": {"task": "basic_arithmetic"},
+            "algorithm": {"type": "opd"}, "rollout": {"temperature": 1.0}}
+    assert parse_spec(base).teacher_score_engine() == "vllm"
+    assert parse_spec({**base, "rollout": {"temperature": 0.7}}).teacher_score_engine() == "hf"
+    assert parse_spec({**base, "algorithm": {"type": "opd", "estimator": "full"}}).teacher_score_engine() == "hf"
+    hf = {**base, "models": {"student": {"path": "s"}, "teacher": {"path": "t", "score_engine": "hf"}}}
+    assert parse_spec(hf).teacher_score_engine() == "hf"
