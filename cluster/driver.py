@@ -164,7 +164,7 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
         _set_rng(state["rng"])
         step, version = state["step"], state["version"]
         _sync(spec, roles, sync, version, faults)
-    metrics = MetricsWriter(run_dir, resume=ckpt is not None)
+    metrics = MetricsWriter(run_dir, resume=ckpt is not None, spec=spec)  # + the trackers of metrics.loggers
     if ckpt is not None:
         metrics.truncate_after(step)
     elif eval_set:

@@ -70,9 +70,11 @@ def _apply_overrides(spec, overrides: list[str]):
 
 def cmd_validate(args) -> int:
     from protege.cluster import preflight
+    from protege.cluster.trackers import check_loggers
 
     spec = _apply_overrides(_load(args.spec), args.set)
     preflight.portable_checks(spec)
+    check_loggers(spec)  # a metrics.loggers package missing here: one line, exit 2
     for w in preflight.validate_warnings(spec):
         print(f"warning: {w}", file=sys.stderr)
     text = spec.model_dump_json(indent=2) if args.json else _yaml(spec)
@@ -89,10 +91,12 @@ def _yaml(spec) -> str:
 
 def cmd_run(args) -> int:
     from protege.cluster import preflight
+    from protege.cluster.trackers import check_loggers
     from protege.env import configure_defaults
 
     spec = _apply_overrides(_load(args.spec), args.set)
     configure_defaults()
+    check_loggers(spec)  # before Ray: not an ImportError once training has started
     preflight.for_run(spec, dry_run=args.dry_run)  # bad input fails here, before Ray or any actor
     if args.dry_run:
         print(_yaml(spec))
