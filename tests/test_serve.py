@@ -96,9 +96,13 @@ def test_requests_validate_with_field_names():
 
     ok = CompletionRequest(model="m", prompt="hi", stop="\n")
     assert ok.stop == ["\n"] and ok.max_tokens == 16
+    # vLLM's layer implements batched prompts and logit_bias (once refused here as unsupported).
+    assert CompletionRequest(model="m", prompt=["a", "b"], logit_bias={"5": 1.0}).prompt == ["a", "b"]
     for bad, field in [({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
-                       ({"max_tokens": 0}, "max_tokens"), ({"logit_bias": {}}, "logit_bias"),
-                       ({"prompt": ["a", "b"]}, "prompt"), ({"stop": ["a"] * 5}, "stop")]:
+                       ({"max_tokens": 0}, "max_tokens"), ({"logit_bias_typo": {}}, "logit_bias_typo"),
+                       ({"prompt": []}, "prompt"), ({"prompt": ["a", ""]}, "prompt"), ({"stop": ["a"] * 5}, "stop"),
+                       # vLLM-internal fields are a trusted router's, not a client's
+                       ({"request_id": "x"}, "request_id"), ({"kv_transfer_params": {}}, "kv_transfer_params")]:
         with pytest.raises(ValidationError) as exc:
             CompletionRequest.model_validate({"model": "m", "prompt": "hi", **bad})
         err = validation_error(exc.value)
