@@ -248,13 +248,17 @@ class StudentGenerator:
         prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
             else [req.prompt]
         self._check_sequences(len(prompts), req.n or 1, "prompt")
-        self._check_max_tokens("max_tokens", req.max_tokens)
+        update: dict[str, Any] = {"stream": stream, **_greedy_choices(req)}
+        if "max_tokens" not in req.model_fields_set:  # OpenAI's default (16), within this server's limit
+            update["max_tokens"] = min(req.max_tokens or 16, self.max_tokens)
+        else:
+            self._check_max_tokens("max_tokens", req.max_tokens)
         vocab = len(self.layer.tokenizer)
         for p in prompts:
             if isinstance(p, list) and any(t >= vocab for t in p):  # vLLM's own check names no field
                 raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
         self._check_engine_fields(req)
-        return req.model_copy(update={"stream": stream, **_greedy_choices(req)})
+        return req.model_copy(update=update)
 
     def _limit_chat(self, req, *, stream: bool):
         self._check_sequences(1, req.n or 1, "n")
