@@ -96,6 +96,9 @@ class EventStream:
                 yield stamp(event, self._fingerprint)
         finally:
             self._lease.release()
+            close = getattr(self._events, "aclose", None)
+            if close is not None:  # client gone mid-stream: vLLM aborts the request now, not at GC
+                await close()
 
 
 class StudentGenerator:

@@ -101,10 +101,11 @@ class ChatCompletionRequest(_hidden(_VLLMChat, INTERNAL_FIELDS + CHAT_ONLY)):
 
     @model_validator(mode="after")
     def _one_limit(self) -> "ChatCompletionRequest":
-        if self.max_tokens is not None and self.max_completion_tokens is not None:
+        if self.__dict__["max_tokens"] is not None and self.max_completion_tokens is not None:
             raise FieldError("max_tokens", "give max_tokens or max_completion_tokens, not both")
         return self
 
     @property
     def token_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        # __dict__: vLLM marks max_tokens deprecated, and reading the attribute warns on every request.
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.__dict__["max_tokens"]
