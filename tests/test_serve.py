@@ -467,6 +467,22 @@ def test_serve_overload_answers_503(served):
 
 
 @pytest.mark.slow
+def test_serve_stream_closed_by_client_frees_its_slot(served):
+    import httpx
+
+    body = {"model": "student-run", "prompt": "count", "max_tokens": 64, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", served["url"] + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # one event, then hang up mid-stream
+    deadline = time.time() + 20
+    while httpx.get(served["url"] + "/health").json()["in_flight"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(served["url"] + "/health").json()["in_flight"] == 0
+
+
+@pytest.mark.slow
 def test_serve_switches_version_in_flight_and_rolls_back(served):
     client = _client(served, max_retries=0)
     msgs = [{"role": "user", "content": "Name a color."}]
