@@ -31,6 +31,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -206,7 +207,7 @@ def start_vllm_serve(args, max_num_seqs: int, timeout_s: float = 600) -> tuple[s
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, **worker_env()}
-    log = open(Path(args.out) / "vllm_serve.log", "w")
+    log = open(Path(tempfile.gettempdir()) / f"vllm_serve_{port}.log", "w")  # not next to the reports
     proc = subprocess.Popen([sys.executable, "-c", VLLM_SERVE, *vllm_serve_flags(args.model, port, args, max_num_seqs)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
