@@ -393,6 +393,11 @@ class ServeSpec(_Strict):
     api_key_env: str = Field(default="PROTEGE_API_KEY", description="env var holding the API key")
     max_tokens: int = Field(default=256, ge=1)
     max_concurrent: int = Field(default=32, ge=1, description="beyond this, 503")
+    max_n: int = Field(default=8, ge=1, description="most choices (n) per request")
+    # Its own choice, not rollout.engine's: rollouts may need the HF fallback where serving wants vLLM.
+    engine: Literal["vllm", "hf"] = Field(
+        default="vllm", description="vllm: vLLM's own OpenAI serving layer on AsyncLLM; hf: transformers, "
+        "one request at a time, behind the same serving layer (no guided decoding)")
     autoscale: AutoscaleSpec = Field(default_factory=AutoscaleSpec)
 
 

@@ -112,8 +112,8 @@ def cmd_run(args) -> int:
         from protege.serve.api import ServeArgs
         from protege.serve.cli import serve_forever
 
-        return serve_forever(ServeArgs(target=spec.run_location, serve=spec.serve, dtype=spec.models.student.dtype,
-                                       engine=spec.rollout.engine))
+        # The serving engine is serve.engine (vLLM by default), whatever engine the rollouts used.
+        return serve_forever(ServeArgs(target=spec.run_location, serve=spec.serve, dtype=spec.models.student.dtype))
     return 0
 
 

@@ -3,11 +3,13 @@
     build_app(ServeArgs) -> Application       also: serve run protege.serve.app:build_app target=RUN_DIR
 
 One deployment, ``StudentServer``: a thin shell that builds a :class:`StudentGenerator`, follows the
-run dir for newly published versions, and routes OpenAI's REST API to it:
+run dir for newly published versions, and routes OpenAI's REST API to it. The API is vLLM's own
+serving layer (the one behind ``vllm serve``: serve/layer.py), with the same request and response
+shapes, logprobs, echo, batched prompts, seeds, guided decoding and streaming usage:
 
     GET  /health                 no key needed (load balancers, Serve's own probes use check_health)
     GET  /v1/models              the served model and its checkpoint version
-    POST /v1/completions         text or token-id prompt; "stream": true for server-sent events
+    POST /v1/completions         text or token-id prompt(s); "stream": true for server-sent events
     POST /v1/chat/completions    chat template applied server side; "stream": true likewise
 
 Replicas follow load between ``serve.autoscale`` bounds. Each replica admits at most
@@ -33,12 +35,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
+from vllm.exceptions import VLLMError
 
 from protege.cluster import storage
 from protege.cluster.spec import ServeSpec
 from protege.serve import versions
-from protege.serve.api import ApiError, ChatCompletionRequest, CompletionRequest, ServeArgs, validation_error
+from protege.serve.api import ApiError, ServeArgs, validation_error
 from protege.serve.generator import StudentGenerator
+from protege.serve.layer import api_error
+from protege.serve.protocol import ChatCompletionRequest, CompletionRequest  # module level: FastAPI reads the annotations
 
 APP_NAME = "protege"
 # Serve runs user code on a second event loop thread by default, to shield its control loop from
@@ -85,27 +90,37 @@ def make_asgi_app(gen: StudentGenerator, key_hash: str | None) -> FastAPI:
         err = validation_error(exc)  # OpenAI answers 400, with the offending field named
         return JSONResponse(err.body(), status_code=err.status)
 
+    @app.exception_handler(VLLMError)
+    async def _vllm_invalid(request: Request, exc: VLLMError):
+        # vLLM's request models raise their own error type from some checks, which pydantic passes on.
+        return await _api_error(request, api_error(exc))
+
     @app.get("/health")
     async def health():
         return gen.health()
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models():
-        return gen.models()
+        return JSONResponse(gen.models().model_dump())
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(req: CompletionRequest):
         if req.stream:
-            return StreamingResponse(gen.stream_completion(req), media_type="text/event-stream")
-        return await gen.complete(req)
+            return await _streaming(gen.stream_completion(req))
+        return JSONResponse((await gen.complete(req)).model_dump())
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(req: ChatCompletionRequest):
         if req.stream:
-            return StreamingResponse(gen.stream_chat(req), media_type="text/event-stream")
-        return await gen.chat(req)
+            return await _streaming(gen.stream_chat(req))
+        return JSONResponse((await gen.chat(req)).model_dump())
 
     return app
+
+
+async def _streaming(stream) -> StreamingResponse:
+    await stream.start()  # a request vLLM rejects gets its 4xx here, not an error inside a 200 stream
+    return StreamingResponse(stream, media_type="text/event-stream")
 
 
 @serve.deployment
@@ -123,8 +138,8 @@ class StudentServer:
         self.key_hash = key_hash
         with serve_log_handlers_kept():  # see REPLICA_ENV: the engine build must not close Serve's log
             self.gen = StudentGenerator(
-                target.version, model_name=a.model_name or default_model_name(target), engine=a.engine,
-                max_tokens=a.serve.max_tokens, max_n=a.max_n, max_concurrent=a.serve.max_concurrent,
+                target.version, model_name=a.model_name or default_model_name(target), engine=a.serve.engine,
+                max_tokens=a.serve.max_tokens, max_n=a.serve.max_n, max_concurrent=a.serve.max_concurrent,
                 max_model_len=a.max_model_len, dtype=a.dtype, kv_cache_bytes=int(a.kv_cache_gb * (1 << 30)),
                 seed=a.seed)
         # Runs on the replica's event loop, next to the requests it pauses during a switch.

@@ -31,8 +31,8 @@ def register(subparsers) -> None:
         "serve", help="serve the trained student over an OpenAI-compatible HTTP API (Ray Serve)",
         formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__.split("\n\n")[1],
         epilog="The API key is read from serve.api_key_env (default PROTEGE_API_KEY); it is required when "
-        "--host is not a loopback address.\nServe settings (host, port, max_tokens, max_concurrent, "
-        "autoscale) come from --spec, else RUN_DIR/resolved_spec.json, else the defaults.")
+        "--host is not a loopback address.\nServe settings (host, port, engine, max_tokens, max_n, "
+        "max_concurrent, autoscale) come from --spec, else RUN_DIR/resolved_spec.json, else the defaults.")
     p.add_argument("target", metavar="RUN_DIR|CHECKPOINT|MODEL_DIR|ACTION",
                    help=f"what to serve, or one of {', '.join(ACTIONS)} followed by RUN_DIR")
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--spec", help="job spec whose serve: section to use")
     p.add_argument("--host", help="listen address (default serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default serve.port, 8000)")
-    p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--engine", choices=["vllm", "hf"], help="serving engine (default serve.engine, vllm)")
     p.add_argument("--name", help="model name in /v1/models (default: the run dir's name)")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--poll-s", type=float, default=2.0, help="how often replicas look for a newer version")
@@ -122,9 +122,9 @@ def _serve(args) -> int:
             raise ValueError(f"--version needs a run dir; {target} has no checkpoints/")
         _pin(target, args.version)
     spec = serve_spec_for(target, args.spec)
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "engine": args.engine}.items() if v is not None}
     spec = spec.model_copy(update=overrides)
-    serve_args = ServeArgs(target=str(target), serve=spec, engine=args.engine, model_name=args.name,
+    serve_args = ServeArgs(target=str(target), serve=spec, model_name=args.name,
                            max_model_len=args.max_model_len, poll_s=args.poll_s, replica_cpus=args.replica_cpus,
                            replica_gpus=args.replica_gpus if args.replica_gpus is not None else float(has_cuda()))
     configure_defaults()

@@ -1,15 +1,20 @@
-"""StudentGenerator: the serving logic, as a plain class (serve/app.py only routes HTTP to it).
+"""StudentGenerator: what Protégé adds around vLLM's OpenAI serving layer (serve/layer.py).
 
-It owns one streaming engine (actors/engine.py) loaded from a published checkpoint and answers
-OpenAI-shaped requests (serve/api.py): checks them against the server's limits, admits at most
-``max_concurrent`` at once (503 beyond: a bounded server, not an unbounded queue), and switches to
-a newer checkpoint version without failing a request:
+It owns one engine loaded from a published checkpoint, with vLLM's serving layer on it, and
+around each request:
+
+- checks the server's limits (``max_tokens``, ``max_n`` sequences, token ids in the vocabulary),
+  so a request beyond them is a 400 naming the field;
+- admits at most ``max_concurrent`` at once (503 beyond: a bounded server, not an unbounded queue);
+- stamps every answer, and every streamed chunk, with the checkpoint version that produced it
+  (``system_fingerprint: protege-vN``);
+- switches to a newer checkpoint version without failing a request:
 
     close the gate (new requests wait) -> let running requests finish -> load the new weights
-    into the same engine (or a new engine if the architecture changed) -> open the gate.
+    into the same engine (or a new engine and serving layer if the architecture changed) -> open.
 
-Every answer is produced entirely by one version and says which (``system_fingerprint``). The
-pause lasts as long as the longest running request, bounded by ``max_tokens``.
+The pause lasts as long as the longest running request, bounded by ``max_tokens``. vLLM is
+imported only when an engine is built (style §6: this module imports without it).
 """
 
 from __future__ import annotations
@@ -19,40 +24,81 @@ import hashlib
 import json
 import logging
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from protege.serve import versions
-from protege.serve.api import (
-    ApiError, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
-    CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage, fingerprint, new_id, now,
-)
+from protege.serve.api import ApiError, fingerprint
 from protege.serve.versions import Version
 
 log = logging.getLogger("protege.serve")
 
 
-class _Slot:
-    """One admitted request. Released exactly once: when its stream ends, or when it is collected
-    (a streaming response whose body never started would otherwise leak capacity for good)."""
+class _Lease:
+    """What one request holds: its admission slot, and (once it runs) its place in the engine.
+    Released exactly once: when the answer is done, or when the lease is collected (a streaming
+    response whose body never started would otherwise hold capacity, and block switches, for good)."""
 
     def __init__(self, gen: "StudentGenerator"):
         self._gen: StudentGenerator | None = gen
+        self._running = False
         gen.admitted += 1
 
+    def run(self) -> None:
+        """Enter the engine; the caller has just waited for the gate (no await since)."""
+        self._running = True
+        self._gen._active += 1
+
     def release(self) -> None:
-        if self._gen is not None:
-            self._gen.admitted -= 1
-            self._gen = None
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            gen.admitted -= 1
+            if self._running:
+                gen._active -= 1
 
     __del__ = release
 
-    def __enter__(self) -> "_Slot":
+    def __enter__(self) -> "_Lease":
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class EventStream:
+    """A streaming answer: ``await start()`` runs vLLM up to its first event (an error raises
+    ``ApiError`` here, so it gets its own status instead of a 200 stream); iterating yields the
+    server-sent events, each chunk stamped with the version. Iterating starts it if needed."""
+
+    def __init__(self, gen: "StudentGenerator", lease: _Lease, open_: Callable[[Any], Awaitable[Any]]):
+        self._gen, self._lease, self._open = gen, lease, open_
+        self._events: AsyncIterator[str] | None = None
+        self._fingerprint = ""
+
+    async def start(self) -> None:
+        if self._events is not None:
+            return
+        try:
+            layer, version = await self._gen._enter(self._lease)
+            self._fingerprint = fingerprint(version)
+            self._events = await self._open(layer)
+        except BaseException:
+            self._lease.release()
+            raise
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        try:
+            await self.start()
+            async for event in self._events:
+                yield stamp(event, self._fingerprint)
+        finally:
+            self._lease.release()
+            close = getattr(self._events, "aclose", None)
+            if close is not None:  # client gone mid-stream: vLLM aborts the request now, not at GC
+                await close()
 
 
 class StudentGenerator:
@@ -66,7 +112,7 @@ class StudentGenerator:
         self._engine_kw = dict(dtype=dtype, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes, seed=seed)
         if engine == "vllm":
             self._engine_kw["max_num_seqs"] = max_concurrent * max_n
-        self.engine = self._make_engine(version.model_path)
+        self.engine, self.layer = self._build(version.model_path)
         self.version = version
         # Kept, not re-read: the served checkpoint's folder may be pruned (checkpoint.keep) meanwhile.
         self._signature = model_signature(version.model_path)
@@ -75,49 +121,61 @@ class StudentGenerator:
         self._gate = asyncio.Event()
         self._gate.set()
         self._switch = asyncio.Lock()
-        self._loaded_at = now()
+        self._loaded_at = int(time.time())
         self.last_switch: dict[str, float] = {}
 
-    def _make_engine(self, model_path: Path):
-        from protege.actors.engine import make_async_engine
+    def _build(self, model_path: Path):
+        """An engine on ``model_path`` and vLLM's serving layer on its engine client."""
+        from protege.serve.layer import OpenAILayer
 
-        return make_async_engine(self._engine_kind, str(model_path), **self._engine_kw)
+        if self._engine_kind == "vllm":
+            from protege.actors.engine import AsyncVLLMEngine
+
+            engine = AsyncVLLMEngine(str(model_path), **self._engine_kw)
+            client = engine.llm  # vLLM's AsyncLLM is what `vllm serve` puts under the same classes
+        elif self._engine_kind == "hf":
+            from protege.serve.hf_client import HFEngineClient
+
+            engine = client = HFEngineClient(str(model_path), **self._engine_kw)
+        else:
+            raise ValueError(f"unknown serve engine '{self._engine_kind}' (valid: vllm, hf)")
+        return engine, OpenAILayer(client, model_name=self.model_name, model_path=model_path)
 
     # ---------------------------------------------------------------------------------- requests
-    async def complete(self, req: CompletionRequest) -> CompletionResponse:
-        ids, params = self._prepare_completion(req)
-        with self._admit():
-            rid = new_id("cmpl")
-            texts, finish, tokens, version = await self._collect(ids, params, rid, req.n)
-        return CompletionResponse(
-            id=rid, created=now(), model=self.model_name, system_fingerprint=fingerprint(version),
-            choices=[CompletionChoice(index=i, text=texts[i], finish_reason=finish[i]) for i in range(req.n)],
-            usage=Usage(prompt_tokens=len(ids), completion_tokens=tokens, total_tokens=len(ids) + tokens))
+    async def complete(self, req) -> Any:
+        """A whole completion (vLLM's ``CompletionResponse``); ``req.stream`` is ignored."""
+        req = self._limit_completion(req, stream=False)
+        with self._admit() as lease:
+            layer, version = await self._enter(lease)
+            out = await layer.complete(req)
+        out.system_fingerprint = fingerprint(version)
+        return out
 
-    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        ids, params = self._prepare_chat(req)
-        with self._admit():
-            rid = new_id("chatcmpl")
-            texts, finish, tokens, version = await self._collect(ids, params, rid, req.n)
-        return ChatCompletionResponse(
-            id=rid, created=now(), model=self.model_name, system_fingerprint=fingerprint(version),
-            choices=[ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=finish[i])
-                     for i in range(req.n)],
-            usage=Usage(prompt_tokens=len(ids), completion_tokens=tokens, total_tokens=len(ids) + tokens))
+    async def chat(self, req) -> Any:
+        req = self._limit_chat(req, stream=False)
+        with self._admit() as lease:
+            layer, version = await self._enter(lease)
+            out = await layer.chat_complete(req)
+        out.system_fingerprint = fingerprint(version)
+        return out
 
-    def stream_completion(self, req: CompletionRequest) -> AsyncIterator[str]:
-        """Server-sent events. Not async: validation and admission happen now, so a bad or excess
-        request gets its 4xx / 503 status instead of an error inside a 200 stream."""
-        ids, params = self._prepare_completion(req)
-        return self._sse(ids, params, new_id("cmpl"), "text_completion", req.include_usage, self._admit())
+    def stream_completion(self, req) -> EventStream:
+        """Server-sent events. Not async: limits and admission are checked now, so an excess
+        request gets its 400 / 503 before anything else happens."""
+        req = self._limit_completion(req, stream=True)
+        return EventStream(self, self._admit(), lambda layer: layer.complete(req))
 
-    def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        ids, params = self._prepare_chat(req)
-        return self._sse(ids, params, new_id("chatcmpl"), "chat.completion.chunk", req.include_usage, self._admit())
+    def stream_chat(self, req) -> EventStream:
+        req = self._limit_chat(req, stream=True)
+        return EventStream(self, self._admit(), lambda layer: layer.chat_complete(req))
 
-    def models(self) -> ModelList:
+    def models(self) -> Any:
+        from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList
+
         v = self.version
-        return ModelList(data=[ModelCard(id=self.model_name, created=self._loaded_at, root=str(v.model_path),
+        # vLLM's model card, plus which checkpoint it is (extra fields: the openai client keeps them).
+        return ModelList(data=[ModelCard(id=self.model_name, created=self._loaded_at, owned_by="protege",
+                                         root=str(v.model_path), max_model_len=self.max_model_len,
                                          version=v.number, step=v.step)])
 
     def health(self) -> dict[str, Any]:
@@ -138,7 +196,7 @@ class StudentGenerator:
             # built before pausing, so the pause covers only the drain and the swap.
             signature = model_signature(version.model_path)
             fresh = None if signature == self._signature else \
-                await asyncio.to_thread(self._make_engine, version.model_path)
+                await asyncio.to_thread(self._build, version.model_path)
             self._gate.clear()
             try:
                 while self._active:
@@ -147,9 +205,10 @@ class StudentGenerator:
                 if fresh is None:
                     await self.engine.reload(version.model_path)
                 else:
-                    old, self.engine = self.engine, fresh
+                    old = self.engine
+                    self.engine, self.layer = fresh
                     await asyncio.to_thread(old.close)
-                self.version, self._signature, self._loaded_at = version, signature, now()
+                self.version, self._signature, self._loaded_at = version, signature, int(time.time())
             finally:
                 self._gate.set()
             done = time.perf_counter()
@@ -176,118 +235,86 @@ class StudentGenerator:
             engine.close()
 
     # ---------------------------------------------------------------------------------- internals
-    def _admit(self) -> _Slot:
+    def _admit(self) -> _Lease:
         if self.admitted >= self.max_concurrent:
             raise ApiError(503, f"server overloaded: {self.max_concurrent} requests already in flight on this "
                                 "replica; retry later", code="overloaded")
-        return _Slot(self)
+        return _Lease(self)
 
-    @asynccontextmanager
-    async def _use_engine(self):
-        await self._gate.wait()  # closed while a new version loads
-        self._active += 1  # no await since the gate check: a switch cannot slip in between
-        try:
-            yield self.engine, self.version.number
-        finally:
-            self._active -= 1
+    async def _enter(self, lease: _Lease):
+        """Wait while a version loads, then run on the layer and version current from then on."""
+        await self._gate.wait()
+        lease.run()  # no await since the gate check: a switch cannot slip in between
+        return self.layer, self.version.number
 
-    async def _run(self, ids, params, rid, final_only: bool = False) -> AsyncIterator[tuple[list, int]]:
-        async with self._use_engine() as (engine, version):
-            async for deltas in engine.stream(ids, request_id=rid, final_only=final_only, **params):
-                yield deltas, version
-
-    async def _collect(self, ids, params, rid, n):
-        texts, finish, tokens, version = [""] * n, [None] * n, 0, -1
-        async for deltas, version in self._run(ids, params, rid, final_only=True):
-            for d in deltas:
-                texts[d.index] += d.text
-                tokens += d.tokens
-                finish[d.index] = d.finish_reason or finish[d.index]
-        return texts, finish, tokens, version
-
-    async def _sse(self, ids, params, rid, kind, include_usage, slot: _Slot) -> AsyncIterator[str]:
-        chat = kind == "chat.completion.chunk"
-        started, tokens, version = set(), 0, self.version.number
-
-        def head() -> dict:
-            return {"id": rid, "object": kind, "created": now(), "model": self.model_name,
-                    "system_fingerprint": fingerprint(version)}
-
-        try:
-            async for deltas, version in self._run(ids, params, rid):
-                choices = []
-                for d in deltas:
-                    tokens += d.tokens
-                    first = d.index not in started
-                    started.add(d.index)
-                    if not (d.text or d.finish_reason or first):
-                        continue  # tokens that do not yet decode to whole characters: nothing to send
-                    if chat:  # OpenAI opens each choice with the role
-                        delta = {"role": "assistant", "content": d.text} if first else \
-                            ({"content": d.text} if d.text else {})
-                        choices.append({"index": d.index, "delta": delta, "finish_reason": d.finish_reason,
-                                        "logprobs": None})
-                    else:
-                        choices.append({"index": d.index, "text": d.text, "finish_reason": d.finish_reason,
-                                        "logprobs": None})
-                if choices:
-                    yield _event({**head(), "choices": choices})
-            if include_usage:
-                usage = Usage(prompt_tokens=len(ids), completion_tokens=tokens, total_tokens=len(ids) + tokens)
-                yield _event({**head(), "choices": [], "usage": usage.model_dump()})
-        except Exception as exc:  # headers are sent: the error can only travel inside the stream
-            log.exception("stream %s failed", rid)
-            yield _event(ApiError(500, f"generation failed: {exc}").body())
-        finally:
-            slot.release()
-        yield "data: [DONE]\n\n"
-
-    def _check_model(self, req) -> None:
-        if req.model != self.model_name:
-            raise ApiError(404, f"model '{req.model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
-
-    def _prepare_completion(self, req: CompletionRequest) -> tuple[list[int], dict]:
-        self._check_model(req)
-        if isinstance(req.prompt, str):
-            ids = self.engine.tokenizer(req.prompt)["input_ids"]
+    def _limit_completion(self, req, *, stream: bool):
+        prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+            else [req.prompt]
+        self._check_sequences(len(prompts), req.n or 1, "prompt")
+        update: dict[str, Any] = {"stream": stream, **_greedy_choices(req)}
+        if "max_tokens" not in req.model_fields_set:  # OpenAI's default (16), within this server's limit
+            update["max_tokens"] = min(req.max_tokens or 16, self.max_tokens)
         else:
-            vocab = len(self.engine.tokenizer)
-            if any(not 0 <= t < vocab for t in req.prompt):
+            self._check_max_tokens("max_tokens", req.max_tokens)
+        vocab = len(self.layer.tokenizer)
+        for p in prompts:
+            if isinstance(p, list) and any(t >= vocab for t in p):  # vLLM's own check names no field
                 raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
-            ids = list(req.prompt)
-        return ids, self._params(req, ids, req.max_tokens)
+        self._check_engine_fields(req)
+        return req.model_copy(update=update)
 
-    def _prepare_chat(self, req: ChatCompletionRequest) -> tuple[list[int], dict]:
-        self._check_model(req)
-        tok = self.engine.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise ApiError(400, "messages: this model has no chat template; use /v1/completions", param="messages")
-        # developer is OpenAI's newer name for system; HF chat templates know only system.
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+    def _limit_chat(self, req, *, stream: bool):
+        self._check_sequences(1, req.n or 1, "n")
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         limit = req.token_limit
+        self._check_max_tokens(field, limit)
+        self._check_engine_fields(req)
+        update: dict[str, Any] = {"stream": stream, **_greedy_choices(req)}
         if limit is None:  # OpenAI's default is "up to the context"; ours is bounded by the server limit
-            limit = max(1, min(self.max_tokens, self.max_model_len - len(ids)))
-        return ids, self._params(req, ids, limit)
+            update["max_completion_tokens"] = self.max_tokens  # vLLM lowers it to what the context leaves
+        return req.model_copy(update=update)
 
-    def _params(self, req, ids: list[int], max_tokens: int) -> dict:
-        field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
-        if req.n > self.max_n:
-            raise ApiError(400, f"n: at most {self.max_n} choices per request (got {req.n})", param="n")
-        if max_tokens > self.max_tokens:
-            raise ApiError(400, f"{field}: at most {self.max_tokens} on this server (got {max_tokens})", param=field)
-        if len(ids) + max_tokens > self.max_model_len:
-            raise ApiError(400, f"prompt: {len(ids)} prompt tokens plus {field} {max_tokens} exceed the context "
-                                f"of {self.max_model_len} tokens; shorten the prompt or lower {field}", param="prompt")
-        return dict(n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens, stop=req.stop,
-                    seed=req.seed, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                    ignore_eos=req.ignore_eos)
+    def _check_sequences(self, prompts: int, n: int, field: str) -> None:
+        if n > self.max_n:
+            raise ApiError(400, f"n: at most {self.max_n} choices per request (got {n})", param="n")
+        if prompts * n > self.max_n:  # the engine is sized for max_concurrent requests of max_n sequences
+            raise ApiError(400, f"{field}: {prompts} prompts x n={n} is {prompts * n} sequences; at most "
+                                f"{self.max_n} per request", param=field)
+
+    def _check_engine_fields(self, req) -> None:
+        if self._engine_kind == "hf":
+            from protege.serve.hf_client import unsupported_field
+
+            if (field := unsupported_field(req)) is not None:
+                raise ApiError(400, f"{field}: not supported by this server's engine (serve.engine: hf)", param=field)
+
+    def _check_max_tokens(self, field: str, value: int | None) -> None:
+        if value is not None and value > self.max_tokens:
+            raise ApiError(400, f"{field}: at most {self.max_tokens} on this server (got {value})", param=field)
 
 
-def _event(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
+def _greedy_choices(req) -> dict[str, Any]:
+    """OpenAI answers ``n`` > 1 at temperature 0 with n greedy choices; vLLM refuses it ("n must be 1
+    when using greedy sampling"). Sampling from the single most likely token (top_k 1) is the same
+    argmax, and vLLM allows it with any n; logprobs are reported before sampling, so they match too."""
+    if req.temperature == 0 and (req.n or 1) > 1:
+        return {"temperature": 1.0, "top_k": 1}
+    return {}
+
+
+def stamp(event: str, version_fingerprint: str) -> str:
+    """One server-sent event with the serving version as its ``system_fingerprint``.
+
+    vLLM stamps only the last chunk (its engine's fingerprint); a client reading any chunk should
+    see which checkpoint wrote it. Most chunks carry no fingerprint: a string splice, not a JSON
+    round trip, for those (this runs once per streamed token)."""
+    if not event.startswith('data: {"id"'):
+        return event  # [DONE], or an error inside the stream
+    if '"system_fingerprint"' in event:
+        body = json.loads(event[6:])
+        body["system_fingerprint"] = version_fingerprint
+        return f"data: {json.dumps(body)}\n\n"
+    return f'data: {{"system_fingerprint":"{version_fingerprint}",' + event[7:]
 
 
 def model_signature(path: Path) -> str:

@@ -96,9 +96,13 @@ def test_requests_validate_with_field_names():
 
     ok = CompletionRequest(model="m", prompt="hi", stop="\n")
     assert ok.stop == ["\n"] and ok.max_tokens == 16
+    # vLLM's layer implements batched prompts and logit_bias (once refused here as unsupported).
+    assert CompletionRequest(model="m", prompt=["a", "b"], logit_bias={"5": 1.0}).prompt == ["a", "b"]
     for bad, field in [({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
-                       ({"max_tokens": 0}, "max_tokens"), ({"logit_bias": {}}, "logit_bias"),
-                       ({"prompt": ["a", "b"]}, "prompt"), ({"stop": ["a"] * 5}, "stop")]:
+                       ({"max_tokens": 0}, "max_tokens"), ({"logit_bias_typo": {}}, "logit_bias_typo"),
+                       ({"prompt": []}, "prompt"), ({"prompt": ["a", ""]}, "prompt"), ({"stop": ["a"] * 5}, "stop"),
+                       # vLLM-internal fields are a trusted router's, not a client's
+                       ({"request_id": "x"}, "request_id"), ({"kv_transfer_params": {}}, "kv_transfer_params")]:
         with pytest.raises(ValidationError) as exc:
             CompletionRequest.model_validate({"model": "m", "prompt": "hi", **bad})
         err = validation_error(exc.value)
@@ -348,6 +352,80 @@ def test_serve_completion_chat_and_stream(served):
 
 
 @pytest.mark.slow
+def test_serve_logprobs_echo_n_and_batched_prompts(served):
+    """vLLM's layer: logprobs / top_logprobs on both endpoints, echo with logprobs, n > 4, batches."""
+    client = _client(served)
+    prompt = "1 2 3 4"
+    c = client.completions.create(model="student-run", prompt=prompt, max_tokens=5, temperature=0, logprobs=3,
+                                  echo=True)
+    lp = c.choices[0].logprobs
+    assert c.choices[0].text.startswith(prompt) and "".join(lp.tokens) == c.choices[0].text
+    n_prompt = c.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + c.usage.completion_tokens and lp.token_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(t) >= 3 for t in lp.top_logprobs[n_prompt:])
+    # the sampled (greedy) token is the most likely one: its logprob tops its own top_logprobs
+    assert all(abs(lp.token_logprobs[i] - max(lp.top_logprobs[i].values())) < 1e-4
+               for i in range(n_prompt, len(lp.tokens)))
+
+    msgs = [{"role": "user", "content": "Say something."}]
+    chat = client.chat.completions.create(model="student-run", messages=msgs, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+
+    many = client.completions.create(model="student-run", prompt="a", max_tokens=3, n=6, temperature=1.0, seed=1)
+    assert sorted(ch.index for ch in many.choices) == list(range(6)) and many.system_fingerprint == "protege-v1"
+    greedy = client.chat.completions.create(model="student-run", messages=msgs, max_tokens=6, temperature=0, n=5)
+    assert len({ch.message.content for ch in greedy.choices}) == 1  # n greedy choices: the same answer
+
+    for batch in (["a b", "c d e"], [[1, 2, 3], [4, 5]]):
+        b = client.completions.create(model="student-run", prompt=batch, max_tokens=3, temperature=0)
+        assert sorted(ch.index for ch in b.choices) == [0, 1]
+        one = client.completions.create(model="student-run", prompt=batch[1], max_tokens=3, temperature=0)
+        assert b.choices[1].text == one.choices[0].text  # each prompt answered on its own
+
+
+@pytest.mark.slow
+def test_serve_stop_seed_guided_and_stream_usage(served):
+    import openai
+
+    client = _client(served, max_retries=0)
+    base = dict(model="student-run", prompt="The list: one, two,", max_tokens=24, temperature=0)
+    full = client.completions.create(**base, extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip(), full  # a visible stop string taken from the greedy answer's middle
+    cut = client.completions.create(**base, stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[:full.index(stop)]
+
+    sampled = dict(model="student-run", prompt="Once", max_tokens=16, temperature=1.0)
+    texts = [client.completions.create(**sampled, seed=s).choices[0].text for s in (7, 7, 8, 9)]
+    assert texts[0] == texts[1] and len(set(texts)) >= 2  # same seed, same text; other seeds differ
+
+    # Guided decoding (vLLM's structured outputs, xgrammar on CPU too): the answer is one of the schema's values.
+    schema = {"type": "string", "enum": ["red", "green", "blue"]}
+    g = client.chat.completions.create(
+        model="student-run", messages=[{"role": "user", "content": "A color?"}], max_tokens=12,
+        response_format={"type": "json_schema", "json_schema": {"name": "color", "schema": schema}})
+    assert json.loads(g.choices[0].message.content) in schema["enum"], g.choices[0].message.content
+    choice = client.completions.create(model="student-run", prompt="yes or no:", max_tokens=4,
+                                       extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert choice.choices[0].text in ("yes", "no")
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="student-run", prompt="x", extra_body={"response_format": {"type": "json_schema"}})
+    assert "response_format" in exc.value.message
+
+    chunks = list(client.completions.create(model="student-run", prompt="count", max_tokens=9, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.completion_tokens == 9 and not chunks[-1].choices
+    assert {ch.system_fingerprint for ch in chunks} == {"protege-v1"}  # every chunk names the version
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+    with pytest.raises(openai.BadRequestError) as exc:  # a field neither OpenAI nor vLLM knows: named, not ignored
+        client.completions.create(model="student-run", prompt="x", extra_body={"temprature": 0})
+    assert "temprature:" in exc.value.message
+
+
+@pytest.mark.slow
 def test_serve_rejects_bad_requests_and_missing_key(served):
     import httpx
     import openai
@@ -386,6 +464,22 @@ def test_serve_overload_answers_503(served):
     # Refused by a full replica (OpenAI-shaped error), or by Serve's bounded queue in front of it.
     for text in [r.text for r in responses if r.status_code == 503]:
         assert "overloaded" in text or "dropped due to backpressure" in text, text
+
+
+@pytest.mark.slow
+def test_serve_stream_closed_by_client_frees_its_slot(served):
+    import httpx
+
+    body = {"model": "student-run", "prompt": "count", "max_tokens": 64, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", served["url"] + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # one event, then hang up mid-stream
+    deadline = time.time() + 20
+    while httpx.get(served["url"] + "/health").json()["in_flight"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(served["url"] + "/health").json()["in_flight"] == 0
 
 
 @pytest.mark.slow
