@@ -75,7 +75,7 @@ class HFEngineClient:
         p = sampling_params
         for name in ("structured_outputs", "logit_bias", "allowed_token_ids", "bad_words"):
             if getattr(p, name, None):
-                raise VLLMValidationError(f"not supported by the hf engine", parameter=name)
+                raise VLLMValidationError("not supported by the hf engine", parameter=name)
         if prompt.get("type", "token") != "token":
             raise VLLMValidationError("only text or token prompts on the hf engine", parameter="prompt")
         ids = list(prompt["prompt_token_ids"])

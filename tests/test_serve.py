@@ -486,7 +486,9 @@ def test_serve_stream_closed_by_client_frees_its_slot(served):
 def test_serve_switches_version_in_flight_and_rolls_back(served):
     client = _client(served, max_retries=0)
     msgs = [{"role": "user", "content": "Name a color."}]
-    greedy = lambda: client.chat.completions.create(model="student-run", messages=msgs, max_tokens=16, temperature=0)
+    def greedy():
+        return client.chat.completions.create(model="student-run", messages=msgs, max_tokens=16, temperature=0)
+
     before = greedy().choices[0].message.content
     failures, fingerprints, stop = [], [], threading.Event()
 
