@@ -131,6 +131,16 @@ def _serve(args) -> int:
     return serve_forever(serve_args)
 
 
+def _serve_logs() -> str:
+    """Where Ray Serve writes replica, proxy and controller logs on this node."""
+    import ray
+
+    try:
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve")
+    except Exception:  # a remote cluster: the head node's session folder
+        return "the Ray session's logs/serve folder"
+
+
 def serve_forever(serve_args, *, block: bool = True) -> int:
     """Start the app on $RAY_ADDRESS's cluster (or a local Ray) and block until Ctrl-C.
 
@@ -146,11 +156,19 @@ def serve_forever(serve_args, *, block: bool = True) -> int:
     versions.resolve(serve_args.target)  # clear errors before Ray starts
     api_key_hash(serve_args.serve)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": worker_env()})
+        import logging
+
+        from protege.console import verbose
+
+        # Replicas' output (vLLM, Serve's access log) stays in Ray's session logs unless -v.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": worker_env()},
+                 log_to_driver=verbose(), logging_level=logging.INFO if verbose() else logging.WARNING)
+        if not verbose():
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
     url = run(serve_args)
     served = versions.resolve(serve_args.target).version
     print(f"serving version {served.number} of {serve_args.target} at {url}/v1 "
-          f"(OpenAI API; Ctrl-C to stop)", file=sys.stderr)
+          f"(OpenAI API; Ctrl-C to stop; replica logs: {_serve_logs()})", file=sys.stderr)
     if not block:
         return 0
     try:
