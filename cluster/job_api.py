@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse
 from ray.exceptions import RayError
 
 from protege.cluster.jobs import JobNotFound, JobsClient, spec_warnings
+from protege.cluster.preflight import UserError
 from protege.cluster.spec import SpecError, parse_spec
 
 TOKEN_ENV = "PROTEGE_JOBS_TOKEN"
@@ -79,7 +80,10 @@ def create_app(address: str | None = None, *, token: str | None = None, jobs: Jo
             spec = parse_spec(data, "request")
         except SpecError as err:
             return _invalid(err.errors)
-        job_id = await run_in_threadpool(jobs.submit, spec)
+        try:
+            job_id = await run_in_threadpool(jobs.submit, spec)
+        except UserError as err:  # a path the cluster cannot read and that cannot travel with the job
+            return _invalid([(err.field, err.message)])
         body = {"id": job_id, "name": spec.name, "run_dir": spec.run_location,
                 "warnings": spec_warnings(spec, jobs.project)}
         return JSONResponse(body, status_code=201, headers={"Location": f"/v1/jobs/{job_id}"})

@@ -7,9 +7,12 @@ What a job is on the cluster:
 
 * working_dir: the project (this repository), minus :data:`EXCLUDES` (virtualenvs, caches, run and
   model folders, ``.git``, weights), plus the resolved spec as ``spec.json`` at its root. Relative
-  paths in the spec (``examples/data/...``) therefore resolve inside the uploaded copy; ``models/``
-  and ``runs/`` are *not* uploaded, so model paths and ``checkpoint.dir`` should be absolute paths
-  on storage the cluster shares (or hub ids), and :func:`spec_warnings` says so.
+  paths in the spec (``examples/data/...``) therefore resolve inside the uploaded copy. The files
+  the spec reads that the cluster could not (a model under ``models/`` or ``runs/``, a folder on
+  this machine's disk) travel too, under ``_inputs/``, with the submitted spec pointing at them;
+  past Ray's upload limit they go through the run's bucket, or the submit is refused
+  (cluster/job_inputs.py). ``checkpoint.dir`` should be an absolute path on shared storage or a
+  bucket, and :func:`spec_warnings` says so.
 * entrypoint: ``python -m protege.cli run spec.json``. The code that runs is the ``protege``
   installed in the cluster's Python (an image with ``pip install protege[gpu]`` or ``[cpu]``);
   the uploaded ``protege/`` folder is excluded so it cannot shadow that install (the repository
@@ -45,7 +48,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from protege.cluster import storage
+from protege.cluster import job_inputs, storage
 from protege.cluster.checkpoints import list_checkpoints, read_state
 
 # Ray applies these with .gitignore syntax, relative to the working dir's root. "/protege": the
@@ -53,6 +56,7 @@ from protege.cluster.checkpoints import list_checkpoints, read_state
 EXCLUDES = [".venv", ".cache", "runs", "models", ".git", "bench/results", "__pycache__", "*.safetensors", "*.gguf",
             "/protege"]
 SPEC_FILE = "spec.json"
+INPUTS_DIR = job_inputs.INPUTS_DIR
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -89,49 +93,72 @@ def entrypoint(python: str) -> str:
     return f"{shlex.quote(python)} -m protege.cli run {SPEC_FILE}"
 
 
+def _is_local(address: str) -> bool:
+    host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
+    return host in _LOOPBACK
+
+
 def default_python(address: str) -> str:
     """This interpreter for a head on this machine; ``python`` (the image's) for a remote one."""
-    host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
-    return sys.executable if host in _LOOPBACK else "python"
+    return sys.executable if _is_local(address) else "python"
 
 
-def runtime_env(working_dir: str | Path, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+def excludes(with_inputs: bool = False) -> list[str]:
+    """:data:`EXCLUDES`, and with inputs a last rule that keeps ``_inputs/`` whole: a model folder
+    staged there is under ``models/`` here and holds ``*.safetensors``, which the others drop."""
+    return [*EXCLUDES, f"!/{INPUTS_DIR}/**"] if with_inputs else list(EXCLUDES)
+
+
+def runtime_env(working_dir: str | Path, extra_env: dict[str, str] | None = None, *,
+                with_inputs: bool = False) -> dict[str, Any]:
     from protege.env import worker_env
 
     env = {**worker_env(), **(extra_env or {}), "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
-    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": env}
+    if storage.is_uri(working_dir):  # a zip in the run's bucket, packed with the excludes already
+        return {"working_dir": str(working_dir), "env_vars": env}
+    return {"working_dir": str(working_dir), "excludes": excludes(with_inputs), "env_vars": env}
 
 
-def stage_working_dir(spec, project: Path, into: Path) -> Path:
-    """A folder holding links to the project's top-level entries plus ``spec.json``.
+def stage_working_dir(spec, project: Path, into: Path, links: dict[str, Path] | None = None) -> Path:
+    """A folder holding links to the project's top-level entries plus ``spec.json``, and ``links``
+    (``_inputs/...`` -> a local file or folder the job reads, cluster/job_inputs.py).
 
     Ray follows the links when it packs the working dir and applies :data:`EXCLUDES` (and the
-    project's .gitignore) to what lies behind them; nothing under the project is written.
+    project's .gitignore) to what lies behind them; nothing under the project is written. With
+    inputs, the root .gitignore is a copy that ends by keeping ``_inputs/`` whole (see excludes()).
     """
     from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray itself applies
 
     top = PathSpec.from_lines("gitwildmatch", EXCLUDES)
     into.mkdir(parents=True, exist_ok=True)
     for entry in project.iterdir():
-        if entry.name != SPEC_FILE and not top.match_file(entry.name):
+        if entry.name != SPEC_FILE and not top.match_file(entry.name) and not (links and entry.name == ".gitignore"):
             (into / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    if links:
+        ignore = project / ".gitignore"
+        text = ignore.read_text() if ignore.is_file() else ""
+        (into / ".gitignore").write_text(f"{text.rstrip()}\n!/{INPUTS_DIR}/**\n")
+        for rel, target in links.items():
+            (into / rel).parent.mkdir(parents=True, exist_ok=True)
+            (into / rel).symlink_to(target, target_is_directory=target.is_dir())
     (into / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
     return into
 
 
 def spec_warnings(spec, project: Path) -> list[str]:
-    """Paths in the spec that will not mean on the cluster what they mean here."""
+    """Paths in the spec that will not mean on the cluster what they mean here. (Inputs, local
+    model folders included, travel with the job: cluster/job_inputs.py.)"""
     out = []
     if spec.run_uri is None and not Path(spec.checkpoint.dir).is_absolute():
         out.append(f"checkpoint.dir '{spec.checkpoint.dir}' is relative: the run lands in the job's working "
                    "directory on the cluster, which Ray deletes later and this side cannot read; use an "
                    "absolute path on shared storage or an object-store URI (s3://…)")
-    models = spec.models
-    for role, ref in (("student", models.student), ("teacher", models.teacher), ("reward_model", models.reward_model)):
-        if ref is not None and not Path(ref.path).is_absolute() and (project / ref.path).exists():
-            out.append(f"models.{role}.path '{ref.path}' is a relative local folder; models/ is not uploaded: "
-                       "use an absolute path the cluster can read, or a hub id")
     return out
+
+
+def plan_inputs(spec, project: Path, address: str) -> job_inputs.Plan:
+    """How each path the spec reads reaches the cluster at ``address`` (raises preflight.UserError)."""
+    return job_inputs.plan(spec, project, remote=not _is_local(address), excludes=list(EXCLUDES))
 
 
 def run_progress(run_dir: str | Path | None) -> dict[str, Any]:
@@ -202,16 +229,24 @@ class JobsClient:
         return self._client
 
     def submit(self, spec, *, python: str | None = None, extra_env: dict[str, str] | None = None,
-               submission_id: str | None = None) -> str:
-        """Submit a validated JobSpec; returns the job id (``NAME-xxxxxxxx`` unless given)."""
+               submission_id: str | None = None, inputs: job_inputs.Plan | None = None) -> str:
+        """Submit a validated JobSpec; returns the job id (``NAME-xxxxxxxx`` unless given).
+
+        ``inputs`` (from :func:`plan_inputs`, computed here when not given) says which of the
+        spec's files travel with the job; the submitted spec points at them in the working dir."""
         job_id = submission_id or f"{spec.name}-{secrets.token_hex(4)}"
+        inputs = inputs or plan_inputs(spec, self.project, self.address)
         with tempfile.TemporaryDirectory(prefix="protege-job-") as tmp:
-            wd = stage_working_dir(spec, self.project, Path(tmp))
+            wd: str | Path = stage_working_dir(job_inputs.rewritten(spec, inputs), self.project, Path(tmp) / "job",
+                                               links=inputs.links)
+            if inputs.route == "bucket":  # too big for Ray's upload: through the run's bucket
+                wd = job_inputs.publish(Path(wd), storage.join(spec.run_uri, "job", f"{job_id}.zip"),
+                                        excludes(bool(inputs.links)))
             # submit_job packs and uploads the working dir before it returns, so tmp may go after.
             return self.client.submit_job(
                 entrypoint=entrypoint(python or default_python(self.address)),
                 submission_id=job_id,
-                runtime_env=runtime_env(wd, extra_env),
+                runtime_env=runtime_env(wd, extra_env, with_inputs=bool(inputs.links)),
                 metadata={"protege_name": spec.name, "protege_run_dir": spec.run_location,
                           "protege_steps": str(spec.steps), "protege_algorithm": spec.algorithm.type},
             )

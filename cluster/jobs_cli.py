@@ -32,8 +32,10 @@ def register(subparsers) -> None:
         "submit", parents=[addr], help="validate a job spec here, then submit it to a Ray cluster",
         description="Validates SPEC locally (an invalid spec prints every error and sends nothing), then submits "
         "it through the Ray Jobs API with this project as the job's working directory and prints the job id. "
-        "The cluster runs the protege installed in its Python; model paths and checkpoint.dir should be "
-        "absolute paths on storage the cluster shares.")
+        "The cluster runs the protege installed in its Python. Local model folders and data files the spec "
+        "names travel with the job (past Ray's 500 MiB upload: through a bucket checkpoint.dir, else refused); "
+        "hub ids, URIs and paths on shared storage are passed through. checkpoint.dir should be an absolute "
+        "path on storage the cluster shares, or a bucket.")
     s.add_argument("spec", help="job spec, YAML or JSON")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (repeatable)")
     s.add_argument("--id", default=None, help="job id to use (default: NAME-<random hex>)")
@@ -98,23 +100,30 @@ def cmd_submit(args) -> int:
     from protege.cli import EXIT_INVALID, _apply_overrides, _load
     from protege.cluster.preflight import UserError, for_submit
 
+    from protege.cluster.jobs import default_address, plan_inputs, project_root
+
     spec = _apply_overrides(_load(args.spec), args.set)
     try:
         for_submit(spec)  # what can be checked here: the task, the KV cache, an uploaded data file
+        # each model / data path: travels with the job, passed through, or refused (too big, missing)
+        inputs = plan_inputs(spec, project_root(), args.address or default_address())
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
-    return _submit(args, spec)
+    return _submit(args, spec, inputs)
 
 
 @_guard
-def _submit(args, spec) -> int:
+def _submit(args, spec, inputs=None) -> int:
+    from protege.cluster.job_inputs import describe
     from protege.cluster.jobs import spec_warnings
 
     client = _client(args)
     for w in spec_warnings(spec, client.project):
         print(f"warning: {w}", file=sys.stderr)
-    job_id = client.submit(spec, python=args.python, submission_id=args.id)
+    for line in describe(inputs) if inputs is not None else ():
+        print(f"note: {line}", file=sys.stderr)
+    job_id = client.submit(spec, python=args.python, submission_id=args.id, inputs=inputs)
     print(job_id)
     print(f"submitted {spec.algorithm.type} job '{spec.name}' to {client.address}; "
           f"follow with: protege jobs logs {job_id} --follow", file=sys.stderr)
