@@ -11,6 +11,7 @@ Defaults for each algorithm are the vetted settings in ../shared/docs/algorithms
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class _Strict(BaseModel):
-    # Unknown keys are errors: a typo such as `learnig_rate` must fail, not be ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo such as `learnig_rate` must fail, not be ignored. Infinity and
+    # NaN are refused too: they pass `gt=0` checks and then cannot be written back as JSON.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _derive(model: BaseModel, name: str, value: Any) -> None:
@@ -74,6 +76,18 @@ class DataSpec(_Strict):
     source: Literal["reasoning_gym", "file"] = "reasoning_gym"
     task: str | None = Field(default=None, description="reasoning-gym task name, e.g. basic_arithmetic")
     task_config: dict[str, Any] = Field(default_factory=dict, description="kwargs for the task generator")
+
+    @field_validator("task_config")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        def check(x: Any) -> None:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError(f"numbers must be finite, got {x}")
+            for y in x.values() if isinstance(x, dict) else x if isinstance(x, list) else ():
+                check(y)
+
+        check(v)
+        return v
     size: int = Field(default=512, ge=1, description="examples generated for a reasoning-gym task")
     seed: int = 0
     path: str | None = Field(default=None, description="JSONL/Parquet file (source: file)")
