@@ -1,4 +1,4 @@
-"""The driver: one loop, every remote call visible (style.md §7).
+"""The driver: one loop, every remote call visible (docs/design.md, "The driver loop").
 
     prompts → generate → score (rewards ‖ teacher) → credit → learner step → weight sync
             → metrics / eval / checkpoint

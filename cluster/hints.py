@@ -4,7 +4,7 @@ For a prompt whose whole group failed the quality gate, the teacher writes a hin
 reference answer); the student samples with the hint; correct samples (rejection sampling over
 N attempts) replace up to m group members, re-attached to the hint-free prompt, so the learner
 trains on "what the student can say without help" and the recomputed old log-probs are the
-hint-free ones. Guards from algorithms.md: trigger per prompt, not per batch; a hint without
+hint-free ones. Guards (docs/algorithms.md, KEPO): trigger per prompt, not per batch; a hint without
 its tags is skipped for that prompt (never used raw: a teacher that ignores the format would
 otherwise leak the answer verbatim); an empty acceptance injects nothing.
 """

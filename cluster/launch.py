@@ -1,4 +1,4 @@
-"""Composition root: the only place plain classes become Ray actors (style.md §5).
+"""Composition root: the only place plain classes become Ray actors (docs/design.md).
 
 Connects to the cluster, reserves resources per role, and builds the rollout, reward,
 teacher and learner groups from the spec.

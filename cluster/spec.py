@@ -5,7 +5,7 @@ validation messages and the running job cannot disagree. This module imports onl
 pydantic and the standard library: a REST front end can validate jobs without torch,
 vLLM or Ray installed.
 
-Defaults for each algorithm are the vetted settings in ../shared/docs/algorithms.md.
+Each algorithm's defaults, and the papers they come from, are described in docs/algorithms.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Versioned weight sync: learner → rollout engines (style.md §14).
+"""Versioned weight sync: learner → rollout engines (docs/design.md, "Weight sync").
 
 One small interface: ``push(version)`` exports the learner's full weights and loads them into
 every rollout worker; every rollout then records the version that generated it.

@@ -83,7 +83,7 @@ def online_dpo_pairs(
     the result is deterministic.
 
     Best-vs-worst pairing follows our reading of online DPO (see docs/algorithms.md,
-    decisions table); one pair per prompt, not all pairs.
+    DPO); one pair per prompt, not all pairs.
     """
     values = torch.as_tensor(rewards, dtype=torch.float64)
     groups = _grouped(values, group_size).tolist()

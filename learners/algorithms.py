@@ -1,4 +1,4 @@
-"""The two seams where algorithms differ (style.md §9), chosen by one explicit ``match``.
+"""The two seams where algorithms differ (docs/design.md), chosen by one explicit ``match``.
 
 - ``build_rows`` (driver side, credit assignment): rollouts + rewards + teacher scores →
   TrainRows with advantages, gates, pairs.

@@ -21,7 +21,7 @@ def build_ds_config(
         "zero_optimization": zero,
         "bf16": {"enabled": bool(bf16)},
         # We pass torch.optim.AdamW as the client optimizer: DeepSpeedCPUAdam/FusedAdam JIT-build
-        # for ~85 s each on a fresh machine (platform.md) and buy nothing at this scale.
+        # for ~85 s each on a fresh machine (docs/platform.md) and buy nothing at this scale.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,

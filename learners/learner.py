@@ -114,7 +114,7 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if self.spec.zero_stage == 3:
             # transformers 5.19 needs this alive *before* from_pretrained for ZeRO-3 partitioned
-            # init (a raw deepspeed.zero.Init fails in _init_weights; platform.md).
+            # init (a raw deepspeed.zero.Init fails in _init_weights; docs/platform.md).
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds = HfDeepSpeedConfig(ds_config)

@@ -1,7 +1,7 @@
 """Training data: reasoning-gym tasks, JSONL / Parquet files, splits and a resumable prompt stream.
 
 Everything here is plain Python; `reasoning_gym` and `pyarrow` are imported only inside the
-functions that need them, so importing this module stays cheap (style convention 6).
+functions that need them, so importing this module stays cheap (docs/design.md: heavy libraries stay behind narrow doors).
 
 Errors in user files raise `DataError` naming the file, the 1-based line (JSONL) or row
 (Parquet) and the field, so a bad row is found without opening a debugger.

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# CPU defaults before anything imports torch / vLLM (../shared/docs/platform.md).
+# CPU defaults before anything imports torch / vLLM (docs/platform.md).
 for k, v in {
     "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
@@ -44,7 +44,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One Ray instance per test module (style.md §13)."""
+    """One Ray instance per test module (docs/design.md, "Tests")."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,

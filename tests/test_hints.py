@@ -1,4 +1,4 @@
-"""KEPO knowledge-enhanced exploration: the guards of algorithms.md as pure-function tests."""
+"""KEPO knowledge-enhanced exploration: the guards of docs/algorithms.md as pure-function tests."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import os
 import zipfile
 from pathlib import Path
 
-# CPU-friendly defaults (shared/docs/platform.md); setdefault so a caller's settings win.
+# CPU-friendly defaults (docs/platform.md); setdefault so a caller's settings win.
 for _k, _v in {
     "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",

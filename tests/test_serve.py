@@ -533,7 +533,7 @@ def test_serve_switches_version_in_flight_and_rolls_back(served):
 
 
 def test_serve_modules_import_without_heavy_libraries():
-    """Versions, request models, the CLI and the generator import without Ray, vLLM or torch (style §6)."""
+    """Versions, request models, the CLI and the generator import without Ray, vLLM or torch (docs/design.md)."""
     import subprocess
     import sys
 
