@@ -2,7 +2,7 @@
 
 The API itself (request and response shapes, sampling, logprobs, streaming, guided decoding) is
 vLLM's own OpenAI serving layer, the one behind ``vllm serve`` (serve/protocol.py, serve/layer.py).
-This module holds Protégé's part and imports only pydantic and the standard library (style §6), so
+This module holds Protégé's part and imports only pydantic and the standard library, so
 the CLI and the spec load without vLLM:
 
 - ``ApiError``: an error answered with a status and OpenAI's error body, the bad field named;

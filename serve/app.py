@@ -1,4 +1,4 @@
-"""The student endpoint as a Ray Serve application (style §15: a typed app builder over a plain class).
+"""The student endpoint as a Ray Serve application (a typed app builder over a plain class).
 
     build_app(ServeArgs) -> Application       also: serve run protege.serve.app:build_app target=RUN_DIR
 
@@ -126,7 +126,7 @@ async def _streaming(stream) -> StreamingResponse:
 @serve.deployment
 @serve.ingress()
 class StudentServer:
-    """Serve shell: everything it does is build, delegate, and stop (style §5)."""
+    """Serve shell: everything it does is build, delegate, and stop."""
 
     async def __init__(self, args: dict, key_hash: str | None):
         a = ServeArgs.model_validate(args)

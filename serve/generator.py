@@ -14,7 +14,7 @@ around each request:
     into the same engine (or a new engine and serving layer if the architecture changed) -> open.
 
 The pause lasts as long as the longest running request, bounded by ``max_tokens``. vLLM is
-imported only when an engine is built (style §6: this module imports without it).
+imported only when an engine is built (this module imports without it).
 """
 
 from __future__ import annotations
