@@ -141,7 +141,8 @@ def stage_working_dir(spec, project: Path, into: Path, links: dict[str, Path] | 
         for rel, target in links.items():
             (into / rel).parent.mkdir(parents=True, exist_ok=True)
             (into / rel).symlink_to(target, target_is_directory=target.is_dir())
-    (into / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
+    # Only what the user wrote: derived fields are derived again there (from the same values).
+    (into / SPEC_FILE).write_text(spec.model_dump_json(indent=2, exclude_unset=True))
     return into
 
 

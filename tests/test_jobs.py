@@ -357,7 +357,7 @@ def test_submit_follow_status_logs_stop(ray_head, tmp_path, tiny_models, capsys)
         pytest.fail(f"job {job_id} did not finish in 5 min:\n{client.logs(job_id)[-3000:]}")
     followed = capsys.readouterr().out
     assert rc == [0], followed[-3000:]
-    assert '"policy_version": 2' in followed  # the driver's summary, printed at the end
+    assert 'done: 2 steps' in followed  # the run's closing line, printed at the end
 
     s = client.status(job_id)
     assert s["state"] == "SUCCEEDED" and s["readable"] and s["step"] == 2 and s["steps"] == 2
@@ -369,7 +369,7 @@ def test_submit_follow_status_logs_stop(ray_head, tmp_path, tiny_models, capsys)
     out = capsys.readouterr().out
     assert "SUCCEEDED" in out and "step:    2 / 2" in out and "step 2 (v2)" in out
     assert cli("jobs", "logs", job_id, "--address", address) == 0
-    assert '"policy_version": 2' in capsys.readouterr().out
+    assert 'done: 2 steps' in capsys.readouterr().out
     assert cli("jobs", "list", "--address", address) == 0
     listed = dict(line.split("\t")[:2] for line in capsys.readouterr().out.splitlines())
     assert listed[job_id] == "SUCCEEDED" and listed[long_id] == "STOPPED"
