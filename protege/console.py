@@ -88,13 +88,13 @@ def quiet_driver(run_dir: Path) -> Path | None:
 
 class Progress:
     """One progress display for a run: a live bar on a terminal, a line every ``every`` steps
-    otherwise (a log file gets lines, not one long carriage-return line)."""
+    otherwise: five lines a run (a log file gets lines, not one long carriage-return line)."""
 
     def __init__(self, start: int, total: int, *, enabled: bool = True, stream=None):
         self.stream = stream or sys.stderr
         self.enabled, self.total, self.step, self.t0 = enabled, total, start, time.perf_counter()
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.every = max(1, (total - start) // 10)
+        self.every = max(1, (total - start) // 5)
         self.bar = None
         if self.tty:
             from tqdm import tqdm

@@ -131,6 +131,16 @@ def _serve(args) -> int:
     return serve_forever(serve_args)
 
 
+def _quiet_serve_logger() -> None:
+    """Serve's own INFO lines (started, deployed, deleting) stay off the console unless -v."""
+    import logging
+
+    from protege.console import verbose
+
+    if not verbose():
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def _serve_logs() -> str:
     """Where Ray Serve writes replica, proxy and controller logs on this node."""
     import ray
@@ -163,8 +173,7 @@ def serve_forever(serve_args, *, block: bool = True) -> int:
         # Replicas' output (vLLM, Serve's access log) stays in Ray's session logs unless -v.
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": worker_env()},
                  log_to_driver=verbose(), logging_level=logging.INFO if verbose() else logging.WARNING)
-        if not verbose():
-            logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    _quiet_serve_logger()
     url = run(serve_args)
     served = versions.resolve(serve_args.target).version
     print(f"serving version {served.number} of {serve_args.target} at {url}/v1 "

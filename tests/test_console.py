@@ -52,8 +52,8 @@ def test_progress_without_a_terminal_prints_lines_not_a_redrawn_bar():
     bar.close()
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue()
-    assert lines[0] == "step 2/20  reward 0.10" and lines[-1] == "step 20/20  reward 1.00"
-    assert len(lines) == 11 and "eval   step 10: accuracy 0.500" in lines
+    assert lines[0] == "step 4/20  reward 0.20" and lines[-1] == "step 20/20  reward 1.00"
+    assert len(lines) == 6 and "eval   step 10: accuracy 0.500" in lines
 
 
 @pytest.mark.slow
