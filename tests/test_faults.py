@@ -175,10 +175,10 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, tiny_mod
 
     real_commit = checkpoints.commit
 
-    def commit(tmp, state, *, keep):
+    def commit(tmp, state, *, keep, keep_best=None):
         if state["step"] == 2:
             raise OSError(28, "No space left on device")
-        return real_commit(tmp, state, keep=keep)
+        return real_commit(tmp, state, keep=keep, keep_best=keep_best)
 
     monkeypatch.setattr(driver.checkpoints, "commit", commit)
     spec = make_spec(tmp_path, tiny_models, "disk-full", learner={"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 16})
