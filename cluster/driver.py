@@ -241,7 +241,7 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
         if step % spec.checkpoint.interval == 0 or step == spec.steps:
             # The next batch may already be in flight: store the data position before it.
             ckpt = _save(spec, roles, pending[3] if pending is not None else stream.state_dict(), step, version,
-                         evals={k: v for k, v in last_eval.items()})
+                         evals=dict(last_eval))
             bar.line(f"saved  step {step}: {ckpt}")
         last_acc = m.get("eval/accuracy", last_acc)
         bar.update(step, {"reward": f"{m.get('reward/mean', 0):.3f}", "acc": f"{last_acc:.3f}",

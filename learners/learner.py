@@ -178,7 +178,7 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
 
     @property
     def mini_batches(self) -> int:
-        return getattr(self.spec, "mini_batches", 1)
+        return self.spec.mini_batches
 
     def prepare(self, batch: TrainBatch) -> list[dict[str, torch.Tensor]]:
         """Rows → micro-batches on the device (``grad_accum`` per mini-batch), with the log-probs

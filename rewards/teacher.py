@@ -70,12 +70,10 @@ class TeacherScorer:
         """Scores for each (prompt ids, response ids). Returns {"scores": [TeacherScores],
         "seconds", "bytes" (payload size), "tokens", "engine"}."""
         t0 = time.perf_counter()
-        if self.scores_with_vllm(full):
-            out = self._score_vllm(items, top_k)
-        else:
-            out = self._score_hf(items, top_k, full)
+        vllm = self.scores_with_vllm(full)
+        out = self._score_vllm(items, top_k) if vllm else self._score_hf(items, top_k, full)
         return {"scores": out, "seconds": time.perf_counter() - t0, "bytes": sum(s.nbytes() for s in out),
-                "tokens": sum(len(r) for _, r in items), "engine": "vllm" if self.scores_with_vllm(full) else "hf"}
+                "tokens": sum(len(r) for _, r in items), "engine": "vllm" if vllm else "hf"}
 
     def _score_vllm(self, items, top_k: int) -> list[TeacherScores]:
         from protege.learners.losses import tail_logprob
