@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, NamedTuple
 
 import torch
 
-from protege.cluster.records import Sample
+from protege.core.records import Sample
 
 EXTENSION = "protege.actors.vllm_ext.WeightReloadExtension"
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from protege.actors.engine import make_engine
 from protege.actors.nccl_receiver import WeightTransferReceiver
-from protege.cluster.records import Rollout, WeightsVersion
-from protege.console import capture_actor_output
-from protege.env import configure_node_defaults
+from protege.core.records import Rollout, WeightsVersion
+from protege.core.console import capture_actor_output
+from protege.core.env import configure_node_defaults
 
 
 class StaleWeights(RuntimeError):
@@ -25,7 +25,7 @@ class StaleWeights(RuntimeError):
 class RolloutWorker(WeightTransferReceiver):  # the base adds the GPU (NCCL/IPC) receiver methods
     def __init__(self, model: str, *, engine: str = "vllm", dtype: str = "float32", seed: int = 0,
                  max_model_len: int = 512, kv_cache_bytes: int = 256 << 20, gpu_memory_utilization: float = 0.3):
-        capture_actor_output()  # third-party output to RUN_DIR/logs (protege/console.py)
+        capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         configure_node_defaults()  # this node's hardware decides, before vLLM reads its environment
         self.engine_kind = engine
         self.engine = make_engine(engine, model, dtype=dtype, seed=seed, max_model_len=max_model_len,

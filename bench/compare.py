@@ -9,7 +9,7 @@
 3. From that student, same seeds and step budget: every algorithm × setting × seed through the
    real pipeline (Ray, vLLM rollout worker, DeepSpeed learner, teacher scorer actor).
 4. Evaluation that means something: the train/validation split is disjoint by question text
-   (protege/data.py ``split``); the curves use the validation questions; the result is greedy
+   (core/data.py ``split``); the curves use the validation questions; the result is greedy
    accuracy of the final student on a separate **test** set (another seed, every question seen in
    training or validation removed), scored once. Paired difference against GRPO at the same
    setting and seed, per test question, with a bootstrap 95 % interval over seeds × questions.
@@ -65,7 +65,7 @@ def base_spec(name: str, student: str, out: Path, *, steps: int, seed: int, algo
         "checkpoint": {"dir": str(out / name), "interval": steps, "keep": 1},
         "eval": {"interval": eval_every, "size": VAL_SIZE},
     }
-    from protege.cluster.spec import set_dotted
+    from protege.core.spec import set_dotted
 
     for k, v in over.items():
         set_dotted(d, k, v)
@@ -74,7 +74,7 @@ def base_spec(name: str, student: str, out: Path, *, steps: int, seed: int, algo
 
 def train(spec_dict: dict) -> dict:
     from protege.cluster.driver import run
-    from protege.cluster.spec import parse_spec
+    from protege.core.spec import parse_spec
 
     spec = parse_spec(spec_dict)
     t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def train(spec_dict: dict) -> dict:
 def test_questions(spec) -> list:
     """TEST_SIZE questions from another seed, none of which appears in training or validation."""
     from protege.cluster.jobdata import load_job_data
-    from protege.data import load_reasoning_gym
+    from protege.core.data import load_reasoning_gym
 
     train_set, val_set = load_job_data(spec)
     seen = {e.prompt for e in train_set} | {e.prompt for e in val_set}
@@ -211,7 +211,7 @@ def main() -> int:
         os.environ.setdefault(k, v)
     import ray
 
-    from protege.models import ensure_demo_models
+    from protege.core.models import ensure_demo_models
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

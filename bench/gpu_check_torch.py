@@ -69,7 +69,7 @@ def _sync(device) -> None:
 def _rows(n: int, resp: int, vocab: int, k: int, seed: int):
     import random
 
-    from protege.cluster.records import TrainRow
+    from protege.core.records import TrainRow
 
     rnd = random.Random(seed)
     rows = []
@@ -90,7 +90,7 @@ def _rows(n: int, resp: int, vocab: int, k: int, seed: int):
 def _model_dir(work: Path, big: bool) -> Path:
     """The tiny offline student; with ``big``, the same tokenizer under a ~0.2B-parameter Qwen2
     (random weights: the check is about devices, dtypes and speed, not about what it says)."""
-    from protege.models import build_tiny
+    from protege.core.models import build_tiny
 
     paths = build_tiny(work / "tiny", seed=0)
     if not big:
@@ -109,8 +109,8 @@ def _model_dir(work: Path, big: bool) -> Path:
 def check_train_steps(model_dir: Path, device, quick: bool) -> list[dict]:
     import torch
 
-    from protege.cluster import spec as S
-    from protege.cluster.records import TrainBatch
+    from protege.core import spec as S
+    from protege.core.records import TrainBatch
     from protege.learners.learner import Learner
 
     algos = {"grpo": S.GRPOSpec(), "opd": S.OPDSpec(), "opd_topk": S.OPDSpec(estimator="topk"),
@@ -223,7 +223,7 @@ def check_dense_losses(device) -> list[dict]:
 def check_bucketing(model_dir: Path, device, quick: bool) -> list[dict]:
     import torch
 
-    from protege.cluster import spec as S
+    from protege.core import spec as S
     from protege.learners.learner import Learner
     from protege.learners.nccl_sender import plan_buckets, wire_meta
 

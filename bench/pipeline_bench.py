@@ -110,7 +110,7 @@ def _environment() -> dict:
 
 # ---------------------------------------------------------------------------------------- 1. pipeline
 def pipeline_spec(student: str, steps: int, run_dir: Path):
-    from protege.cluster.spec import parse_spec
+    from protege.core.spec import parse_spec
 
     return parse_spec({
         "name": "pipeline-bench", "seed": SEED, "steps": steps,
@@ -132,7 +132,7 @@ def bench_pipeline(student: str, steps: int, out: Path, keep_checkpoints: bool) 
 
     from protege.cluster.driver import run
     from protege.cluster.metrics import read_metrics
-    from protege.env import worker_env
+    from protege.core.env import worker_env
 
     run_dir = out / "pipeline_run"
     shutil.rmtree(run_dir, ignore_errors=True)  # samples.jsonl appends: start clean
@@ -190,8 +190,8 @@ def bench_pipeline(student: str, steps: int, out: Path, keep_checkpoints: bool) 
 def chat_prompts(model: str, count: int) -> list[list[int]]:
     """``count`` basic_arithmetic questions, chat-formatted and tokenised as the driver does."""
     from protege.cluster.jobdata import Encoder
-    from protege.data import load_reasoning_gym
-    from protege.models import load_tokenizer
+    from protege.core.data import load_reasoning_gym
+    from protege.core.models import load_tokenizer
 
     enc = Encoder(load_tokenizer(model), system_prompt=None, max_prompt_tokens=256)
     return [enc.prompt(e.prompt) for e in load_reasoning_gym(TASK, size=count, seed=SEED + 1, config=TASK_CONFIG)]
@@ -315,7 +315,7 @@ def _fmt_load(x: list[float]) -> str:
 # ---------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from protege.env import configure_defaults
+    from protege.core.env import configure_defaults
 
     configure_defaults()  # setdefault only: the caller's environment wins
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -192,7 +192,7 @@ def vllm_serve_flags(model: str, port: int, args, max_num_seqs: int) -> list[str
 
 
 def _has_cuda() -> bool:
-    from protege.env import has_cuda
+    from protege.core.env import has_cuda
 
     return has_cuda()
 
@@ -201,7 +201,7 @@ def start_vllm_serve(args, max_num_seqs: int, timeout_s: float = 600) -> tuple[s
     """`vllm serve` on 127.0.0.1 and a free port; returns once /health answers (or raises)."""
     import httpx
 
-    from protege.env import worker_env
+    from protege.core.env import worker_env
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -237,7 +237,7 @@ def stop_process(proc: subprocess.Popen) -> None:
 def start_serve(args) -> tuple[str, str]:
     import ray
 
-    from protege.env import worker_env
+    from protege.core.env import worker_env
     from protege.serve.api import ServeArgs
     from protege.serve.app import run
 
@@ -251,7 +251,7 @@ def start_serve(args) -> tuple[str, str]:
 
 
 def serve_spec(args, port: int = 8000):
-    from protege.cluster.spec import AutoscaleSpec, ServeSpec
+    from protege.core.spec import AutoscaleSpec, ServeSpec
 
     # max_concurrent above the client count: the bench measures throughput, not admission control.
     return ServeSpec(port=port, max_tokens=max(256, args.max_tokens), max_concurrent=max(32, 2 * args.clients),

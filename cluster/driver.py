@@ -22,16 +22,16 @@ import numpy as np
 import ray
 import torch
 
-from protege.cluster import checkpoints, hints, storage
+from protege.core import checkpoints, hints, storage
 from protege.cluster.gpu_status import gpu_warnings
 from protege.cluster.jobdata import Encoder, load_job_data
 from protege.actors.rollout import StaleWeights
 from protege.cluster.launch import Roles, connect, gather, start_learners, start_roles
 from protege.cluster.metrics import MetricsWriter, plot_curves
-from protege.cluster.records import TrainBatch, TrainRow
-from protege.console import Progress, quiet_driver
+from protege.core.records import TrainBatch, TrainRow
+from protege.core.console import Progress, quiet_driver
 from protege.cluster.nccl_sync import pick_weight_sync
-from protege.data import PromptStream
+from protege.core.data import PromptStream
 from protege.learners.algorithms import build_rows
 from protege.learners.batching import shard_rows
 
@@ -341,7 +341,7 @@ def _sync(spec, roles: Roles, sync, version: int, faults: dict) -> dict:
 
 
 def _explore_with_hints(spec, roles: Roles, enc: Encoder, rollouts, scores, teacher, examples, step: int):
-    """KEPO knowledge-enhanced exploration (cluster/hints.py has the rules and guards)."""
+    """KEPO knowledge-enhanced exploration (core/hints.py has the rules and guards)."""
     algo, G = spec.algorithm, spec.rollout.samples_per_prompt
     failed = hints.failed_groups([s.value for s in scores], G, algo.gate_threshold)
     m = {"kepo/hints_requested": float(len(failed)), "kepo/hints_valid": 0.0, "kepo/hint_samples_accepted": 0.0,
@@ -578,7 +578,7 @@ def _jsonable(x):
 
 def _check_tokenizers(spec):
     """Every per-token teacher signal assumes one vocabulary: refuse a mismatched teacher up front."""
-    from protege.models import load_tokenizer, tokenizers_match
+    from protege.core.models import load_tokenizer, tokenizers_match
 
     tok = load_tokenizer(spec.models.student.path)
     teacher = spec.models.teacher

@@ -33,7 +33,7 @@ from ray.exceptions import RayError
 
 from protege.cluster.jobs import JobNotFound, JobsClient, spec_warnings
 from protege.cluster.preflight import UserError
-from protege.cluster.spec import SpecError, parse_spec
+from protege.core.spec import SpecError, parse_spec
 
 TOKEN_ENV = "PROTEGE_JOBS_TOKEN"
 

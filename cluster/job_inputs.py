@@ -126,7 +126,7 @@ def classify(field_: str, value: str, what: str, *, project: Path, remote: bool,
     """Where ``value`` (a spec path, relative to ``cwd`` as ``protege run`` would read it) comes
     from on the cluster. ``remote``: the head is another machine. ``packed``: the project's files
     the upload holds (relative paths), to tell a data file that already travels."""
-    from protege.cluster.storage import is_uri
+    from protege.core.storage import is_uri
 
     if is_uri(value):
         return Input(field_, value, "uri")
@@ -159,7 +159,7 @@ def _slug(field_: str) -> str:
 
 
 def _is_hub_id(value: str) -> bool:
-    from protege.models import is_hub_id
+    from protege.core.models import is_hub_id
 
     return is_hub_id(value)
 
@@ -238,7 +238,7 @@ def publish(working_dir: Path, uri: str, excludes: list[str]) -> str:
 
     from ray._private.runtime_env.packaging import create_package
 
-    from protege.cluster import storage
+    from protege.core import storage
 
     with tempfile.TemporaryDirectory(prefix="protege-wd-") as tmp:
         zipped = Path(tmp) / "working_dir.zip"

@@ -19,7 +19,7 @@ What a job is on the cluster:
   layout maps ``protege.cluster`` to ``cluster/``, which only an install resolves). Against a local
   head (127.0.0.1 / localhost) the entrypoint uses this process's interpreter, ``sys.executable``,
   so a head started from the project's venv runs the project's code.
-* env_vars: the CPU/threading defaults from :func:`protege.env.worker_env` as set in the submitting
+* env_vars: the CPU/threading defaults from :func:`protege.core.env.worker_env` as set in the submitting
   process, plus ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1`` because the driver's own ``ray.init`` passes the
   same variables again (launch.connect) and Ray refuses overlapping keys otherwise.
 * metadata: ``protege_name`` / ``protege_run_dir`` / ``protege_steps`` / ``protege_algorithm``, so
@@ -48,8 +48,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from protege.cluster import job_inputs, storage
-from protege.cluster.checkpoints import list_checkpoints, read_state
+from protege.core import storage
+from protege.cluster import job_inputs
+from protege.core.checkpoints import list_checkpoints, read_state
 
 # Ray applies these with .gitignore syntax, relative to the working dir's root. "/protege": the
 # installed package must win over the uploaded folder (see the module docstring).
@@ -111,7 +112,7 @@ def excludes(with_inputs: bool = False) -> list[str]:
 
 def runtime_env(working_dir: str | Path, extra_env: dict[str, str] | None = None, *,
                 with_inputs: bool = False) -> dict[str, Any]:
-    from protege.env import worker_env
+    from protege.core.env import worker_env
 
     env = {**worker_env(), **(extra_env or {}), "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
     if storage.is_uri(working_dir):  # a zip in the run's bucket, packed with the excludes already

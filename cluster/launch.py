@@ -17,8 +17,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from protege.actors.rollout import RolloutWorker
 from protege.cluster.placement import reserve, role_requests, shares_gpus
-from protege.console import actor_env, verbose
-from protege.env import worker_env
+from protege.core.console import actor_env, verbose
+from protege.core.env import worker_env
 from protege.learners.learner import Learner
 from protege.rewards.base import RewardRunner
 from protege.rewards.custom import reward_functions
@@ -110,7 +110,7 @@ def rollout_runtime_env(spec) -> dict | None:
 
 
 def actor_runtime_env(spec, name: str, base: dict | None = None) -> dict | None:
-    """An actor's runtime_env: ``base`` plus where its output goes (protege/console.py)."""
+    """An actor's runtime_env: ``base`` plus where its output goes (core/console.py)."""
     env = {**((base or {}).get("env_vars") or {}), **actor_env(spec.run_dir, name)}
     return {**(base or {}), "env_vars": env} if env else base
 

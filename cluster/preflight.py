@@ -1,7 +1,7 @@
 """Pre-flight checks: what a user can get wrong outside the spec's own rules, found before any
 resource (Ray, actors, an engine) is taken.
 
-cluster/spec.py checks a spec on its own (pydantic, no I/O). These look at the world the job will
+core/spec.py checks a spec on its own (pydantic, no I/O). These look at the world the job will
 meet: model folders and the Hugging Face cache, the data, reasoning-gym's task list, tokenizers,
 model configs (KV cache size), the Ray address, the serving port and the bucket. Each check raises
 :class:`UserError` naming the field (or environment variable) to fix; the CLI prints it as one line
@@ -51,7 +51,7 @@ def _roles(spec) -> Iterator[tuple[str, object]]:
 def check_model(field: str, path: str, revision: str | None = None) -> None:
     """A local model folder with config.json and weights, or a hub id this machine can load: in
     the local Hugging Face cache, or anything when the hub is reachable (not HF_HUB_OFFLINE)."""
-    from protege.models import has_weights, hub_offline, is_hub_id, model_config_file
+    from protege.core.models import has_weights, hub_offline, is_hub_id, model_config_file
 
     folder = Path(path).expanduser()
     if folder.is_dir():
@@ -85,7 +85,7 @@ def check_tokenizers(spec) -> None:
     teacher = spec.models.teacher
     if teacher is None:
         return
-    from protege.models import load_tokenizer, tokenizers_match
+    from protege.core.models import load_tokenizer, tokenizers_match
 
     toks = {}
     for field, ref in (("models.student.path", spec.models.student), ("models.teacher.path", teacher)):
@@ -130,7 +130,7 @@ def check_kv_cache(spec) -> None:
     """rollout.kv_cache_gb must hold one whole sequence (prompt + response + template), or vLLM
     refuses to start after Ray and the actors are up. Skipped when the model's config is not on
     this machine, or its layout is not a plain decoder's."""
-    from protege.models import kv_cache_bytes_per_token, model_config_file
+    from protege.core.models import kv_cache_bytes_per_token, model_config_file
 
     need = 0
     for ref in _kv_engines(spec):
@@ -155,7 +155,7 @@ def check_kv_cache(spec) -> None:
 
 # --------------------------------------------------------------------------- data
 def _data_error(field: str, fn: Callable, *args, **kwargs):
-    from protege.data import DataError
+    from protege.core.data import DataError
 
     try:
         return fn(*args, **kwargs)
@@ -169,7 +169,7 @@ def check_task(spec) -> None:
     d = spec.data
     if d.source != "reasoning_gym":
         return
-    from protege.data import DataError, check_task as known, open_reasoning_gym
+    from protege.core.data import DataError, check_task as known, open_reasoning_gym
 
     _data_error("data.task", known, d.task)
     try:
@@ -185,7 +185,7 @@ def _examples(spec) -> list:
     """The job's examples, loaded as the driver will load them."""
     d = spec.data
     if d.source == "reasoning_gym":
-        from protege.data import DataError, load_reasoning_gym
+        from protege.core.data import DataError, load_reasoning_gym
 
         check_task(spec)  # the name and the config, naming the field at fault
         try:
@@ -195,7 +195,7 @@ def _examples(spec) -> list:
         except Exception as err:  # an entry past the first failed to generate with this config
             raise UserError("data.task_config", f"reasoning-gym task {d.task!r} cannot generate with "
                             f"{d.task_config}: {_first_line(err)}") from None
-    from protege.data import load_file, load_preferences
+    from protege.core.data import load_file, load_preferences
 
     if spec.algorithm.type == "dpo" and spec.algorithm.mode == "offline":
         return _data_error("data.path", load_preferences, d.path, prompt_field=d.prompt_field,
@@ -354,7 +354,7 @@ def check_bucket(spec, *, write: bool = True) -> None:
     uri = spec.run_uri
     if uri is None:
         return
-    from protege.cluster import storage
+    from protege.core import storage
 
     try:
         storage.filesystem(uri)

@@ -18,7 +18,7 @@ from typing import Protocol
 import ray
 
 from protege.cluster.launch import gather
-from protege.cluster.records import WeightsVersion
+from protege.core.records import WeightsVersion
 
 
 class WeightSender(Protocol):

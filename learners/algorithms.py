@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from protege.cluster.records import Rollout, TeacherScores, TrainRow
+from protege.core.records import Rollout, TeacherScores, TrainRow
 from protege.learners import losses
 from protege.learners.advantages import dynamic_sampling_mask, group_advantages, online_dpo_pairs
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from protege.cluster.records import TrainRow
+from protege.core.records import TrainRow
 
 
 def shard_rows(rows: list[TrainRow], world_size: int, *, group: int = 1) -> list[list[TrainRow]]:

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from protege.cluster.records import TrainBatch, TrainRow
-from protege.console import capture_actor_output
-from protege.env import configure_node_defaults
+from protege.core.records import TrainBatch, TrainRow
+from protege.core.console import capture_actor_output
+from protege.core.env import configure_node_defaults
 from protege.learners import algorithms, losses
 from protege.learners.batching import collate, micro_batches, to_device
 from protege.learners.ds_config import build_ds_config
@@ -68,7 +68,7 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
         needs_ref: bool = False,
         max_response_tokens: int | None = None,
     ):
-        capture_actor_output()  # third-party output to RUN_DIR/logs (protege/console.py)
+        capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         configure_node_defaults()  # this node's hardware decides, before DeepSpeed is imported (setup)
         self.rank, self.world_size = rank, world_size
         self.model_path = model_path
@@ -348,14 +348,14 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
     def upload_checkpoint(self, local: str, dest: str) -> int:
         """Object-store checkpoints: copy what this node's ranks saved under ``local`` to ``dest``
         (the driver calls one rank per node, then writes state.json last), then free the disk."""
-        from protege.cluster import storage
+        from protege.core import storage
 
         sent = storage.upload_tree(local, dest)
         shutil.rmtree(local, ignore_errors=True)
         return sent
 
     def load_checkpoint(self, path: str) -> int:
-        from protege.cluster import storage
+        from protege.core import storage
 
         if storage.is_uri(path):
             # Every rank fetches the whole DeepSpeed folder: ZeRO-1/2 loading reads all ranks'

@@ -35,7 +35,7 @@ def _print_spec_error(err) -> None:
 
 
 def _load(path: str):
-    from protege.cluster.spec import SpecError, load_spec
+    from protege.core.spec import SpecError, load_spec
 
     try:
         return load_spec(path)
@@ -50,7 +50,7 @@ def _apply_overrides(spec, overrides: list[str]):
         return spec
     import yaml
 
-    from protege.cluster.spec import SpecError, parse_spec, set_dotted
+    from protege.core.spec import SpecError, parse_spec, set_dotted
 
     # Only what the user wrote: fields derived from others (eval.size from data.eval_size, ...) are
     # derived again from the overridden values instead of being frozen at their old ones.
@@ -92,7 +92,7 @@ def _yaml(spec) -> str:
 def cmd_run(args) -> int:
     from protege.cluster import preflight
     from protege.cluster.trackers import check_loggers
-    from protege.env import configure_defaults
+    from protege.core.env import configure_defaults
 
     spec = _apply_overrides(_load(args.spec), args.set)
     configure_defaults()
@@ -118,10 +118,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from protege.env import configure_defaults
+    from protege.core.env import configure_defaults
 
     configure_defaults()
-    from protege import models
+    from protege.core import models
 
     if args.models_cmd == "tiny":
         paths = models.build_tiny(args.out, seed=args.seed)
@@ -134,7 +134,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from protege.env import configure_defaults
+    from protege.core.env import configure_defaults
 
     configure_defaults()
     from protege.demo import main as demo_main
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep-every", type=int, default=3)
     m.set_defaults(fn=cmd_models)
 
-    from protege.cluster.jobs_cli import register as register_jobs
+    from protege.jobs_cli import register as register_jobs
     from protege.serve.cli import register as register_serve
 
     register_jobs(sub)
@@ -217,7 +217,7 @@ def _preflight_serve(args) -> None:
 
     host, port = args.host, args.port
     if host is None or port is None:  # the rest comes from the run's (or --spec's) serve: section
-        from protege.cluster import storage
+        from protege.core import storage
         from protege.serve.cli import serve_spec_for
 
         target = args.target if storage.is_uri(args.target) else Path(args.target)
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.verbose:
-        from protege.console import VERBOSE_ENV
+        from protege.core.console import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"
     try:

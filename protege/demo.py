@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _spec(name: str, **overrides):
-    from protege.cluster.spec import load_spec, parse_spec, set_dotted
+    from protege.core.spec import load_spec, parse_spec, set_dotted
 
     data = load_spec(ROOT / "examples" / name).model_dump(mode="json")
     for dotted, value in overrides.items():
@@ -24,8 +24,8 @@ def _spec(name: str, **overrides):
 
 
 def main(out: Path = Path("runs/demo"), steps: int | None = None) -> int:
-    from protege import models
-    from protege.cluster import checkpoints
+    from protege.core import models
+    from protege.core import checkpoints
     from protege.cluster.driver import run
 
     out = Path(out)

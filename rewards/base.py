@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from protege.console import capture_actor_output
+from protege.core.console import capture_actor_output
 from protege.rewards.rules import exact_match, format_reward, math_verify_reward, reasoning_gym_reward
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class RewardRunner:
         max_abandoned: int = 16,
         functions: Mapping[str, RewardFn] = REWARD_FUNCTIONS,
     ):
-        capture_actor_output()  # third-party output to RUN_DIR/logs (protege/console.py)
+        capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         # An empty list is allowed: a job scored only by its reward model still asks the runner
         # (every score is then 0 with no components).
         unknown = [name for name, _ in rewards if name not in functions]

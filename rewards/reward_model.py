@@ -18,14 +18,14 @@ import os
 
 import torch
 
-from protege.console import capture_actor_output
-from protege.env import configure_node_defaults
+from protege.core.console import capture_actor_output
+from protege.core.env import configure_node_defaults
 
 
 class RewardModelScorer:
     def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, max_length: int = 1024,
                  system_prompt: str | None = None):
-        capture_actor_output()  # third-party output to RUN_DIR/logs (protege/console.py)
+        capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         configure_node_defaults()  # this node's hardware decides, before the model loads
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

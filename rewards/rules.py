@@ -183,18 +183,18 @@ def _reasoning_gym_scorer(task: str, config: dict[str, Any]):
 def reasoning_gym_reward(completion: str, reference: str, meta: dict[str, Any] | None = None) -> float:
     """The reasoning-gym task's own score (0.0 to 1.0) for the final answer.
 
-    `meta` is what `protege.data.load_reasoning_gym` stores: {"task", "entry", "config"}. The
+    `meta` is what `protege.core.data.load_reasoning_gym` stores: {"task", "entry", "config"}. The
     answer is `extract_final_answer(completion)`; None (no answer marker) scores 0 in every task.
     `reference` is unused: the scorer reads the entry (some tasks have no single reference).
 
-    >>> from protege.data import load_reasoning_gym
+    >>> from protege.core.data import load_reasoning_gym
     >>> ex = load_reasoning_gym("chain_sum", size=1, seed=0)[0]
     >>> reasoning_gym_reward(f"<answer>{ex.answer}</answer>", ex.answer, ex.meta)
     1.0
     """
     if not meta or "task" not in meta or "entry" not in meta:
         raise ValueError("reasoning_gym_reward needs meta with 'task' and 'entry' (from load_reasoning_gym)")
-    from protege.data import from_json_safe
+    from protege.core.data import from_json_safe
 
     score_answer = _reasoning_gym_scorer(meta["task"], meta.get("config") or {})
     return float(score_answer(extract_final_answer(completion), from_json_safe(meta["entry"])))

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from protege.cluster.records import TeacherScores, TrainRow
-from protege.console import capture_actor_output
-from protege.env import configure_node_defaults
+from protege.core.records import TeacherScores, TrainRow
+from protege.core.console import capture_actor_output
+from protege.core.env import configure_node_defaults
 from protege.learners.batching import collate, to_device
 
 # Top-k and full-row log-probs travel in float16: half the bytes of float32, and its 11-bit
@@ -30,7 +30,7 @@ class TeacherScorer:
     def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, temperature: float = 1.0,
                  engine: str = "vllm", max_model_len: int = 512, kv_cache_bytes: int = 128 << 20,
                  gpu_memory_utilization: float = 0.3, score_engine: str = "hf", max_logprobs: int = 20):
-        capture_actor_output()  # third-party output to RUN_DIR/logs (protege/console.py)
+        capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         configure_node_defaults()  # this node's hardware decides, before the model and engine load
         from transformers import AutoTokenizer
 

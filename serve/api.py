@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from protege.cluster.spec import ServeSpec
+from protege.core.spec import ServeSpec
 
 _LAZY = ("CompletionRequest", "ChatCompletionRequest")
 
@@ -73,7 +73,7 @@ def fingerprint(version: int) -> str:
 class ServeArgs(BaseModel):
     """Arguments of ``build_app`` (also ``serve run protege.serve.app:build_app target=...``).
 
-    The engine and the request limits are ``serve.*`` (cluster/spec.py ServeSpec); these are how a
+    The engine and the request limits are ``serve.*`` (core/spec.py ServeSpec); these are how a
     replica loads the model.
     """
 

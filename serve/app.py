@@ -37,8 +37,8 @@ from ray import serve
 from ray.serve import Application
 from vllm.exceptions import VLLMError
 
-from protege.cluster import storage
-from protege.cluster.spec import ServeSpec
+from protege.core import storage
+from protege.core.spec import ServeSpec
 from protege.serve import versions
 from protege.serve.api import ApiError, ServeArgs, validation_error
 from protege.serve.generator import StudentGenerator
@@ -195,7 +195,7 @@ def build_app(args: ServeArgs) -> Application:
 
 
 def deployment_options(args: ServeArgs) -> dict:
-    from protege.env import worker_env
+    from protege.core.env import worker_env
 
     spec = args.serve
     return {

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from protege.cluster import storage
+from protege.core import storage
 from protege.serve import versions
 
 ACTIONS = ("rollback", "pin", "versions")
@@ -92,7 +92,7 @@ def _pin(run_dir: Path, value: str) -> None:
 
 def serve_spec_for(target: Path, spec_path: str | None):
     """The serve: section of --spec, else of the run's resolved_spec.json, else the defaults."""
-    from protege.cluster.spec import ServeSpec, load_spec
+    from protege.core.spec import ServeSpec, load_spec
 
     if spec_path:
         return load_spec(spec_path).serve
@@ -111,7 +111,7 @@ def serve_spec_for(target: Path, spec_path: str | None):
 
 
 def _serve(args) -> int:
-    from protege.env import configure_defaults, has_cuda
+    from protege.core.env import configure_defaults, has_cuda
     from protege.serve.api import ServeArgs
 
     target = args.target if storage.is_uri(args.target) else Path(args.target)
@@ -135,7 +135,7 @@ def _quiet_serve_logger() -> None:
     """Serve's own INFO lines (started, deployed, deleting) stay off the console unless -v."""
     import logging
 
-    from protege.console import verbose
+    from protege.core.console import verbose
 
     if not verbose():
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -160,7 +160,7 @@ def serve_forever(serve_args, *, block: bool = True) -> int:
     import ray
     from ray import serve
 
-    from protege.env import worker_env
+    from protege.core.env import worker_env
     from protege.serve.app import APP_NAME, api_key_hash, run
 
     versions.resolve(serve_args.target)  # clear errors before Ray starts
@@ -168,7 +168,7 @@ def serve_forever(serve_args, *, block: bool = True) -> int:
     if not ray.is_initialized():
         import logging
 
-        from protege.console import verbose
+        from protege.core.console import verbose
 
         # Replicas' output (vLLM, Serve's access log) stays in Ray's session logs unless -v.
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": worker_env()},

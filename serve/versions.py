@@ -22,8 +22,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from protege.cluster import storage
-from protege.cluster.checkpoints import list_checkpoints, read_state
+from protege.core import storage
+from protege.core.checkpoints import list_checkpoints, read_state
 
 PIN_FILE = "published.json"
 CACHED_VERSIONS = 3  # local copies kept per bucket run (the served one, and two to roll back to)

@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    from protege.models import build_tiny
+    from protege.core.models import build_tiny
 
     out = tmp_path_factory.mktemp("tiny")
     paths = build_tiny(out, seed=0)

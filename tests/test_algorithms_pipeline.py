@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from protege.cluster.spec import parse_spec
+from protege.core.spec import parse_spec
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def test_rlad_alpha_one_reproduces_grpo(tmp_path, tiny_models, ray_local):
             assert a[k] == b[k], k
     from safetensors.torch import load_file
 
-    from protege.cluster import checkpoints
+    from protege.core import checkpoints
 
     wa = load_file(checkpoints.latest(tmp_path / "grpo") / "model" / "model.safetensors")
     wb = load_file(checkpoints.latest(tmp_path / "rlad1") / "model" / "model.safetensors")
@@ -112,7 +112,7 @@ def test_sft_on_data_and_on_teacher_responses(tmp_path, tiny_models, ray_local):
 
 def test_mismatched_teacher_tokenizer_is_refused(tmp_path, tiny_models):
     from protege.cluster.driver import JobError, run as drive
-    from protege.models import build_tiny
+    from protege.core.models import build_tiny
 
     other = build_tiny(tmp_path / "other", vocab_size=600)
     s = spec_for(tmp_path, tiny_models, "mismatch", {"type": "rlad"})

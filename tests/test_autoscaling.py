@@ -185,7 +185,7 @@ def autoscaling_spec(run_root: Path, student: str) -> dict:
 def test_spec_needs_worker_nodes():
     """Fast check of the premise: the head cannot hold the roles; one worker node holds one of them."""
     from protege.cluster.placement import role_requests
-    from protege.cluster.spec import parse_spec
+    from protege.core.spec import parse_spec
 
     spec = parse_spec(autoscaling_spec(Path("/tmp/x"), "/models/student"))
     types = autoscaler_config("127.0.0.1:1")["available_node_types"]

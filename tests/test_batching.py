@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from protege.cluster.records import TrainRow
+from protege.core.records import TrainRow
 from protege.learners.batching import collate, micro_batches, shard_rows
 from protege.learners.ds_config import build_ds_config
 

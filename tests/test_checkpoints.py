@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from protege.cluster import checkpoints
+from protege.core import checkpoints
 
 
 def _save(run, step, keep=2, payload="w"):
@@ -64,8 +64,8 @@ def test_failed_commit_keeps_previous(tmp_path, monkeypatch):
 def test_keep_best_spares_the_best_checkpoint_by_an_eval_metric(tmp_path):
     """keep=1, keep_best=eval/accuracy: after saves at accuracy 0.2, 0.6, 0.4, 0.3 the folder holds
     the last (step 4) and the best (step 2); a spec naming a non-eval metric is refused."""
-    from protege.cluster import checkpoints
-    from protege.cluster.spec import CheckpointSpec
+    from protege.core import checkpoints
+    from protege.core.spec import CheckpointSpec
 
     for step, acc in enumerate([0.2, 0.6, 0.4, 0.3], start=1):
         tmp = checkpoints.tmp_dir(tmp_path, step)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from protege.console import LOG_DIR_ENV, LOG_NAME_ENV, Progress, actor_env
+from protege.core.console import LOG_DIR_ENV, LOG_NAME_ENV, Progress, actor_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def test_actor_output_goes_to_its_log_file_native_writes_too(tmp_path):
     fd 2 (what C++ code does) all land in RUN_DIR/logs/<name>-<pid>.log, none on the console."""
     code = (
         "import os, sys, logging, warnings\n"
-        "from protege.console import capture_actor_output\n"
+        "from protege.core.console import capture_actor_output\n"
         "path = capture_actor_output()\n"
         "print('from print'); logging.warning('from logging'); warnings.warn('from warnings')\n"
         "os.write(2, b'from fd 2\\n')\n"

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import protege.data
-from protege.data import (
+import protege.core.data
+from protege.core.data import (
     DataError,
     Example,
     PreferenceExample,
@@ -24,7 +24,7 @@ from protege.data import (
 
 
 def test_doctests():
-    result = doctest.testmod(protege.data)
+    result = doctest.testmod(protege.core.data)
     assert result.failed == 0 and result.attempted >= 4
 
 
@@ -59,7 +59,7 @@ def test_load_reasoning_gym_errors():
 
 
 def test_task_check_and_lazy_dataset():
-    from protege.data import check_task, open_reasoning_gym
+    from protege.core.data import check_task, open_reasoning_gym
 
     check_task("chain_sum")
     with pytest.raises(DataError, match=r"did you mean: basic_arithmetic"):

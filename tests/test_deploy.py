@@ -305,7 +305,7 @@ def test_serve_app_builds_from_the_manifest_args(tmp_path, monkeypatch):
     from ray.serve import Application
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    from protege.cluster import checkpoints
+    from protege.core import checkpoints
     from protege.serve.app import deployment_options
     from protege.serve.api import ServeArgs
 
@@ -377,7 +377,7 @@ def test_example_spec_passes_protege_validate(path, capsys):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_spec_uses_gpus_and_shared_storage(path):
-    from protege.cluster.spec import load_spec
+    from protege.core.spec import load_spec
 
     spec = load_spec(path)
     r = spec.resources
@@ -422,7 +422,7 @@ def _node_type_sets() -> list[tuple[str, dict, str]]:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_spec_fits_the_node_types(path):
-    from protege.cluster.spec import load_spec
+    from protege.core.spec import load_spec
 
     spec = load_spec(path)
     for where, types, head in _node_type_sets():
@@ -463,7 +463,7 @@ def test_gpu_placement_colocated_pairs_and_disaggregated_is_disjoint():
     placement groups land as deploy/README.md says. CPU asks are shrunk to fit this machine; GPUs are not."""
     import ray
 
-    from protege.cluster.spec import load_spec
+    from protege.core.spec import load_spec
 
     def cpu_light(path):
         spec = load_spec(path)
@@ -660,7 +660,7 @@ def test_vllm_memory_share_follows_the_layout():
     """Disaggregated rollout workers own their GPU (0.85 of it); colocated ones leave room for the
     learner rank on the same GPU (0.3); rollout.gpu_memory_utilization overrides both."""
     from protege.cluster.launch import gpu_memory_share
-    from protege.cluster.spec import load_spec
+    from protege.core.spec import load_spec
 
     coloc = load_spec(DEPLOY / "examples" / "grpo_gpu_colocated.yaml")
     disagg = load_spec(DEPLOY / "examples" / "opd_gpu_disaggregated.yaml")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from protege.cluster.spec import parse_spec
+from protege.core.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from protege.cluster import checkpoints
-from protege.cluster.spec import parse_spec
+from protege.core import checkpoints
+from protege.core.spec import parse_spec
 
 pytestmark = pytest.mark.slow
 

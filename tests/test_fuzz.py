@@ -13,7 +13,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protege.cluster.spec import JobSpec, SpecError, parse_spec
+from protege.core.spec import JobSpec, SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "examples").glob("*.yaml"))]

@@ -13,7 +13,7 @@ import pytest
 
 from protege.actors.engine import fp32_exact_env
 from protege.cluster.gpu_status import FEATURES, RAN, gpu_warnings
-from protege.cluster.spec import load_spec
+from protege.core.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

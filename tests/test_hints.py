@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import doctest
 
-from protege.cluster import hints
-from protege.cluster.records import Rollout, Sample
+from protege.core import hints
+from protege.core.records import Rollout, Sample
 
 
 def _ro(i, text, prompt=(1, 2), hinted=False):

@@ -13,9 +13,9 @@ import pytest
 
 from protege.cluster import job_inputs, jobs
 from protege.cluster.job_inputs import classify
-from protege.cluster.jobs_cli import register
+from protege.jobs_cli import register
 from protege.cluster.preflight import UserError
-from protege.cluster.spec import parse_spec
+from protege.core.spec import parse_spec
 
 TASK = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
         "allow_negation": False, "allow_parentheses": False}

@@ -27,8 +27,8 @@ import pytest
 
 from protege.cluster import jobs
 from protege.cluster.jobs import EXCLUDES, JobsClient
-from protege.cluster.jobs_cli import register
-from protege.cluster.spec import parse_spec
+from protege.jobs_cli import register
+from protege.core.spec import parse_spec
 
 TASK = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
         "allow_negation": False, "allow_parentheses": False}
@@ -77,7 +77,7 @@ def _uploaded(root: Path) -> set[str]:
 
 def test_working_dir_excludes_and_spec(tmp_path):
     project = tmp_path / "project"
-    files = ["pyproject.toml", "cluster/spec.py", "cluster/__pycache__/spec.cpython-311.pyc", "protege/cli.py",
+    files = ["pyproject.toml", "core/spec.py", "cluster/__pycache__/spec.cpython-311.pyc", "protege/cli.py",
              "examples/grpo_tiny.yaml", "examples/data/d.jsonl", "bench/run.py", "bench/results/r.json",
              ".venv/bin/python", ".cache/torch_extensions/x.so", "runs/a/metrics.jsonl", "models/tiny/config.json",
              ".git/HEAD", "w.safetensors", "examples/m.gguf", "spec.json"]
@@ -86,7 +86,7 @@ def test_working_dir_excludes_and_spec(tmp_path):
         (project / f).write_text("x")
     spec = parse_spec(spec_dict("/shared/runs"))
     staged = jobs.stage_working_dir(spec, project, tmp_path / "staged")
-    assert _uploaded(staged) == {"pyproject.toml", "cluster/spec.py", "examples/grpo_tiny.yaml",
+    assert _uploaded(staged) == {"pyproject.toml", "core/spec.py", "examples/grpo_tiny.yaml",
                                  "examples/data/d.jsonl", "bench/run.py", "spec.json"}
     # the project's own spec.json is shadowed by the job's, and the project is not written to
     assert parse_spec(json.loads((staged / "spec.json").read_text())) == spec

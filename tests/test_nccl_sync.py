@@ -209,7 +209,7 @@ def test_small_bucket_splits_the_tiny_student(tiny_models, monkeypatch, zero):
 def test_zero3_bucket_walk_on_real_deepspeed(tiny_models):
     """Real DeepSpeed ZeRO-3 (one rank, gloo): the bucketed gathers give exactly the weights the CPU
     path exports, and leave every parameter partitioned again."""
-    from protege.cluster.spec import parse_spec
+    from protege.core.spec import parse_spec
     from protege.learners.learner import Learner
 
     spec = parse_spec({"models": {"student": {"path": tiny_models["student"]}},
@@ -259,7 +259,7 @@ def test_plan_routes_refuses_what_neither_transport_reaches():
 
 def test_pick_weight_sync_falls_back_on_cpu(tiny_models):
     from protege.cluster.launch import Roles
-    from protege.cluster.spec import parse_spec
+    from protege.core.spec import parse_spec
     from protege.cluster.weight_sync import ObjectStoreSync
 
     base = {"models": {"student": {"path": tiny_models["student"]}}, "data": {"task": "basic_arithmetic"}}
@@ -867,8 +867,8 @@ def _record(name: str, metrics: dict) -> None:
 
 
 def _sync_roundtrip(ray, tiny_models, *, zero: int, gpus: float, kind: str, bucket_mb: float, name: str):
-    from protege.cluster.records import TrainBatch, TrainRow
-    from protege.cluster.spec import parse_spec
+    from protege.core.records import TrainBatch, TrainRow
+    from protege.core.spec import parse_spec
 
     spec = parse_spec({**STUDENT_SPEC, "models": {"student": {"path": tiny_models["student"]}},
                        "learner": {"ranks": 1, "zero_stage": zero, "lr": 1e-3, "micro_batch": 4}})
@@ -938,7 +938,7 @@ def test_pipeline_on_gpu_uses_the_gpu_sync(tmp_path, tiny_models, ray_gpu):
     """The whole loop on one GPU (colocated), once the driver uses pick_weight_sync."""
     from protege.actors.rollout import RolloutWorker
     from protege.cluster.driver import run
-    from protege.cluster.spec import parse_spec
+    from protege.core.spec import parse_spec
     from protege.learners.learner import Learner
 
     if not (hasattr(RolloutWorker, "wt_probe") and hasattr(Learner, "nccl_send")):

@@ -11,8 +11,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from protege.cluster import checkpoints
-from protege.cluster.spec import parse_spec
+from protege.core import checkpoints
+from protege.core.spec import parse_spec
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_weight_sync_matches_learner_logprobs(tmp_path, tiny_models, ray_local):
     import ray
 
     from protege.cluster.launch import start_roles
-    from protege.cluster.records import TrainBatch, TrainRow
+    from protege.core.records import TrainBatch, TrainRow
     from protege.cluster.weight_sync import ObjectStoreSync
 
     spec = make_spec(tmp_path, tiny_models, name="sync", **{"learner.ranks": 1})

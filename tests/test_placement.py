@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from protege import env as penv
+from protege.core import env as penv
 from protege.cluster import launch
 from protege.cluster.placement import COLOCATED, PlacementError, colocated, group_bundles, reserve, role_requests
-from protege.cluster.spec import load_spec
+from protege.core.spec import load_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "examples"
 SYNC_KEY = "VLLM_ALLOW_INSECURE_SERIALIZATION"

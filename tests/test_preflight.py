@@ -19,7 +19,7 @@ import yaml
 from protege.cli import main
 from protege.cluster import preflight
 from protege.cluster.preflight import UserError
-from protege.cluster.spec import parse_spec, set_dotted
+from protege.core.spec import parse_spec, set_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def test_cached_hub_id_still_works(tmp_path, tiny_models):
     env = {"HF_HUB_CACHE": str(cache)}
     r = _cli("run", str(spec), "--dry-run", env=env)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-c", "from protege.models import load_tokenizer; "
+    r = subprocess.run([sys.executable, "-c", "from protege.core.models import load_tokenizer; "
                         "print(len(load_tokenizer('tiny-org/student')))"],
                        capture_output=True, text=True, cwd=ROOT, env=_env(env))
     assert r.returncode == 0 and int(r.stdout) == 512, r.stderr  # and the loaders find it by id
@@ -164,7 +164,7 @@ def test_kv_cache_minimum_is_vllms():
     # Measured with vLLM 0.32 on CPU, tiny student (2 layers x 2 x 1 KV head x 32 x fp32 = 512 B per
     # token), max_model_len 352: kv_cache_memory_bytes=262144 starts, 262143 is refused.
     assert preflight.kv_cache_needed(512, 352) == 262144
-    from protege.models import kv_cache_bytes_per_token
+    from protege.core.models import kv_cache_bytes_per_token
 
     cfg = {"num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "hidden_size": 64}
     assert kv_cache_bytes_per_token(cfg, "float32") == 512 and kv_cache_bytes_per_token(cfg, "bfloat16") == 256

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from protege.data import load_reasoning_gym
+from protege.core.data import load_reasoning_gym
 from protege.rewards import rules
 from protege.rewards.base import REWARD_FUNCTIONS, RewardRunner, Score, get_reward_fn
 from protege.rewards.rules import (
@@ -273,7 +273,7 @@ def test_a_job_with_a_broken_user_reward_fails_before_any_resource(tmp_path, mon
     import ray
 
     from protege.cluster.driver import JobError, run
-    from protege.cluster.spec import parse_spec
+    from protege.core.spec import parse_spec
 
     f = tmp_path / "r.py"
     f.write_text("def ok(c, r, m=None):\n    return 0.0\n")
@@ -336,7 +336,7 @@ def test_reward_model_with_two_outputs_is_refused(tiny_models, tmp_path):
 
 
 def test_reward_model_spec_rules():
-    from protege.cluster.spec import SpecError, parse_spec
+    from protege.core.spec import SpecError, parse_spec
 
     base = {"name": "j", "models": {"student": {"path": "s"}},
             "data": {"source": "reasoning_gym", "task": "basic_arithmetic"}}

@@ -20,7 +20,7 @@ JOBS_TOKEN = "fuzz-token"
 
 @pytest.fixture(scope="module")
 def student_app(tiny_models, tmp_path_factory):
-    from protege.cluster import checkpoints
+    from protege.core import checkpoints
     from protege.serve import versions
     from protege.serve.app import _sha256, make_asgi_app
     from protege.serve.generator import StudentGenerator

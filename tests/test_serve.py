@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from protege.cluster import checkpoints
-from protege.cluster.spec import AutoscaleSpec, ServeSpec
+from protege.core import checkpoints
+from protege.core.spec import AutoscaleSpec, ServeSpec
 from protege.serve import versions
 from protege.serve.api import ApiError, ChatCompletionRequest, CompletionRequest, ServeArgs
 

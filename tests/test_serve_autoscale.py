@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from protege.cluster.spec import AutoscaleSpec, ServeSpec
+from protege.core.spec import AutoscaleSpec, ServeSpec
 from protege.serve.api import ServeArgs
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from protege.cluster.spec import JobSpec, SpecError, load_spec, parse_spec
+from protege.core.spec import JobSpec, SpecError, load_spec, parse_spec
 
 from pathlib import Path
 

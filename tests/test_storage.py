@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 
-from protege.cluster import checkpoints, storage
-from protege.cluster.spec import SpecError, parse_spec
+from protege.core import checkpoints, storage
+from protege.core.spec import SpecError, parse_spec
 
 
 def _fake_ckpt(tmp_path, step: int):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from protege.cluster.records import TeacherScores
+from protege.core.records import TeacherScores
 from protege.rewards.teacher import PAYLOAD_DTYPE, TeacherScorer
 
 
@@ -46,7 +46,7 @@ def test_teacher_payload_matches_a_direct_forward(tiny_models):
 def test_teacher_logprobs_line_up_with_the_learners_frame(tiny_models):
     """The same weights scored by the teacher scorer and by the learner's own forward give the
     same sampled-token log-probs, token for token (so log π_θ − log π_T compares like with like)."""
-    from protege.cluster import spec as S
+    from protege.core import spec as S
     from protege.learners.learner import Learner
 
     scorer = TeacherScorer(tiny_models["teacher"], engine="hf")
@@ -84,7 +84,7 @@ def test_vllm_scoring_matches_the_transformers_forward(tiny_models):
 
 
 def test_auto_score_engine_follows_the_spec():
-    from protege.cluster.spec import parse_spec
+    from protege.core.spec import parse_spec
 
     base = {"models": {"student": {"path": "s"}, "teacher": {"path": "t"}}, "data": {"task": "basic_arithmetic"},
             "algorithm": {"type": "opd"}, "rollout": {"temperature": 1.0}}

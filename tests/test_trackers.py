@@ -13,7 +13,7 @@ import pytest
 from protege.cluster import trackers
 from protege.cluster.metrics import MetricsWriter, curves_figure, ema, plot_curves
 from protege.cluster.preflight import UserError
-from protege.cluster.spec import parse_spec
+from protege.core.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "wandb-secret-0123456789abcdef0123456789abcdef"
@@ -112,7 +112,7 @@ def test_missing_logger_package_is_one_line_at_validate(tmp_path, monkeypatch):
 
 
 def test_unknown_or_repeated_logger_is_a_field_error():
-    from protege.cluster.spec import SpecError
+    from protege.core.spec import SpecError
 
     with pytest.raises(SpecError) as err:
         spec(loggers=["wandb", "neptune"])

@@ -89,3 +89,29 @@ class WeightsVersion:
     path: str | None = None
     num_bytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScoreRecord:
+    """One scorer's verdict on one rollout: the contract every scorer keeps (rewards/base.py).
+
+    ``components`` holds raw, unweighted values by reward name; the driver's one weighted
+    combine (cluster/scoring.py) turns the records of all scorers into each rollout's reward.
+    A teacher returns no components and its per-token payload in ``teacher``.
+    """
+
+    components: dict[str, float] = field(default_factory=dict)  # reward name -> raw value (0 on error)
+    errors: dict[str, int] = field(default_factory=dict)  # "<reward>/timeout", "/exception", "/skipped"
+    teacher: TeacherScores | None = None
+
+
+@dataclass
+class SyncResult:
+    """What one weight push did (cluster/weight_sync.py). ``failed`` lists the targets (indices into
+    the push's targets) that died during it, for the driver to re-sync after their restart."""
+
+    version: int
+    bytes: int = 0  # bytes the receivers ended up holding, in their own dtype (one copy)
+    seconds: float = 0.0
+    failed: list[int] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # sync/* for the metrics log

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from protege.cluster.records import Rollout
+from protege.core.records import Rollout
 
 HINT_RE = re.compile(r"<hint>(.*?)</hint>", re.DOTALL)
 

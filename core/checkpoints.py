@@ -8,7 +8,7 @@ Atomic: everything is written into a hidden temp folder beside the final one, st
 last, then one ``os.rename``. A crash at any point leaves either the previous checkpoint or
 the complete new one; half-written temp folders are ignored and cleaned on the next save.
 
-A run dir may also be an object-store URI (``s3://bucket/runs/x``; ``cluster/storage.py``): the
+A run dir may also be an object-store URI (``s3://bucket/runs/x``; ``core/storage.py``): the
 checkpoint is staged locally by the same code, uploaded, and ``state.json`` is uploaded last as the
 commit marker. Every reader here (``list_checkpoints``, ``latest``, ``read_state``) takes either a
 local path or a URI and returns locations of the same kind.
@@ -22,7 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
-from protege.cluster import storage
+from protege.core import storage
 
 _STEP = re.compile(r"^step_(\d{6,})$")
 

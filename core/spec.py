@@ -363,7 +363,7 @@ class CheckpointSpec(_Strict):
     def _known_scheme(cls, v: str) -> str:
         # Before anything starts: a typo'd scheme would otherwise fail only at the first save.
         if "://" in v:
-            from protege.cluster.storage import check_protocol
+            from protege.core.storage import check_protocol
 
             check_protocol(v)
         return v

@@ -21,7 +21,7 @@ distillation compares distributions position by position over token ids, so a vo
 silently trains on garbage).
 
 Heavy imports (torch, transformers, tokenizers) happen inside the functions so that importing
-``protege.models`` stays cheap for the CLI and spec validation.
+``protege.core.models`` stays cheap for the CLI and spec validation.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
 
 
 def _log(msg: str) -> None:
-    print(f"[protege.models] {msg}", flush=True)
+    print(f"[protege.core.models] {msg}", flush=True)
 
 
 def _torch_dtype(dtype: Any):
