@@ -28,7 +28,7 @@ from protege.cluster.jobdata import Encoder, load_job_data
 from protege.actors.rollout import StaleWeights
 from protege.cluster.launch import Roles, connect, gather, start_learners, start_roles
 from protege.cluster.metrics import MetricsWriter, plot_curves
-from protege.core.records import TrainBatch, TrainRow
+from protege.core.records import Rollout, Sample, TrainBatch, TrainRow
 from protege.core.console import Progress, quiet_driver
 from protege.cluster.nccl_sync import pick_weight_sync
 from protege.core.data import PromptStream
@@ -258,8 +258,7 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
 
 # ---------------------------------------------------------------------------------------- phases
 def _generates(spec) -> bool:
-    a = spec.algorithm
-    return not (a.type == "sft" or (a.type == "dpo" and a.mode == "offline"))
+    return spec.algorithm.needs().generates
 
 
 def _submit_generation(spec, roles: Roles, enc: Encoder, stream: PromptStream, step: int, version: int):
@@ -391,36 +390,40 @@ def _teacher_metrics(result: dict) -> dict:
             "teacher/seconds": result["seconds"]}
 
 
-def _rows_for_step(spec, roles: Roles, enc, rollouts, rewards, teacher, examples) -> tuple[list[TrainRow], dict]:
-    algo = spec.algorithm
-    if algo.type == "sft":
-        prompts = [enc.prompt(e.prompt) for e in examples]
-        if algo.targets == "teacher":
-            targets = ray.get(roles.teacher.generate_ids.remote(prompts, max_tokens=spec.rollout.max_new_tokens))
-        else:
-            targets = [enc.answer_target(e.answer) for e in examples]
-        return [TrainRow(prompt_ids=p, response_ids=t) for p, t in zip(prompts, targets)], {}
-    if algo.type == "dpo" and algo.mode == "offline":
-        rows = []
-        for p in examples:
-            prompt = enc.prompt(p.prompt)
-            rows += [TrainRow(prompt_ids=prompt, response_ids=enc.target(p.chosen)),
-                     TrainRow(prompt_ids=prompt, response_ids=enc.target(p.rejected))]
-        return rows, {}
-    return build_rows(algo, rollouts, rewards, spec.rollout.samples_per_prompt, teacher)
+def _responses_from_data(spec, roles: Roles, enc: Encoder, examples) -> list[Rollout]:
+    """The responses an algorithm that does not sample from the student trains on, as rollouts
+    (so scoring and credit assignment see one shape): the data's answers, its (chosen, rejected)
+    pairs, or the teacher's generations (needs().responses)."""
+    source = spec.algorithm.needs().responses
+    prompts = [enc.prompt(e.prompt) for e in examples]
+    if source == "preferences":
+        items = [(i, prompts[i], enc.target(text), text)
+                 for i, e in enumerate(examples) for text in (e.chosen, e.rejected)]
+    elif source == "teacher":
+        ids = ray.get(roles.teacher.generate_ids.remote(prompts, max_tokens=spec.rollout.max_new_tokens))
+        items = [(i, prompts[i], r, "") for i, r in enumerate(ids)]
+    else:  # "answers"
+        items = [(i, prompts[i], enc.answer_target(e.answer), e.answer) for i, e in enumerate(examples)]
+    return [Rollout(example_index=i, prompt_ids=p, policy_version=-1,
+                    sample=Sample(response_ids=r, logprobs=None, text=text, finish_reason="stop"))
+            for i, p, r, text in items]
+
+
+def _rows_for_step(spec, rollouts, rewards, teacher) -> tuple[list[TrainRow], dict]:
+    return build_rows(spec.algorithm, rollouts, rewards, spec.rollout.samples_per_prompt, teacher)
 
 
 def _learner_step(spec, roles: Roles, rows: list[TrainRow], version: int) -> dict:
-    pairs = spec.algorithm.type == "dpo"
+    needs = spec.algorithm.needs()
     if not rows:  # e.g. dynamic sampling dropped every group, or no DPO pair had a winner
         return {"learner/skipped": 1.0}
-    if pairs and spec.algorithm.reference == "teacher":
+    if needs.teacher_reference:
         ref = ray.get(roles.teacher.sequence_logprobs.remote([(r.prompt_ids, r.response_ids) for r in rows]))
-        for r, v in zip(rows, ref):
+        for r, v in zip(rows, ref, strict=True):
             r.ref_seq_logprob = v
-    shards = shard_rows(rows, len(roles.learners), group=2 if pairs else 1)
+    shards = shard_rows(rows, len(roles.learners), group=2 if needs.pairs else 1)
     out = gather([
-        ln.train_step.remote(TrainBatch(rows=shard, policy_version=version, pairs=pairs))
+        ln.train_step.remote(TrainBatch(rows=shard, policy_version=version, pairs=needs.pairs))
         for ln, shard in zip(roles.learners, shards)
     ])
     return out[0]  # ranks agree on the loss; rank 0 speaks for the group

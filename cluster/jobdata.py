@@ -10,9 +10,10 @@ from protege.core.data import Example, PreferenceExample, format_prompt, load_fi
 
 
 def load_job_data(spec) -> tuple[list, list[Example]]:
-    """(train examples, held-out eval examples). Offline DPO's train items are preference pairs."""
+    """(train examples, held-out eval examples). An algorithm whose responses are the data's
+    preference pairs (offline DPO) trains on PreferenceExamples."""
     d = spec.data
-    if spec.algorithm.type == "dpo" and spec.algorithm.mode == "offline":
+    if spec.algorithm.needs().responses == "preferences":
         prefs = load_preferences(d.path, prompt_field=d.prompt_field, chosen_field=d.chosen_field,
                                  rejected_field=d.rejected_field)
         if d.eval_size == 0:
@@ -49,7 +50,3 @@ class Encoder:
 
     def answer_target(self, answer: str) -> list[int]:
         return self.target(f"<answer>{answer}</answer>")
-
-
-def preference_prompt(p: PreferenceExample) -> str:
-    return p.prompt

@@ -215,14 +215,13 @@ def start_learners(spec, roles: Roles, bundle: dict[str, float] | None = None) -
     roles.learners = []
     bundle = bundle or {q.role: q for q in role_requests(spec)}["learner"].bundle
     algo = spec.algorithm
-    needs_ref = (getattr(algo, "kl_coef", 0) > 0) or (algo.type == "dpo" and algo.reference == "initial")
     pg = roles.groups["learner"]
     for rank in range(spec.learner.ranks):
         roles.learners.append(
             LearnerActor.options(**_opts(pg, rank, bundle), runtime_env=actor_runtime_env(spec, f"learner-{rank}")).remote(
                 rank=rank, world_size=spec.learner.ranks, model_path=spec.models.student.path, learner_spec=spec.learner,
                 algo=algo, temperature=spec.rollout.temperature, grad_accum=roles.grad_accum,
-                seed=spec.seed, needs_ref=needs_ref, max_response_tokens=spec.rollout.max_new_tokens,
+                seed=spec.seed, needs_ref=algo.needs().reference, max_response_tokens=spec.rollout.max_new_tokens,
             )
         )
     addr, port = ray.get(_rendezvous.options(

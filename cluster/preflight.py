@@ -197,7 +197,7 @@ def _examples(spec) -> list:
                             f"{d.task_config}: {_first_line(err)}") from None
     from protege.core.data import load_file, load_preferences
 
-    if spec.algorithm.type == "dpo" and spec.algorithm.mode == "offline":
+    if spec.algorithm.needs().responses == "preferences":
         return _data_error("data.path", load_preferences, d.path, prompt_field=d.prompt_field,
                            chosen_field=d.chosen_field, rejected_field=d.rejected_field)
     return _data_error("data.path", load_file, d.path, prompt_field=d.prompt_field, answer_field=d.answer_field)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import re
 
+from dataclasses import dataclass
+from typing import Any
+
 from protege.core.records import Rollout
 
 HINT_RE = re.compile(r"<hint>(.*?)</hint>", re.DOTALL)
@@ -56,5 +59,45 @@ def inject(group: list[Rollout], accepted: list[Rollout], m: int) -> tuple[list[
     for i in range(k):
         src = accepted[i]
         out[i] = Rollout(example_index=group[i].example_index, prompt_ids=group[i].prompt_ids,
-                         sample=src.sample, policy_version=src.policy_version, hinted=True)
+                         sample=src.sample, policy_version=src.policy_version)
     return out, k
+
+
+def valid_hints(groups: list[int], texts: list[str]) -> list[tuple[int, str]]:
+    """(group, hint) for each teacher answer that holds a hint in its tags; the rest are skipped.
+
+    >>> valid_hints([0, 3], ["<hint>carry the one</hint>", "the answer is 7"])
+    [(0, 'carry the one')]
+    """
+    return [(g, h) for g, t in zip(groups, texts, strict=True) if (h := extract_hint(t)) is not None]
+
+
+@dataclass
+class Merged:
+    """The step's rollouts and scores after injection, and which positions changed."""
+
+    rollouts: list[Rollout]
+    scores: list[Any]
+    changed: list[int]  # positions whose response was replaced (their teacher scores are stale)
+    accepted: int  # hinted attempts that passed the gate (rejection sampling)
+
+
+def merge_hinted(rollouts: list[Rollout], scores: list[Any], hinted: list[tuple[int, str]], tries: list[Rollout],
+                 tried: list[Any], *, group_size: int, attempts: int, replace: int, threshold: float) -> Merged:
+    """Inject the accepted hinted attempts into their groups. ``tries`` hold ``attempts`` responses
+    per entry of ``hinted`` (in its order) and ``tried`` their scores (anything with ``.value``);
+    a try is accepted when its value reaches the gate threshold, and up to ``replace`` accepted
+    ones replace the first members of the group, with their scores."""
+    if len(tries) != len(hinted) * attempts or len(tried) != len(tries):
+        raise ValueError(f"{len(hinted)} hinted groups × {attempts} attempts, got {len(tries)} tries "
+                         f"and {len(tried)} scores")
+    rollouts, scores, changed, accepted = list(rollouts), list(scores), [], 0
+    for j, (g, _) in enumerate(hinted):
+        ok = [i for i in range(j * attempts, (j + 1) * attempts) if tried[i].value >= threshold]
+        accepted += len(ok)
+        lo = g * group_size
+        rollouts[lo:lo + group_size], k = inject(rollouts[lo:lo + group_size], [tries[i] for i in ok], replace)
+        for i in range(k):
+            scores[lo + i] = tried[ok[i]]
+            changed.append(lo + i)
+    return Merged(rollouts, scores, changed, accepted)

@@ -17,7 +17,7 @@ class Sample:
     """One generated response, as the rollout engine returns it."""
 
     response_ids: list[int]  # [T_resp]
-    logprobs: list[float]  # [T_resp] engine log π(y_t | s_t) of the sampled tokens (diagnostics)
+    logprobs: list[float] | None  # [T_resp] engine log π(y_t | s_t) of the sampled tokens; None: not sampled
     text: str
     finish_reason: str  # "stop" | "length"
 
@@ -29,8 +29,7 @@ class Rollout:
     example_index: int  # position of the prompt in this step's batch
     prompt_ids: list[int]  # [T_prompt], chat template applied
     sample: Sample
-    policy_version: int
-    hinted: bool = False  # KEPO: generated with a teacher hint (then re-attached to the hint-free prompt)
+    policy_version: int  # -1: not sampled from the student (the data's or the teacher's response)
 
 
 @dataclass

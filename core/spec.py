@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -147,6 +147,36 @@ class TeacherRequest:
         return cls(top_k=top_k if estimator in ("topk", "topk_renorm") else 0, full=estimator == "full")
 
 
+Responses = Literal["student", "answers", "preferences", "teacher"]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an algorithm asks of the pipeline. The driver, the launcher, the learner and data
+    loading read these declarations, never an algorithm's name: a new algorithm is one spec
+    variant (with its ``needs``), one credit-assignment case and one loss (learners/algorithms.py).
+    """
+
+    # Where the trained responses come from: the student's samples, the data's answers, the data's
+    # (chosen, rejected) pairs, or the teacher's generations.
+    responses: Responses = "student"
+    teacher: TeacherRequest | None = None  # per-token teacher scoring of the responses
+    rewards: bool = True  # advantages come from rewards: at least one reward is required
+    groups: bool = False  # compares the samples of one prompt: samples_per_prompt ≥ 2
+    pairs: bool = False  # rows come as (chosen, rejected) pairs; shards keep a pair together
+    reference: bool = False  # a frozen copy of the initial student (a KL term, DPO's reference)
+    teacher_reference: bool = False  # DPO: the teacher's sequence log-prob is the reference
+    teacher_model: bool = False  # models.teacher must be set (scoring, hints, targets or reference)
+    teacher_for: str = ""  # which setting asks for the teacher, for the error message
+    hints: bool = False  # KEPO: a hint-exploration phase on groups that all failed
+    extra_tokens: int = 0  # sequence room beyond the response (a KEPO hint in the prompt)
+
+    @property
+    def generates(self) -> bool:
+        """Samples from the student every step (so every step ends with a weight sync)."""
+        return self.responses == "student"
+
+
 class _PolicyGradient(_Strict):
     """Options shared by the GRPO family (DeepSeekMath GRPO, DAPO clip-higher, Dr. GRPO)."""
 
@@ -171,6 +201,9 @@ class _PolicyGradient(_Strict):
 class GRPOSpec(_PolicyGradient):
     type: Literal["grpo"] = "grpo"
 
+    def needs(self) -> Needs:
+        return Needs(groups=True, reference=self.kl_coef > 0)
+
 
 class RLADSpec(_PolicyGradient):
     """RLAD / TRRD (arXiv 2602.22495). alpha = 1 is plain GRPO (Eq. 3)."""
@@ -185,6 +218,9 @@ class RLADSpec(_PolicyGradient):
         if not 0.0 <= v <= 1.0:
             raise ValueError("must be between 0 and 1")
         return v
+
+    def needs(self) -> Needs:  # the sampled token's teacher log-prob is TRRD's anchor
+        return Needs(groups=True, reference=self.kl_coef > 0, teacher=TeacherRequest(), teacher_model=True)
 
 
 class KEPOSpec(_PolicyGradient):
@@ -214,6 +250,10 @@ class KEPOSpec(_PolicyGradient):
         est = self.estimator if self.estimator != "auto" else ("sampled" if self.divergence == "reverse_kl" else "topk_renorm")
         return TeacherRequest.for_estimator(est, self.top_k)
 
+    def needs(self) -> Needs:
+        return Needs(groups=True, reference=self.kl_coef > 0, teacher=self.teacher_request(), teacher_model=True,
+                     hints=self.hints, extra_tokens=self.hint_max_tokens if self.hints else 0)
+
 
 class OPDSpec(_Strict):
     """On-policy distillation: per-token reverse KL to the teacher on student samples (GKD, λ=1)."""
@@ -235,6 +275,9 @@ class OPDSpec(_Strict):
     def teacher_request(self) -> TeacherRequest:
         return TeacherRequest.for_estimator(self.estimator, self.top_k)
 
+    def needs(self) -> Needs:  # rewards are scored (for metrics, and for GRPO when grpo_coef > 0)
+        return Needs(teacher=self.teacher_request(), teacher_model=True, rewards=self.grpo_coef > 0)
+
     def effective_tis_cap(self) -> float | None:
         return self.tis_cap if self.tis_cap is not None else (2.0 if self.max_staleness >= 1 else None)
 
@@ -248,6 +291,12 @@ class DPOSpec(_Strict):
     reference: Literal["initial", "teacher"] = "initial"
     max_staleness: int = Field(default=0, ge=0, le=4)
 
+    def needs(self) -> Needs:
+        online = self.mode == "online"
+        return Needs(responses="student" if online else "preferences", rewards=online, groups=online, pairs=True,
+                     reference=self.reference == "initial", teacher_reference=self.reference == "teacher",
+                     teacher_model=self.reference == "teacher", teacher_for="reference 'teacher'")
+
 
 class SFTSpec(_Strict):
     """Supervised fine-tuning on (prompt, answer) data or on teacher-generated responses."""
@@ -256,11 +305,40 @@ class SFTSpec(_Strict):
     targets: Literal["data", "teacher"] = "data"
     max_staleness: int = Field(default=0, ge=0, le=4)
 
+    def needs(self) -> Needs:
+        teacher = self.targets == "teacher"
+        return Needs(responses="teacher" if teacher else "answers", rewards=False, teacher_model=teacher,
+                     teacher_for="targets 'teacher'")
+
+
+class DistillSpec(_Strict):
+    """Offline distillation: the student matches the teacher's per-token distribution on the
+    data's responses (the answer field), not on its own samples, so there is no generation and
+    no reward. Supervised knowledge distillation (Hinton et al., arXiv 1503.02531) in GKD's
+    token-level form (arXiv 2306.13649, student-sampled fraction λ = 0), over the teacher's top-k
+    (plus a tail bucket) instead of its whole softmax."""
+
+    type: Literal["distill"] = "distill"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    estimator: Literal["topk", "topk_renorm", "full"] = Field(
+        default="topk", description="topk: the teacher's top_k plus a tail bucket; topk_renorm: both renormalised "
+        "over the k ids; full: whole vocabulary rows")
+    top_k: int = Field(default=32, ge=1, le=1024)
+    jsd_beta: float = Field(default=0.5, gt=0, lt=1)
+    max_staleness: int = Field(default=0, ge=0, le=4)
+
+    def teacher_request(self) -> TeacherRequest:
+        return TeacherRequest.for_estimator(self.estimator, self.top_k)
+
+    def needs(self) -> Needs:
+        return Needs(responses="answers", rewards=False, teacher=self.teacher_request(), teacher_model=True)
+
 
 AlgorithmSpec = Annotated[
-    Union[GRPOSpec, RLADSpec, KEPOSpec, OPDSpec, DPOSpec, SFTSpec], Field(discriminator="type")
+    Union[GRPOSpec, RLADSpec, KEPOSpec, OPDSpec, DPOSpec, SFTSpec, DistillSpec], Field(discriminator="type")
 ]
-TEACHER_ALGORITHMS = {"rlad", "kepo", "opd"}
+# Every algorithm by its `type` tag, read off the union: the one list of algorithm names.
+ALGORITHMS: dict[str, type] = {c.model_fields["type"].default: c for c in get_args(get_args(AlgorithmSpec)[0])}
 
 
 # --------------------------------------------------------------------------- rollout / learner
@@ -486,25 +564,22 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _cross_field(self) -> "JobSpec":
         self._follow_defaults()
-        algo = self.algorithm
-        if algo.type in TEACHER_ALGORITHMS and self.models.teacher is None:
-            raise ValueError(f"models.teacher: algorithm '{algo.type}' needs a teacher model")
-        if algo.type == "dpo" and algo.reference == "teacher" and self.models.teacher is None:
-            raise ValueError("models.teacher: dpo with reference 'teacher' needs a teacher model")
-        if algo.type == "sft" and algo.targets == "teacher" and self.models.teacher is None:
-            raise ValueError("models.teacher: sft with targets 'teacher' needs a teacher model")
+        algo, needs = self.algorithm, self.algorithm.needs()
+        if needs.teacher_model and self.models.teacher is None:
+            setting = f" with {needs.teacher_for}" if needs.teacher_for else ""
+            raise ValueError(f"models.teacher: algorithm '{algo.type}'{setting} needs a teacher model")
         rows = self.rows_per_step() // self.learner.ranks
         if self.learner.mini_batches > max(1, rows):
             raise ValueError(f"learner.mini_batches: {self.learner.mini_batches} mini-batches need at least as many "
                              f"rows per learner rank, and a step has {rows}")
-        if algo.type == "dpo" and algo.mode == "offline" and self.data.source != "file":
-            raise ValueError("data.source: offline dpo reads (prompt, chosen, rejected) rows from a file: set it to 'file'")
-        needs_groups = algo.type in {"grpo", "rlad", "kepo"} or (algo.type == "dpo" and algo.mode == "online")
-        if needs_groups and self.rollout.samples_per_prompt < 2:
+        if needs.responses == "preferences" and self.data.source != "file":
+            raise ValueError(f"data.source: offline {algo.type} reads (prompt, chosen, rejected) rows from a file: "
+                             "set it to 'file'")
+        if needs.groups and self.rollout.samples_per_prompt < 2:
             raise ValueError(
                 f"rollout.samples_per_prompt: must be at least 2, algorithm '{algo.type}' compares samples within a group"
             )
-        if algo.type == "kepo" and algo.hint_replace > self.rollout.samples_per_prompt:
+        if needs.hints and algo.hint_replace > self.rollout.samples_per_prompt:
             raise ValueError("algorithm.hint_replace: cannot exceed rollout.samples_per_prompt")
         if self.eval.size > self.data.eval_size and self.data.eval_size > 0:
             raise ValueError(f"eval.size: cannot exceed data.eval_size ({self.data.eval_size}); lower it, "
@@ -520,7 +595,7 @@ class JobSpec(_Strict):
             raise ValueError(f"rewards: each reward needs its own name (metrics are keyed by it); repeated: {', '.join(twice)}")
         if any(r.name == "reasoning_gym" for r in self.rewards) and self.data.source != "reasoning_gym":
             raise ValueError("rewards: the 'reasoning_gym' reward scores reasoning-gym tasks; data.source is not reasoning_gym")
-        if not self.rewards and algo.type not in {"sft", "opd"} and not (algo.type == "dpo" and algo.mode == "offline"):
+        if not self.rewards and needs.rewards:
             raise ValueError(f"rewards: algorithm '{algo.type}' needs at least one reward")
         return self
 
@@ -560,7 +635,7 @@ class JobSpec(_Strict):
     def max_model_len(self) -> int:
         """Tokens one sequence may hold in a rollout or teacher engine: the prompt, the longer of
         the response and a KEPO hint, and 64 for the chat template around them."""
-        longest = max(self.rollout.max_new_tokens, getattr(self.algorithm, "hint_max_tokens", 0))
+        longest = max(self.rollout.max_new_tokens, self.algorithm.needs().extra_tokens)
         return self.rollout.max_prompt_tokens + longest + 64
 
     @property
@@ -582,16 +657,15 @@ class JobSpec(_Strict):
         return self.run_uri or str(self.run_dir)
 
     def rows_per_step(self) -> int:
-        """Training rows one step produces: pairs count twice (DPO), SFT one per prompt."""
-        a, r = self.algorithm, self.rollout
-        if a.type == "dpo":
+        """Training rows one step produces: a pair per prompt counts twice (DPO), a group of
+        samples per prompt G times, a data or teacher response once."""
+        needs, r = self.algorithm.needs(), self.rollout
+        if needs.pairs:
             return 2 * r.prompts_per_step
-        if a.type == "sft":
-            return r.prompts_per_step
-        return r.prompts_per_step * r.samples_per_prompt
+        return r.prompts_per_step * (r.samples_per_prompt if needs.generates else 1)
 
     def needs_teacher_scoring(self) -> bool:
-        return self.algorithm.type in TEACHER_ALGORITHMS
+        return self.algorithm.needs().teacher is not None
 
     def teacher_score_engine(self) -> str:
         """models.teacher.score_engine with "auto" resolved (see TeacherRef)."""
@@ -602,10 +676,9 @@ class JobSpec(_Strict):
         return "vllm" if vllm_ok else "hf"
 
     def teacher_request(self) -> TeacherRequest:
-        """The teacher's dense signal this algorithm trains on (none beyond the sampled token's
-        log-prob for RLAD, for OPD's and KEPO's sampled estimators)."""
-        ask = getattr(self.algorithm, "teacher_request", None)
-        return ask() if ask is not None else TeacherRequest()
+        """The teacher's per-token signal this algorithm trains on (the sampled token's log-prob
+        alone for RLAD and the sampled estimators); an empty request when it scores nothing."""
+        return self.algorithm.needs().teacher or TeacherRequest()
 
 
 # --------------------------------------------------------------------------- loading
@@ -631,7 +704,7 @@ def format_validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
     out = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
-        if len(loc) >= 2 and loc[0] == "algorithm" and loc[1] in {"grpo", "rlad", "kepo", "opd", "dpo", "sft"}:
+        if len(loc) >= 2 and loc[0] == "algorithm" and loc[1] in ALGORITHMS:
             loc.pop(1)
         msg = err["msg"]
         for prefix in ("Value error, ", "Assertion failed, "):

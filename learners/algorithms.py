@@ -1,10 +1,13 @@
-"""The two seams where algorithms differ (docs/design.md), chosen by one explicit ``match``.
+"""Where algorithms differ, in two functions, each one explicit ``match`` (docs/design.md).
 
-- ``build_rows`` (driver side, credit assignment): rollouts + rewards + teacher scores →
+- ``build_rows`` (driver side, credit assignment): responses + rewards + teacher scores →
   TrainRows with advantages, gates, pairs.
 - ``compute_loss`` (learner side): LossInputs → the algorithm's loss from learners/losses.py.
 
-Everything else in the pipeline is algorithm-blind.
+With the spec variant's ``needs()`` (core/spec.py: where the responses come from, what the
+teacher sends, whether a reference or groups are needed) these are the only places that know
+an algorithm by name: the driver, launcher, learner and data loading read the declarations.
+A new algorithm is one spec variant, one case here in each function, and one loss.
 """
 
 from __future__ import annotations
@@ -17,29 +20,32 @@ from protege.core.records import Rollout, TeacherScores, TrainRow
 from protege.learners import losses
 from protege.learners.advantages import dynamic_sampling_mask, group_advantages, online_dpo_pairs
 
+
 def build_rows(
     algo: Any,
-    rollouts: list[Rollout],
-    rewards: list[float],
+    responses: list[Rollout],
+    rewards: list[float] | None,
     group_size: int,
     teacher: list[TeacherScores] | None = None,
 ) -> tuple[list[TrainRow], dict[str, float]]:
-    """Credit assignment. ``rollouts`` are group-major: G consecutive samples per prompt."""
+    """Credit assignment. ``responses`` are what the step trains on (``needs().responses``):
+    the student's samples group-major (G consecutive per prompt), the data's answers or the
+    teacher's generations (one per prompt), or the data's preference pairs (chosen, rejected,
+    chosen, ...). ``rewards`` is None when the responses were not scored."""
     metrics: dict[str, float] = {}
-    r = torch.tensor(rewards, dtype=torch.float32)
-    teacher = teacher or [None] * len(rollouts)
+    teacher = teacher if teacher is not None else [None] * len(responses)
     match algo.type:
         case "grpo" | "rlad" | "kepo" | "opd":
-            std_norm = algo.adv_std_norm
-            adv = group_advantages(r, group_size, std_norm=std_norm)
-            keep = torch.ones(len(rollouts), dtype=torch.bool)
+            r = torch.tensor(rewards, dtype=torch.float32)
+            adv = group_advantages(r, group_size, std_norm=algo.adv_std_norm)
+            keep = torch.ones(len(responses), dtype=torch.bool)
             if getattr(algo, "dynamic_sampling", False):
                 keep = dynamic_sampling_mask(r, group_size)
                 metrics["rollout/kept_frac"] = float(keep.float().mean())
             if algo.type == "opd" and algo.grpo_coef == 0:
                 adv = torch.zeros_like(adv)
             rows = []
-            for i, (ro, t) in enumerate(zip(rollouts, teacher)):
+            for i, (ro, t) in enumerate(zip(responses, teacher, strict=True)):
                 if not keep[i]:
                     continue
                 gate = 0.0
@@ -49,17 +55,21 @@ def build_rows(
             if algo.type == "kepo":
                 metrics["kepo/gate_open_frac"] = sum(row.gate for row in rows) / max(1, len(rows))
             return rows, metrics
+        case "dpo" if algo.mode == "offline":  # the data's pairs, already (chosen, rejected) in order
+            return [_row(ro, 0.0, t, 0.0) for ro, t in zip(responses, teacher, strict=True)], metrics
         case "dpo":
-            pairs = online_dpo_pairs(r, group_size)
+            pairs = online_dpo_pairs(torch.tensor(rewards, dtype=torch.float32), group_size)
             rows = []
             for c, rj in pairs:
-                rows.append(_row(rollouts[c], 0.0, teacher[c], 0.0))
-                rows.append(_row(rollouts[rj], 0.0, teacher[rj], 0.0))
+                rows.append(_row(responses[c], 0.0, teacher[c], 0.0))
+                rows.append(_row(responses[rj], 0.0, teacher[rj], 0.0))
             metrics["dpo/pairs"] = float(len(pairs))
-            metrics["dpo/tied_groups"] = float(len(rollouts) // group_size - len(pairs))
+            metrics["dpo/tied_groups"] = float(len(responses) // group_size - len(pairs))
             return rows, metrics
+        case "sft" | "distill":  # one row per response: the data's answer or the teacher's generation
+            return [_row(ro, 0.0, t, 0.0) for ro, t in zip(responses, teacher, strict=True)], metrics
         case _:
-            raise ValueError(f"algorithm '{algo.type}' does not train on rollouts")
+            raise ValueError(f"no credit assignment for algorithm '{algo.type}'")
 
 
 def _row(ro: Rollout, adv: float, t: TeacherScores | None, gate: float) -> TrainRow:
@@ -73,12 +83,12 @@ def _row(ro: Rollout, adv: float, t: TeacherScores | None, gate: float) -> Train
         teacher_tail_logprobs=t.tail_logprobs if t is not None else None,
         teacher_full_logprobs=t.full_logprobs if t is not None else None,
         gate=gate,
-        rollout_logprobs=ro.sample.logprobs,
+        rollout_logprobs=ro.sample.logprobs,  # None for responses no engine sampled (data, teacher)
     )
 
 
 def compute_loss(algo: Any, inp: losses.LossInputs, max_len: int | None = None) -> losses.LossOut:
-    """The learner side of the seam for token-level objectives."""
+    """The learner side: the algorithm's loss over one micro-batch."""
     match algo.type:
         case "grpo":
             return losses.grpo_loss(
@@ -106,7 +116,16 @@ def compute_loss(algo: Any, inp: losses.LossInputs, max_len: int | None = None) 
                 ).scaled(algo.grpo_coef)
             return losses.opd_loss(inp, coef=algo.opd_coef, loss_agg=algo.loss_agg, max_len=max_len,
                                    estimator=algo.estimator, tis_cap=algo.effective_tis_cap())
+        case "dpo":  # rows are (chosen, rejected) pairs; the reference's sequence log-probs given or summed here
+            seq = losses.sequence_logprobs(inp.logprobs, inp.mask)
+            ref = (inp.ref_seq_logprobs if inp.ref_seq_logprobs is not None
+                   else losses.sequence_logprobs(inp.ref_logprobs, inp.mask))
+            weight = inp.weight[0::2] if inp.weight is not None else None  # padding pairs carry weight 0
+            return losses.dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], beta=algo.beta, weight=weight)
         case "sft":
             return losses.sft_loss(inp.logprobs, inp.mask)
+        case "distill":
+            return losses.distill_loss(inp, divergence=algo.divergence, estimator=algo.estimator,
+                                       jsd_beta=algo.jsd_beta)
         case _:
-            raise ValueError(f"no token-level loss for algorithm '{algo.type}'")
+            raise ValueError(f"no loss for algorithm '{algo.type}'")

@@ -270,16 +270,10 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
         return loss.detach(), metrics
 
     def _loss(self, b: dict, lp, dense: dict, *, old) -> losses.LossOut:
-        mask = b["mask"]
-        if self.algo.type == "dpo":
-            seq = losses.sequence_logprobs(lp, mask)  # [2P] chosen, rejected, chosen, ...
-            ref = b["ref_seq_logprob"] if "ref_seq_logprob" in b else losses.sequence_logprobs(b["ref_logprobs"], mask)
-            return losses.dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], beta=self.algo.beta,
-                                   weight=b["weight"][0::2])  # padding pairs carry weight 0
         inp = losses.LossInputs(
             logprobs=lp,
             old_logprobs=old,
-            mask=mask,
+            mask=b["mask"],
             advantages=b["advantages"],
             ref_logprobs=b.get("ref_logprobs"),
             teacher_logprobs=b.get("teacher_logprobs"),
@@ -288,8 +282,10 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
             teacher_tail_logprobs=b.get("teacher_tail_logprobs"),
             student_full_logprobs=dense.get("full"),
             teacher_full_logprobs=b.get("teacher_full_logprobs"),
-            gate=b["gate"] if self.algo.type == "kepo" else None,
+            gate=b.get("gate"),
             behaviour_logprobs=b.get("rollout_logprobs"),
+            ref_seq_logprobs=b.get("ref_seq_logprob"),
+            weight=b.get("weight"),
         )
         return algorithms.compute_loss(self.algo, inp, max_len=self.max_response_tokens)
 

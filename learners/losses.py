@@ -63,6 +63,8 @@ class LossInputs:
     teacher_full_logprobs: Tensor | None = None  # [B, T, V] log π_T over the vocabulary
     gate: Tensor | None = None  # [B] float/bool, 1 = response passes the KEPO quality gate
     behaviour_logprobs: Tensor | None = None  # [B, T] log π of the policy that sampled (the rollout engine's)
+    ref_seq_logprobs: Tensor | None = None  # [B] a reference's sequence log-probs given whole (DPO, teacher reference)
+    weight: Tensor | None = None  # [B] 1 = real row, 0 = padding row (kept for the collectives)
 
     def __post_init__(self) -> None:
         shape = self.logprobs.shape
@@ -82,8 +84,10 @@ class LossInputs:
                 raise ValueError(f"{name} must be [B, T, K] with [B, T] = {tuple(shape)}.")
         if self.teacher_tail_logprobs is not None and self.teacher_tail_logprobs.shape != shape:
             raise ValueError(f"teacher_tail_logprobs must have shape {tuple(shape)}.")
-        if self.gate is not None and self.gate.shape != shape[:1]:
-            raise ValueError(f"gate must be [B] = [{shape[0]}], got {tuple(self.gate.shape)}.")
+        for name in ("gate", "ref_seq_logprobs", "weight"):
+            t = getattr(self, name)
+            if t is not None and t.shape != shape[:1]:
+                raise ValueError(f"{name} must be [B] = [{shape[0]}], got {tuple(t.shape)}.")
         for name in _CONSTANTS:
             t = getattr(self, name)
             if t is not None:
@@ -92,7 +96,8 @@ class LossInputs:
 
 
 _CONSTANTS = ("old_logprobs", "mask", "advantages", "ref_logprobs", "teacher_logprobs", "teacher_topk_logprobs",
-              "teacher_tail_logprobs", "teacher_full_logprobs", "gate", "behaviour_logprobs")
+              "teacher_tail_logprobs", "teacher_full_logprobs", "gate", "behaviour_logprobs", "ref_seq_logprobs",
+              "weight")
 
 
 @dataclass(frozen=True)
@@ -619,6 +624,25 @@ def dpo_loss(
         "dpo/rejected_reward": mean(rejected_reward),
     }
     return LossOut({"dpo": loss}, metrics)
+
+
+def distill_loss(
+    inp: LossInputs, *, divergence: str = "forward_kl", estimator: str = "topk", jsd_beta: float = 0.5,
+    loss_agg: str = "token-mean",
+) -> LossOut:
+    """Offline distillation (supervised KD: Hinton et al., arXiv 1503.02531; GKD's token-level
+    form with λ = 0, arXiv 2306.13649): the per-token divergence between student and teacher on
+    the data's responses, from the teacher's dense signal (dense_divergence), token-mean.
+
+    The states are the data's, not the student's, so nothing is sampled and no importance
+    weight applies: the loss is differentiated exactly. Deviations: the teacher's row is its
+    top-k plus a tail bucket (estimator "topk") instead of its whole softmax unless "full" is
+    asked; the default divergence is the forward KL KL(π_T‖πθ), the classic KD objective.
+    """
+    div = dense_divergence(inp, divergence, estimator, jsd_beta)
+    out = LossOut({"distill": term(div, inp.mask, loss_agg)})
+    out.metrics = {"distill/loss": out.value.detach(), f"distill/{divergence}": _masked_mean(div.detach(), inp.mask)}
+    return out
 
 
 def sft_loss(logprobs: Tensor, mask: Tensor) -> LossOut:

@@ -110,6 +110,17 @@ def test_sft_on_data_and_on_teacher_responses(tmp_path, tiny_models, ray_local):
     assert "sft/nll" in m[1]
 
 
+def test_offline_distillation_from_the_teachers_top_k(tmp_path, tiny_models, ray_local):
+    """The algorithm added to show the seams (core/spec.py DistillSpec, one case in each of
+    learners/algorithms.py's functions, losses.distill_loss): no generation, no reward; the
+    teacher scores the data's answers and the student moves towards its top-k."""
+    m = run(spec_for(tmp_path, tiny_models, "distill", {"type": "distill", "top_k": 8, "divergence": "forward_kl"},
+                     steps=4))
+    assert m[-1]["distill/forward_kl"] < m[1]["distill/forward_kl"]  # the student moves towards the teacher
+    assert m[1]["teacher/bytes_per_token"] > 0 and "reward/mean" not in m[1]  # scored by the teacher only
+    assert "time/generate" in m[1] and "rollout/tokens_per_s" not in m[1]  # nothing sampled from the student
+
+
 def test_mismatched_teacher_tokenizer_is_refused(tmp_path, tiny_models):
     from protege.cluster.driver import JobError, run as drive
     from protege.core.models import build_tiny

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import doctest
 
+import pytest
+
 from protege.core import hints
 from protege.core.records import Rollout, Sample
 
 
-def _ro(i, text, prompt=(1, 2), hinted=False):
-    return Rollout(example_index=i, prompt_ids=list(prompt), sample=Sample([7], [0.0], text, "stop"), policy_version=3,
-                   hinted=hinted)
+def _ro(i, text, prompt=(1, 2)):
+    return Rollout(example_index=i, prompt_ids=list(prompt), sample=Sample([7], [0.0], text, "stop"), policy_version=3)
 
 
 def test_doctests():
@@ -38,7 +39,7 @@ def test_inject_moves_accepted_onto_the_hint_free_prompt():
     assert k == 2
     assert [r.sample.text for r in out] == ["right-1", "right-2", "wrong", "wrong"]
     assert all(r.prompt_ids == [1, 2] for r in out)  # the hint is removed from the prompt
-    assert [r.hinted for r in out] == [True, True, False, False]
+    assert [r.policy_version for r in out] == [3, 3, 3, 3]
 
 
 def test_inject_with_nothing_accepted_changes_nothing():
@@ -50,3 +51,25 @@ def test_inject_with_nothing_accepted_changes_nothing():
 def test_hint_request_shows_the_reference_answer():
     text = hints.hint_request("What is 2 + 3?", "5")
     assert "Reference answer: 5" in text and "<hint></hint>" in text
+
+
+class _S:
+    def __init__(self, value):
+        self.value = value
+
+
+def test_merge_hinted_keeps_correct_tries_only_and_names_what_changed():
+    """G=2, two groups failed (0 and 1), group 1 got a valid hint; 3 attempts, the 2nd and 3rd
+    correct; replace=1: one member of group 1 is replaced by the first correct attempt."""
+    rollouts = [_ro(0, "a"), _ro(0, "b"), _ro(1, "c"), _ro(1, "d")]
+    scores = [_S(0.0)] * 4
+    tries = [_ro(1, t, prompt=(1, 2, 9)) for t in ("x", "y", "z")]
+    m = hints.merge_hinted(rollouts, scores, [(1, "hint")], tries, [_S(0.0), _S(1.0), _S(1.0)], group_size=2,
+                           attempts=3, replace=1, threshold=1.0)
+    assert [r.sample.text for r in m.rollouts] == ["a", "b", "y", "d"]
+    assert m.rollouts[2].prompt_ids == [1, 2]  # back on the hint-free prompt
+    assert m.changed == [2] and m.accepted == 2 and m.scores[2].value == 1.0
+    assert [r.sample.text for r in rollouts] == ["a", "b", "c", "d"]  # the inputs are not mutated
+    with pytest.raises(ValueError, match="3 attempts"):
+        hints.merge_hinted(rollouts, scores, [(1, "h")], tries[:2], [_S(0)] * 2, group_size=2, attempts=3,
+                           replace=1, threshold=1.0)

@@ -100,6 +100,8 @@ ALGOS = {
     "kepo-full": S.KEPOSpec(estimator="full"),
     "dpo": S.DPOSpec(reference="teacher"),
     "sft": S.SFTSpec(),
+    "distill-topk": S.DistillSpec(top_k=K),
+    "distill-full-jsd": S.DistillSpec(estimator="full", divergence="jsd"),
 }
 
 

@@ -557,3 +557,27 @@ def test_tis_is_on_by_default_with_stale_rollouts_only():
     assert S.GRPOSpec(max_staleness=1).effective_tis_cap() == 2.0
     assert S.RLADSpec(max_staleness=1, tis_cap=5.0).effective_tis_cap() == 5.0
     assert S.OPDSpec(max_staleness=1).effective_tis_cap() == 2.0
+
+
+def test_distill_loss_by_hand():
+    """Forward KL over the teacher's top-2 plus the tail bucket, token-mean over 2 tokens.
+    Token 1: teacher (0.5, 0.25 | tail 0.25), student (0.25, 0.25 | tail 0.5):
+    KL(T‖S) = 0.5 ln 2 + 0.25 ln 1 + 0.25 ln 0.5 = 0.25 ln 2. Token 2: equal rows, KL = 0.
+    Mean 0.125 ln 2. Gradient w.r.t. the student's top-k log-probs at token 1: d/ds_k of
+    −Σ_k p_T,k s_k − p_T,tail log(1 − Σ_k e^{s_k}) = −p_T,k + p_T,tail · e^{s_k} / q_tail
+    = −0.5 + 0.25·0.25/0.5 = −0.375 and −0.25 + 0.125 = −0.125, halved by the token mean."""
+    from protege.learners.losses import LossInputs, distill_loss
+
+    ln = math.log
+    s_top = torch.tensor([[[ln(0.25), ln(0.25)], [ln(0.5), ln(0.25)]]], dtype=torch.float64, requires_grad=True)
+    t_top = torch.tensor([[[ln(0.5), ln(0.25)], [ln(0.5), ln(0.25)]]], dtype=torch.float64)
+    t_tail = torch.tensor([[ln(0.25), ln(0.25)]], dtype=torch.float64)
+    zeros = torch.zeros(1, 2, dtype=torch.float64)
+    inp = LossInputs(logprobs=zeros, old_logprobs=zeros, mask=torch.ones(1, 2, dtype=torch.float64),
+                     advantages=torch.zeros(1, dtype=torch.float64), student_topk_logprobs=s_top,
+                     teacher_topk_logprobs=t_top, teacher_tail_logprobs=t_tail)
+    out = distill_loss(inp, divergence="forward_kl", estimator="topk")
+    assert float(out.value) == pytest.approx(0.125 * ln(2), abs=1e-12)
+    out.value.backward()
+    assert s_top.grad[0, 0].tolist() == pytest.approx([-0.375 / 2, -0.125 / 2], abs=1e-12)
+    assert s_top.grad[0, 1].abs().max() < 1e-12  # equal rows: no gradient

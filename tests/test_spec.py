@@ -26,7 +26,7 @@ def _minimal(**over):
 
 def test_examples_exist_for_every_algorithm():
     types = {load_spec(p).algorithm.type for p in (ROOT / "examples").rglob("*.yaml")}
-    assert {"grpo", "dpo", "kepo", "rlad", "opd", "sft"} <= types
+    assert {"grpo", "dpo", "kepo", "rlad", "opd", "sft", "distill"} <= types
 
 
 @pytest.mark.parametrize("path", [p for p in (ROOT / "examples").rglob("*.yaml")], ids=lambda p: p.name)
@@ -205,3 +205,33 @@ def test_max_model_len_covers_kepo_hints():
     kepo = _minimal(algorithm={"type": "kepo", "hint_max_tokens": 50}, rollout={"max_new_tokens": 16},
                     models={"student": {"path": "s"}, "teacher": {"path": "t"}})
     assert parse_spec(kepo).max_model_len == 256 + 50 + 64
+
+
+def test_algorithms_declare_what_they_need():
+    """The declarations the driver, launcher, learner and data loading read instead of names."""
+    from protege.core.spec import DistillSpec, DPOSpec, GRPOSpec, KEPOSpec, OPDSpec, RLADSpec, SFTSpec
+
+    assert GRPOSpec().needs().generates and GRPOSpec().needs().groups and not GRPOSpec().needs().reference
+    assert GRPOSpec(kl_coef=0.1).needs().reference
+    assert RLADSpec().needs().teacher.top_k == 0 and RLADSpec().needs().teacher_model
+    kepo = KEPOSpec(hint_max_tokens=48).needs()
+    assert kepo.hints and kepo.extra_tokens == 48 and KEPOSpec(hints=False).needs().extra_tokens == 0
+    assert OPDSpec(estimator="topk", top_k=8).needs().teacher.top_k == 8 and not OPDSpec().needs().rewards
+    off = DPOSpec(mode="offline").needs()
+    assert off.responses == "preferences" and off.pairs and not off.generates and off.reference
+    assert DPOSpec(reference="teacher").needs().teacher_reference and not DPOSpec(reference="teacher").needs().reference
+    assert SFTSpec().needs().responses == "answers" and SFTSpec(targets="teacher").needs().responses == "teacher"
+    d = DistillSpec().needs()
+    assert (d.responses, d.rewards, d.teacher.top_k, d.teacher_model) == ("answers", False, 32, True)
+    assert DistillSpec(estimator="full").needs().teacher.full
+
+
+def test_offline_distillation_spec():
+    with pytest.raises(SpecError) as e:
+        parse_spec(_minimal(algorithm={"type": "distill"}))
+    assert e.value.errors == [("models.teacher", "algorithm 'distill' needs a teacher model")]
+    s = parse_spec(_minimal(algorithm={"type": "distill", "top_k": 8}, rewards=[],
+                            models={"student": {"path": "s"}, "teacher": {"path": "t"}}))
+    assert s.rows_per_step() == s.rollout.prompts_per_step and s.teacher_request().top_k == 8
+    with pytest.raises(SpecError, match="algorithm.estimator"):
+        parse_spec(_minimal(algorithm={"type": "distill", "estimator": "sampled"}))
