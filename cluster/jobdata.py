@@ -6,7 +6,7 @@ learners all see the same ids (a teacher must share this tokenizer; checked at j
 
 from __future__ import annotations
 
-from protege.core.data import Example, PreferenceExample, format_prompt, load_file, load_preferences, load_reasoning_gym, split
+from protege.core.data import Example, format_prompt, load_file, load_preferences, load_reasoning_gym, split
 
 
 def load_job_data(spec) -> tuple[list, list[Example]]:
