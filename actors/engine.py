@@ -1,4 +1,5 @@
-"""Generation engines. The only module that imports vLLM.
+"""Generation engines. The only module that builds a vLLM engine (vLLM is imported elsewhere only by
+its weight-transfer halves, actors/nccl_{trainer,receiver}.py, and by serve/; tests/unit/test_layers.py).
 
 Two engines behind one small surface (generate / score / load_weights):
 - ``VLLMEngine``: vLLM's offline ``LLM`` in-process (CPU build or GPU build, same API).

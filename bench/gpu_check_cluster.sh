@@ -8,7 +8,7 @@
 #   PROTEGE_PY=/path/to/python bash bench/gpu_check_cluster.sh   # a Python that already has the GPU stack
 #   bash bench/gpu_check_cluster.sh -k ipc          # extra arguments go to pytest
 #
-# What runs (tests/test_nccl_sync.py, `-m gpu --gpu`):
+# What runs (tests/unit/cluster/test_nccl_sync.py, `-m gpu --gpu`):
 #   - CUDA IPC sync, 1 learner rank + 1 vLLM engine colocated on GPU 0 (ZeRO-2 / ZeRO-3, 0.1 MB and
 #     512 MB buckets): engine log-probs == learner log-probs (1e-3, fp32 with TRITON_F32_DEFAULT=ieee)
 #     after each of two pushes; push timings go to $OUT/gpu_sync.jsonl;

@@ -2,8 +2,9 @@
 
 The CLI, the REST job API and the driver all read this model, so the schema, the
 validation messages and the running job cannot disagree. This module imports only
-pydantic and the standard library: a REST front end can validate jobs without torch,
-vLLM or Ray installed.
+pydantic, pyyaml (both base dependencies), the standard library and core/storage.py (whose fsspec
+waits for an object-store URI): a REST front end can validate jobs without torch, vLLM or Ray
+installed (tests/unit/test_layers.py).
 
 Each algorithm's defaults, and the papers they come from, are described in docs/algorithms.md.
 """

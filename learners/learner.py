@@ -1,4 +1,5 @@
-"""One DeepSpeed rank of the learner group. The only module that imports DeepSpeed.
+"""One DeepSpeed rank of the learner group. DeepSpeed is imported only here and, to gather ZeRO-3
+partitions for the engines, in learners/nccl_sender.py (tests/unit/test_layers.py).
 
 A plain class: cluster/launch.py wraps it in a Ray actor, tests can build it in-process.
 Each rank holds the student under a DeepSpeed engine (ZeRO 0-3), computes old and reference

@@ -2,8 +2,9 @@
 
 The API itself (request and response shapes, sampling, logprobs, streaming, guided decoding) is
 vLLM's own OpenAI serving layer, the one behind ``vllm serve`` (serve/protocol.py, serve/layer.py).
-This module holds Protégé's part and imports only pydantic and the standard library, so
-the CLI and the spec load without vLLM:
+This module holds Protégé's part and imports only pydantic, the standard library and core/spec.py
+(serve/protocol.py, which needs vLLM, on first use of its request models), so the CLI and the spec
+load without vLLM:
 
 - ``ApiError``: an error answered with a status and OpenAI's error body, the bad field named;
 - ``validation_error``: a pydantic error as one 400 naming every bad field;

@@ -1,5 +1,5 @@
 """Misbehaving reward functions, plugged into real jobs as user rewards (`rewards.N.function`) by
-tests/test_faults.py: the reward actor must time them out / catch them per call and go on."""
+tests/integration/test_faults.py: the reward actor must time them out / catch them per call and go on."""
 
 from __future__ import annotations
 

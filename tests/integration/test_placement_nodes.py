@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from protege.cluster import launch
-from test_placement import example, fake_actors
+from tests.unit.cluster.test_placement import example, fake_actors
 
 pytestmark = pytest.mark.slow  # two raylets: ~30 s on 2 cores
 

@@ -144,7 +144,7 @@ def test_job_into_bucket_resumes_on_a_fresh_pod_and_serves(tmp_path, tiny_models
 
     from protege.cluster.driver import run
     from protege.serve import versions
-    from tests.test_pipeline import make_spec
+    from tests.integration.test_pipeline import make_spec
 
     opd = {"algorithm": {"type": "opd"}, "models.teacher": {"path": tiny_models["teacher"]}}
     full = make_spec(tmp_path, tiny_models, name="full", steps=4, **opd)

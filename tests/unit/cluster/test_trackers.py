@@ -15,7 +15,7 @@ from protege.cluster.metrics import MetricsWriter, curves_figure, ema, plot_curv
 from protege.cluster.preflight import UserError
 from protege.core.spec import parse_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SECRET = "wandb-secret-0123456789abcdef0123456789abcdef"
 
 

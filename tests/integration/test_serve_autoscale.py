@@ -52,7 +52,7 @@ def test_endpoint_scales_up_under_load_and_back_down(tiny_models, tmp_path, ray_
     from ray import serve
 
     from protege.serve.app import run
-    from tests.test_serve import publish
+    from tests.unit.serve.test_serve import publish
 
     run_dir = tmp_path / "student-run"
     publish(run_dir, 1, 1, tiny_models["student"])

@@ -9,7 +9,7 @@ import yaml
 
 from protege.core.spec import parse_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 TINY = [p for p in sorted((ROOT / "examples").glob("*_tiny.yaml"))]
 

@@ -13,7 +13,7 @@ from protege.core.spec import JobSpec, SpecError, load_spec, parse_spec
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 

@@ -15,7 +15,7 @@ from protege.actors.engine import fp32_exact_env
 from protege.cluster.gpu_status import FEATURES, RAN, gpu_warnings
 from protege.core.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_fp32_engines_on_cuda_use_ieee_dots():

@@ -20,7 +20,7 @@ from protege.cluster import launch
 from protege.cluster.placement import COLOCATED, PlacementError, colocated, group_bundles, reserve, role_requests
 from protege.core.spec import load_spec
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "deploy" / "examples"
 SYNC_KEY = "VLLM_ALLOW_INSECURE_SERIALIZATION"
 JOB_KEY = "PROTEGE_TEST_JOB_VAR"  # set in the test Ray's job runtime_env
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from protege.core.spec import JobSpec, SpecError, parse_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "examples").glob("*.yaml"))]
 
 json_values = st.recursive(

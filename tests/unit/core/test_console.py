@@ -12,7 +12,7 @@ import pytest
 
 from protege.core.console import LOG_DIR_ENV, LOG_NAME_ENV, Progress, actor_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_actor_output_goes_to_its_log_file_native_writes_too(tmp_path):

@@ -1,7 +1,7 @@
 """What `protege submit` does with each path a spec reads (cluster/job_inputs.py): classification
 (local folder / local file / hub id / URI / shared / missing), the rewritten spec, what Ray would
 pack, and the one-line refusal past Ray's upload limit. No Ray cluster: the slow end-to-end runs of
-the README's examples are in tests/test_jobs.py."""
+the README's examples are in tests/unit/cluster/test_jobs.py."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from protege.cluster import preflight
 from protege.cluster.preflight import UserError
 from protege.core.spec import parse_spec, set_dotted
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 # ------------------------------------------------------------------------------ helpers
