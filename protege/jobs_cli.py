@@ -97,7 +97,7 @@ def _guard(fn):
 
 def cmd_submit(args) -> int:
     # exit 2 with every field error, before any network call
-    from protege.cli import EXIT_INVALID, _apply_overrides, _load
+    from protege.spec_args import EXIT_INVALID, _apply_overrides, _load
     from protege.cluster.preflight import UserError, for_submit
 
     from protege.cluster.jobs import default_address, plan_inputs, project_root

@@ -180,7 +180,7 @@ def test_derived_fields_stay_unwritten_and_round_trip():
 
 def test_cli_set_derives_again(tmp_path):
     """--set re-validates what the user wrote, so an unset field follows the new value."""
-    from protege.cli import _apply_overrides
+    from protege.spec_args import _apply_overrides
 
     s = parse_spec(_minimal(data={"task": "chain_sum", "eval_size": 4}))
     assert _apply_overrides(s, ["data.eval_size=8"]).eval.size == 8
