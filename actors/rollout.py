@@ -1,8 +1,9 @@
 """RolloutWorker: prompts in, sampled responses out, stamped with the policy version.
 
 A plain class (cluster/launch.py makes it a Ray actor). It never generates from weights it
-was not told about: ``version`` is set only by ``load_weights``, and a freshly started worker
-is at version 0, the initial student, until the driver syncs it.
+was not told about: ``version`` is set only by a completed weight load (its receiver,
+actors/weight_receiver.py: ``load_weights`` or the GPU path's ``wt_finish``), and a freshly
+started worker is at version 0, the initial student, until the driver syncs it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from typing import Any
 
 from protege.actors.engine import make_engine
-from protege.actors.nccl_receiver import WeightTransferReceiver
+from protege.actors.weight_receiver import WeightReceiver
 from protege.core.records import Rollout, WeightsVersion
 from protege.core.console import capture_actor_output
 from protege.core.env import configure_node_defaults
@@ -22,7 +23,7 @@ class StaleWeights(RuntimeError):
     """The worker's weights are not the version the driver expects (e.g. it was restarted)."""
 
 
-class RolloutWorker(WeightTransferReceiver):  # the base adds the GPU (NCCL/IPC) receiver methods
+class RolloutWorker:
     def __init__(self, model: str, *, engine: str = "vllm", dtype: str = "float32", seed: int = 0,
                  max_model_len: int = 512, kv_cache_bytes: int = 256 << 20, gpu_memory_utilization: float = 0.3):
         capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
@@ -30,7 +31,7 @@ class RolloutWorker(WeightTransferReceiver):  # the base adds the GPU (NCCL/IPC)
         self.engine_kind = engine
         self.engine = make_engine(engine, model, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                   kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization)
-        self.version = 0
+        self.receiver = WeightReceiver(self.engine, engine)  # object store and GPU (NCCL/IPC) loads
         self.eos_id = self.engine.tokenizer.eos_token_id
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
@@ -58,12 +59,32 @@ class RolloutWorker(WeightTransferReceiver):  # the base adds the GPU (NCCL/IPC)
             "version": self.version,
         }
 
+    @property
+    def version(self) -> int:
+        """The policy version of the weights the engine holds (the receiver's)."""
+        return self.receiver.version
+
+    # Weight loads, forwarded to the receiver (Ray calls these actor methods).
     def load_weights(self, weights: WeightsVersion) -> dict[str, float]:
-        if weights.payload is None:
-            raise ValueError("RolloutWorker.load_weights needs a payload (bytes)")
-        seconds = self.engine.load_weights(weights.payload)
-        self.version = weights.version
-        return {"version": self.version, "seconds": seconds}
+        return self.receiver.load(weights)
+
+    def wt_probe(self) -> dict[str, Any]:
+        return self.receiver.probe()
+
+    def wt_init(self, backend: str, init_info: dict[str, Any]) -> dict[str, Any]:
+        return self.receiver.init(backend, init_info)
+
+    def wt_start(self) -> None:
+        self.receiver.start()
+
+    def wt_update(self, update_info) -> None:
+        self.receiver.update(update_info)
+
+    def wt_finish(self, version: int) -> dict[str, float]:
+        return self.receiver.finish(version)
+
+    def wt_shutdown(self) -> None:
+        self.receiver.shutdown()
 
     def score(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         return self.engine.score(prompt_ids, response_ids)

@@ -11,7 +11,7 @@ plus DeepSpeed, pydantic and hjson, which ``bench/gpu_wheels.sh`` downloads as w
    moved; step seconds, tokens/s and peak memory are recorded.
 2. ``dense_losses``: the distillation losses over teacher top-k rows on the device in fp32 and bf16
    against a float64 CPU reference (values and gradients).
-3. ``bucketing``: the weight-sync bucket plan and walk (learners/nccl_sender.py) over the engine's
+3. ``bucketing``: the weight-sync bucket plan and walk (learners/weight_sender.py) over the engine's
    parameters on the device, packed into flat buffers and unpacked again (bit-exact), with GB/s.
 
     python bench/gpu_check_torch.py --out DIR            # on a CUDA GPU
@@ -224,8 +224,8 @@ def check_bucketing(model_dir: Path, device, quick: bool) -> list[dict]:
     import torch
 
     from protege.core import spec as S
+    from protege.core.weights import plan_buckets, wire_meta
     from protege.learners.learner import Learner
-    from protege.learners.nccl_sender import plan_buckets, wire_meta
 
     out = []
     for zero in (0, 2):
@@ -241,7 +241,7 @@ def check_bucketing(model_dir: Path, device, quick: bool) -> list[dict]:
                 _sync(device)
                 t0 = time.perf_counter()
                 packed, names = [], []
-                for bucket in _grouped(ln._bucket_pairs(plan, "bfloat16", materialize=True), plan):
+                for bucket in _grouped(ln.sender._bucket_pairs(plan, "bfloat16", materialize=True), plan):
                     names.append([n for n, _ in bucket])
                     packed.append(torch.cat([t.contiguous().view(-1).view(torch.uint8) for _, t in bucket]))
                 _sync(device)

@@ -30,7 +30,7 @@ from protege.cluster.launch import Roles, connect, gather, start_learners, start
 from protege.cluster.metrics import MetricsWriter, plot_curves
 from protege.core.records import Rollout, Sample, TrainBatch, TrainRow
 from protege.core.console import Progress, quiet_driver
-from protege.cluster.nccl_sync import pick_weight_sync
+from protege.cluster.weight_sync import pick_weight_sync
 from protege.core.data import PromptStream
 from protege.learners.algorithms import build_rows
 from protege.learners.batching import shard_rows
@@ -300,7 +300,7 @@ def _collect_generation(spec, roles: Roles, sync, jobs, version: int, faults: di
                 break
             except (*ACTOR_DOWN, StaleWeights):
                 faults["fault/rollout_restarts"] += 1
-                _resync_worker(spec, roles.rollout[i], sync, version)
+                _resync_worker(spec, roles, i, sync, version)
                 kwargs["expected_version"] = version
                 ref = roles.rollout[i].generate.remote(**kwargs)
         else:
@@ -324,19 +324,21 @@ def _alive(worker, timeout: float = 180.0) -> bool:
     return False
 
 
-def _resync_worker(spec, worker, sync, version: int) -> None:
-    if not _alive(worker):
+def _resync_worker(spec, roles: Roles, i: int, sync, version: int) -> None:
+    """Push ``version`` into rollout worker ``i`` once it is back. If it dies again meanwhile, its
+    next generate fails (or finds stale weights) and is re-synced there."""
+    if not _alive(roles.rollout[i]):
         raise JobError("a rollout worker died and did not come back (fault_tolerance.actor_restarts exhausted)")
-    sync.push(version, workers=[worker])
+    sync.push(version, targets=[i])
 
 
 def _sync(spec, roles: Roles, sync, version: int, faults: dict) -> dict:
     """Push ``version`` everywhere; workers that died during the push are re-synced after their restart."""
-    m = sync.push(version)
-    for i in list(sync.failed):
+    result = sync.push(version)  # all workers: the failed indices are worker indices
+    for i in result.failed:
         faults["fault/rollout_restarts"] += 1
-        _resync_worker(spec, roles.rollout[i], sync, version)
-    return m
+        _resync_worker(spec, roles, i, sync, version)
+    return result.metrics
 
 
 def _explore_with_hints(spec, roles: Roles, enc: Encoder, rollouts, scores, teacher, examples, step: int):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from protege.actors.rollout import RolloutWorker
 from protege.cluster.placement import reserve, role_requests, shares_gpus
 from protege.core.console import actor_env, verbose
-from protege.core.env import worker_env
+from protege.core.env import free_ports, worker_env
 from protege.learners.learner import Learner
 from protege.rewards.base import RewardRunner
 from protege.rewards.custom import reward_functions
@@ -143,11 +142,10 @@ def gather(refs: list) -> list:
 
 @ray.remote(num_cpus=0)
 def _rendezvous() -> tuple[str, int]:
-    """Address and a free port on the node that hosts learner rank 0."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+    """Address and a free port on the node that hosts learner rank 0 (core/env.py's free_ports,
+    which learner rank 0 also uses for the GPU weight-sync groups)."""
+    address, (port,) = free_ports(1)
+    return address, port
 
 
 def start_roles(spec) -> Roles:

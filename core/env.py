@@ -83,3 +83,21 @@ def worker_env(local: bool | None = None) -> dict[str, str]:
         local = not os.environ.get("RAY_ADDRESS")
     return {k: os.environ[k] for k in WORKER_KEYS
             if k in os.environ and (local or k not in _node_defaulted)}
+
+
+def free_ports(count: int = 1) -> tuple[str, list[int]]:
+    """This node's address (as Ray sees it) and ``count`` free ports: the rendezvous of a process
+    group hosted here (the learner group's, and each GPU weight-sync group's on learner rank 0)."""
+    import socket
+
+    import ray
+
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("", 0))
+        ports = [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    return ray.util.get_node_ip_address(), ports

@@ -1,5 +1,5 @@
 """One DeepSpeed rank of the learner group. DeepSpeed is imported only here and, to gather ZeRO-3
-partitions for the engines, in learners/nccl_sender.py (tests/unit/test_layers.py).
+partitions for the engines, in learners/weight_sender.py (tests/unit/test_layers.py).
 
 A plain class: cluster/launch.py wraps it in a Ray actor, tests can build it in-process.
 Each rank holds the student under a DeepSpeed engine (ZeRO 0-3), computes old and reference
@@ -41,7 +41,7 @@ from protege.core.env import configure_node_defaults
 from protege.learners import algorithms, losses
 from protege.learners.batching import collate, micro_batches, to_device
 from protege.learners.ds_config import build_ds_config
-from protege.learners.nccl_sender import NcclSenderMixin
+from protege.learners.weight_sender import WeightSender
 
 
 def has_active_dropout(model: torch.nn.Module) -> bool:
@@ -54,7 +54,7 @@ def has_active_dropout(model: torch.nn.Module) -> bool:
     return any(isinstance(v, (int, float)) and v > 0 for v in rates)
 
 
-class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-sender methods
+class Learner:
     def __init__(
         self,
         *,
@@ -85,6 +85,8 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
         self.pad_id = 0
         self.old_from_training_forward = True
         self.steps_done = 0
+        # The weights' way out (object store and GPU transfer); it reads the model at each call.
+        self.sender = WeightSender(lambda: self.engine.module, rank=rank, zero_stage=learner_spec.zero_stage)
 
     # ------------------------------------------------------------------ setup
     def setup(self, master_addr: str, master_port: int) -> dict:
@@ -305,31 +307,32 @@ class Learner(NcclSenderMixin):  # the mixin adds the GPU (NCCL/IPC) weight-send
         return lp[0, : len(response_ids)].tolist()
 
     # ------------------------------------------------------------------ weights out
+    # Ray-callable forwards to the sender (learners/weight_sender.py); cluster/weight_sync.py calls them.
     def _full_state(self) -> dict[str, torch.Tensor] | None:
         """Full parameters on rank 0 (all ranks must call this together under ZeRO-3)."""
-        model = self.engine.module
-        named = list(model.named_parameters())  # deduplicates tied weights (lm_head ↔ embed)
-        if self.spec.zero_stage == 3:
-            import deepspeed
-
-            state = {}
-            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-                if self.rank == 0:
-                    state = {n: p.detach().to("cpu", copy=True) for n, p in named}
-            return state if self.rank == 0 else None
-        if self.rank != 0:
-            return None
-        return {n: p.detach().to("cpu", copy=True) for n, p in named}
+        return self.sender.full_state()
 
     def export_weights(self, dtype: str = "float32") -> bytes | None:
         """Safetensors bytes of the full student (rank 0), cast to the rollout dtype."""
-        from safetensors.torch import save
+        return self.sender.export(dtype)
 
-        state = self._full_state()
-        if state is None:
-            return None
-        dt = getattr(torch, dtype)
-        return save({k: v.to(dt).contiguous() for k, v in state.items()})
+    def nccl_device_uuid(self) -> str | None:
+        return self.sender.device_uuid()
+
+    def nccl_rendezvous(self, count: int) -> tuple[str, list[int]]:
+        return self.sender.rendezvous(count)
+
+    def nccl_meta(self, dtype: str) -> list[tuple[str, list[int], str]]:
+        return self.sender.meta(dtype)
+
+    def nccl_init(self, **kwargs) -> dict[str, Any]:
+        return self.sender.init(**kwargs)
+
+    def nccl_send(self, version: int, targets: list[int]) -> dict[str, Any] | None:
+        return self.sender.send(version, targets)
+
+    def nccl_close(self) -> None:
+        self.sender.close()
 
     def save_checkpoint(self, path: str) -> bool:
         """DeepSpeed state (model, optimizer, scheduler) from every rank + HF folder from rank 0."""

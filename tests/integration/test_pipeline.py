@@ -93,12 +93,14 @@ def test_weight_sync_matches_learner_logprobs(tmp_path, tiny_models, ray_local):
             ray.get(roles.learners[0].train_step.remote(TrainBatch(rows, 0)))
         learner = ray.get(roles.learners[0].logprobs.remote(prompt, resp))
         sync = ObjectStoreSync(roles.learners, roles.rollout, zero_stage=2, dtype="float32")
-        m = sync.push(1)
+        res = sync.push(1)
+        m = res.metrics
         engine = ray.get(roles.rollout[0].score.remote(prompt, resp))
         assert ray.get(roles.rollout[0].get_version.remote()) == 1
         assert max(abs(a - b) for a, b in zip(learner, before)) > 1e-2  # the update moved the policy
         assert max(abs(a - b) for a, b in zip(learner, engine)) < 1e-3
         assert m["sync/mbytes"] > 0
+        assert res.failed == [] and res.bytes > 0 and res.seconds >= 0
     finally:
         roles.kill_all()
 

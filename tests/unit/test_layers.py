@@ -52,13 +52,13 @@ ALLOWED = {
 DOORS = {
     "deepspeed": {
         "learners/learner.py",  # the DeepSpeed engine of one learner rank
-        "learners/nccl_sender.py",  # gathers ZeRO-3 partitions to send them to the engines
+        "learners/weight_sender.py",  # gathers ZeRO-3 partitions to send them to the engines
     },
     "vllm": {
         "actors/engine.py",  # builds the vLLM engines (offline LLM, AsyncLLM)
         "actors/vllm_ext.py",  # the extension vLLM mixes into its workers (imports no vLLM today)
-        "actors/nccl_receiver.py",  # vLLM's weight-transfer engine, worker side
-        "actors/nccl_trainer.py",  # vLLM's weight-transfer engine, trainer side
+        "actors/weight_receiver.py",  # vLLM's weight-transfer engine, worker side
+        "learners/weight_sender.py",  # vLLM's weight-transfer engine, trainer side (lazily)
         # serve/: vLLM's OpenAI serving layer and what wraps it
         "serve/app.py", "serve/generator.py", "serve/hf_client.py", "serve/layer.py", "serve/protocol.py",
     },

@@ -1,4 +1,4 @@
-"""GPU weight sync (cluster/nccl_sync.py, learners/nccl_sender.py, actors/nccl_{trainer,receiver}.py).
+"""GPU weight sync (cluster/weight_sync.py, learners/weight_sender.py, actors/weight_receiver.py, core/weights.py).
 
 On CPU: the bucketing plan, the wire metadata, the routes, the learner's bucket walk through vLLM's
 own consistency check and packing (plain and real DeepSpeed ZeRO-3), and the driver-side
@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from protege.cluster.nccl_sync import NcclWeightSync, NoGpuTransfer, pick_weight_sync, plan_routes
-from protege.learners.nccl_sender import NcclSenderMixin, param_bytes, plan_buckets, wire_meta
+from protege.cluster.weight_sync import NcclWeightSync, NoGpuTransfer, ObjectStoreSync, pick_weight_sync, plan_routes
+from protege.core.records import SyncResult
+from protege.core.weights import param_bytes, plan_buckets, wire_meta
+from protege.learners.weight_sender import WeightSender
 
 MB = 1 << 20
 # Well below the tiny student (107,072 float32 parameters, ~0.41 MiB; its largest parameter, the
@@ -115,15 +117,11 @@ def test_wire_meta_names_shapes_dtypes():
     assert wire_meta(model, torch.float16)[0][2] == "float16"
 
 
-class _Sender(NcclSenderMixin):
-    """The mixin over a plain module, ZeRO-3 gathers recorded instead of performed."""
+class _Sender(WeightSender):
+    """The sender over a plain module, ZeRO-3 gathers recorded instead of performed."""
 
     def __init__(self, module, zero_stage=2):
-        from types import SimpleNamespace
-
-        self.engine = SimpleNamespace(module=module)
-        self.spec = SimpleNamespace(zero_stage=zero_stage)
-        self.rank = 0
+        super().__init__(lambda: module, rank=0, zero_stage=zero_stage)
         self.gathers: list[list[int]] = []
 
     def _gathered(self, params):
@@ -144,14 +142,14 @@ def test_bucket_walk_passes_vllm_checks_and_packs(zero):
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
     from vllm.distributed.weight_transfer.packed_tensor import pack_tensors, unpack_tensor
 
-    from protege.actors.nccl_trainer import BucketSource
+    from protege.learners.weight_sender import bucket_source
 
     model = _tiny_tied_lm()
     sender = _Sender(model, zero_stage=zero)
     meta = wire_meta(model, "bfloat16")
     plan = plan_buckets(meta, 2048)
     assert len(plan) > 2
-    src = BucketSource(meta, lambda: sender._bucket_pairs(plan, "bfloat16", materialize=True))
+    src = bucket_source(meta, lambda: sender._bucket_pairs(plan, "bfloat16", materialize=True))
     pairs = list(NCCLTrainerWeightTransferEngine._checked_iter(src, src.metadata()))
     assert len(sender.gathers) == (len(plan) if zero == 3 else 0)
     list(src)  # a fresh pass each time, as vLLM's WeightSource contract requires
@@ -176,14 +174,14 @@ def test_bucket_walk_without_materialising_yields_parameters():
 @pytest.mark.parametrize("zero", [2, 3])
 def test_small_bucket_splits_the_tiny_student(tiny_models, monkeypatch, zero):
     """The premise of the GPU tests' SMALL_BUCKET_MB cases, checked on CPU: the learner's send
-    (nccl_send over the CUDA IPC route, vLLM's side stubbed) cuts the tiny student into >= 2
+    (WeightSender.send over the CUDA IPC route, vLLM's side stubbed) cuts the tiny student into >= 2
     buckets (its ``buckets`` is ``sync/buckets``), gathers once per bucket under ZeRO-3, and hands
     vLLM's packed producer more bytes than one buffer holds, so IPC ships several chunks."""
     from types import SimpleNamespace
 
     from transformers import AutoModelForCausalLM
 
-    import protege.actors.nccl_trainer as nt
+    import protege.learners.weight_sender as ws
 
     walked: dict = {}
 
@@ -191,18 +189,18 @@ def test_small_bucket_splits_the_tiny_student(tiny_models, monkeypatch, zero):
         walked.update(buffer_bytes=buffer_bytes, pairs=[(n, t.numel() * t.element_size()) for n, t in source])
         return SimpleNamespace(failed=[], results={i: {"version": version, "seconds": 0.0} for i in workers})
 
-    monkeypatch.setattr(nt, "send_ipc", send_ipc)
+    monkeypatch.setattr(ws, "send_ipc", send_ipc)
     model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32)
     sender = _Sender(model, zero_stage=zero)
-    sender.nccl_init(workers=["w"], routes=[{"kind": "ipc", "ranks": [0]}], connect=[], dtype="float32",
-                     bucket_mb=SMALL_BUCKET_MB)
-    out = sender.nccl_send(1, [0])
+    sender.init(workers=["w"], routes=[{"kind": "ipc", "ranks": [0]}], connect=[], dtype="float32",
+                bucket_mb=SMALL_BUCKET_MB)
+    out = sender.send(1, [0])
     assert out["failed"] == [] and out["workers"] == {0: {"version": 1, "seconds": 0.0}}
     assert out["buckets"] >= 2
     assert len(sender.gathers) == (out["buckets"] if zero == 3 else 0)
     assert [n for n, _ in walked["pairs"]] == [n for n, _ in model.named_parameters()]
     total = sum(b for _, b in walked["pairs"])
-    assert total == pytest.approx(out["mbytes"] * 1e6) and total > walked["buffer_bytes"] >= SMALL_BUCKET_MB * MB
+    assert total == out["bytes"] and total > walked["buffer_bytes"] >= SMALL_BUCKET_MB * MB
 
 
 @pytest.mark.slow
@@ -215,8 +213,7 @@ def test_zero3_bucket_walk_on_real_deepspeed(tiny_models):
     spec = parse_spec({"models": {"student": {"path": tiny_models["student"]}},
                        "data": {"task": "basic_arithmetic", "size": 20, "eval_size": 2},
                        "learner": {"ranks": 1, "zero_stage": 3, "micro_batch": 2}, "eval": {"size": 2}})
-    cls = Learner if issubclass(Learner, NcclSenderMixin) else type("Learner", (NcclSenderMixin, Learner), {})
-    ln = cls(rank=0, world_size=1, model_path=tiny_models["student"], learner_spec=spec.learner,
+    ln = Learner(rank=0, world_size=1, model_path=tiny_models["student"], learner_spec=spec.learner,
              algo=spec.algorithm, temperature=1.0, grad_accum=1)
     ln.setup("127.0.0.1", _free_port())
     try:
@@ -228,7 +225,7 @@ def test_zero3_bucket_walk_on_real_deepspeed(tiny_models):
         plan = plan_buckets(meta, max(1, total // 5))
         assert len(plan) >= 4
         seen = 0
-        for name, t in ln._bucket_pairs(plan, "float32", materialize=True):
+        for name, t in ln.sender._bucket_pairs(plan, "float32", materialize=True):
             assert torch.equal(t, full[name]), name
             seen += 1
         assert seen == len(full)
@@ -260,8 +257,6 @@ def test_plan_routes_refuses_what_neither_transport_reaches():
 def test_pick_weight_sync_falls_back_on_cpu(tiny_models):
     from protege.cluster.launch import Roles
     from protege.core.spec import parse_spec
-    from protege.cluster.weight_sync import ObjectStoreSync
-
     base = {"models": {"student": {"path": tiny_models["student"]}}, "data": {"task": "basic_arithmetic"}}
     spec = parse_spec(base)
     roles = Roles()
@@ -279,15 +274,18 @@ def test_pick_weight_sync_falls_back_on_cpu(tiny_models):
 def test_modules_import_and_name_the_vllm_api():
     """The vLLM 0.32 names this path relies on exist (CPU build has the same modules)."""
     from vllm import LLM
-    from vllm.distributed.weight_transfer.base import WeightTransferEngine
+    from vllm.distributed.weight_transfer.base import WeightSource, WeightTransferEngine
 
-    from protege.actors import nccl_receiver, nccl_trainer  # noqa: F401
+    from protege.actors import weight_receiver
+    from protege.learners import weight_sender
 
     for m in ("init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update",
               "shutdown_weight_transfer_engine", "reset_prefix_cache", "collective_rpc"):
         assert hasattr(LLM, m), m
     assert {"start_weight_update", "finish_weight_update", "update_weights"} <= set(dir(WeightTransferEngine))
-    assert set(nccl_receiver._BY_NAME) == {m for m in dir(nccl_receiver.TransferWorkerExtension) if m.startswith("protege_")}
+    assert set(weight_receiver._BY_NAME) == {m for m in dir(weight_receiver.TransferWorkerExtension)
+                                             if m.startswith("protege_")}
+    assert issubclass(weight_sender._bucket_source_cls(), WeightSource)
 
 
 # ------------------------------------------------------------------------------------ receiver on CPU
@@ -353,13 +351,10 @@ def test_receiver_lifecycle_on_cpu_vllm(tiny_models):
     from transformers import AutoModelForCausalLM
 
     from protege.actors.engine import HFEngine
-    from protege.actors.nccl_receiver import WeightTransferReceiver
     from protege.actors.rollout import RolloutWorker
 
     _register_loopback()
-    cls = (RolloutWorker if issubclass(RolloutWorker, WeightTransferReceiver)
-           else type("RolloutWorker", (WeightTransferReceiver, RolloutWorker), {}))
-    worker = cls(tiny_models["student"], engine="vllm", max_model_len=128, kv_cache_bytes=64 << 20)
+    worker = RolloutWorker(tiny_models["student"], engine="vllm", max_model_len=128, kv_cache_bytes=64 << 20)
     try:
         prompt, resp = [5, 17, 42, 9, 100], [33, 7, 250, 11]
         before = worker.score(prompt, resp)  # also fills the prefix cache
@@ -422,7 +417,7 @@ class FakeLearner:
             return None
         failed = [i for i in targets if i in self.fail]
         ok = {i: {"version": version - self.lie, "seconds": 0.01} for i in targets if i not in failed}
-        return {"version": version, "failed": failed, "workers": ok, "mbytes": 5.0, "buckets": 3, "send_s": 0.02}
+        return {"version": version, "failed": failed, "workers": ok, "bytes": 5_000_000, "buckets": 3, "send_s": 0.02}
 
     def set(self, **kw):
         for k, v in kw.items():
@@ -453,8 +448,9 @@ class FakeWorker:
 
 
 class ConnectingLearner(FakeLearner):
-    """A FakeLearner whose nccl_init is the real one (connect_nccl, vLLM's trainer_init; only the
-    CUDA endpoint is stubbed), and that can kill a worker after the push checked it."""
+    """A FakeLearner whose nccl_init is the real one (WeightSender.init: connect_nccl, vLLM's
+    trainer_init; only the CUDA endpoint is stubbed), and that can kill a worker after the push
+    checked it."""
 
     def __init__(self, rank, uuid):
         super().__init__(rank, uuid)
@@ -462,6 +458,7 @@ class ConnectingLearner(FakeLearner):
 
         ne.open_trainer_endpoint = lambda info: ("group", info.master_port)  # in this actor's process only
         self.doomed = None
+        self.sender = WeightSender(_tiny_tied_lm, rank=rank, zero_stage=2)
 
     def nccl_rendezvous(self, count):
         if self.doomed is not None:
@@ -473,7 +470,7 @@ class ConnectingLearner(FakeLearner):
 
     def nccl_init(self, **kw):
         super().nccl_init(**kw)
-        return NcclSenderMixin.nccl_init(self, **kw)
+        return self.sender.init(**kw)
 
 
 @pytest.fixture(scope="module")
@@ -502,7 +499,7 @@ def _kill(ray, actor) -> None:
 
 def test_fanout_client_skips_dead_workers(ray_cpu):
     ray = ray_cpu
-    from protege.actors.nccl_trainer import FanOutGroup, RolloutClient
+    from protege.learners.weight_sender import FanOutGroup, RolloutClient
 
     @ray.remote(num_cpus=0)
     class W:
@@ -582,7 +579,7 @@ def test_send_nccl_drives_vllm_send_weights(ray_cpu, monkeypatch):
     import vllm.distributed.weight_transfer.nccl_engine as ne
     from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
 
-    from protege.actors.nccl_trainer import BucketSource, send_nccl
+    from protege.learners.weight_sender import bucket_source, send_nccl
 
     def producer(iterator, group, src, post_iter_func, buffer_size_bytes, num_buffers):
         while (chunk := pack_tensors(iterator, post_iter_func, buffer_size_bytes)) is not None:
@@ -610,7 +607,7 @@ def test_send_nccl_drives_vllm_send_weights(ray_cpu, monkeypatch):
     sender = _Sender(model, zero_stage=3)
     meta = wire_meta(model, "bfloat16")
     plan = plan_buckets(meta, 2048)
-    src = BucketSource(meta, lambda: sender._bucket_pairs(plan, "bfloat16", materialize=True))
+    src = bucket_source(meta, lambda: sender._bucket_pairs(plan, "bfloat16", materialize=True))
     client = send_nccl({i: Eng(i) for i in ws}, ws, src, is_sender=True, version=9, bucket_bytes=4096)
     assert client.failed == [1] and client.results == {0: {"version": 9, "seconds": 0.5}, 2: {"version": 9, "seconds": 0.5}}
     assert len(sender.gathers) == len(plan)
@@ -633,7 +630,7 @@ def test_connect_nccl_ships_the_wire_parameters(ray_cpu, monkeypatch):
     ray = ray_cpu
     import vllm.distributed.weight_transfer.nccl_engine as ne
 
-    from protege.actors.nccl_trainer import connect_nccl
+    from protege.learners.weight_sender import connect_nccl
 
     monkeypatch.setattr(ne, "open_trainer_endpoint", lambda info: ("group", info.master_port, info.world_size))
     w = ray.remote(num_cpus=0)(RecordingWorker).remote()
@@ -651,7 +648,7 @@ def test_connect_nccl_refuses_a_dead_worker_at_once(ray_cpu, monkeypatch):
     ray = ray_cpu
     import vllm.distributed.weight_transfer.nccl_engine as ne
 
-    from protege.actors.nccl_trainer import WorkerGone, connect_nccl
+    from protege.learners.weight_sender import WorkerGone, connect_nccl
 
     opened = []
     monkeypatch.setattr(ne, "open_trainer_endpoint", lambda info: opened.append(info.master_port) or "group")
@@ -669,7 +666,7 @@ def test_connect_nccl_reports_a_worker_that_dies_while_joining(ray_cpu, monkeypa
     ray = ray_cpu
     import vllm.distributed.weight_transfer.nccl_engine as ne
 
-    from protege.actors.nccl_trainer import WorkerGone, connect_nccl
+    from protege.learners.weight_sender import WorkerGone, connect_nccl
 
     def store_timeout(info):
         raise RuntimeError("Timed out after 300 seconds waiting for clients. 1/2 clients joined.")
@@ -697,13 +694,13 @@ def test_nccl_init_connects_the_live_workers_and_lists_the_dead(ray_cpu, monkeyp
     _kill(ray, ws[0])
     sender = _Sender(_tiny_tied_lm())
     routes = [{"kind": "nccl", "world_size": 2}] * 2
-    out = sender.nccl_init(workers=ws, routes=routes, connect=[(0, "h", 29601), (1, "h", 29602)], dtype="float32",
-                           bucket_mb=1)
+    out = sender.init(workers=ws, routes=routes, connect=[(0, "h", 29601), (1, "h", 29602)], dtype="float32",
+                      bucket_mb=1)
     assert out["failed"] == [0] and out["connected"] == [1]
-    assert list(sender._wt["engines"]) == [1] and sender._wt["engines"][1].model_update_group == ("group", 29602)
-    sender.nccl_init(workers=None, routes=[routes[0], {"kind": "ipc", "ranks": [0]}], connect=[], dtype="float32",
-                     bucket_mb=1)
-    assert sender._wt["engines"] == {}
+    assert list(sender.engines) == [1] and sender.engines[1].model_update_group == ("group", 29602)
+    sender.init(workers=None, routes=[routes[0], {"kind": "ipc", "ranks": [0]}], connect=[], dtype="float32",
+                bucket_mb=1)
+    assert sender.engines == {}
 
 
 def test_push_reports_a_worker_that_dies_before_its_group_opens(ray_cpu):
@@ -716,14 +713,14 @@ def test_push_reports_a_worker_that_dies_before_its_group_opens(ray_cpu):
     sync = NcclWeightSync([learner], workers, zero_stage=2, dtype="float32", timeout_s=60)
     ray.get(learner.set.remote(doomed=workers[0]))
     t0 = time.monotonic()
-    m = sync.push(1)
+    res = sync.push(1)
+    m = res.metrics
     assert time.monotonic() - t0 < 30
-    assert sync.failed == [0]
+    assert res.failed == [0]
     calls = ray.get(learner.take_calls.remote())
     assert ("init", [0, 1], True) in calls and calls[-1] == ("send", 1, [1, 2])
     assert (m["sync/ipc_workers"], m["sync/nccl_workers"]) == (1, 1)
-    sync.push(2)
-    assert sync.failed == [0]
+    assert sync.push(2).failed == [0]
     assert ray.get(learner.take_calls.remote()) == [("send", 2, [1, 2])]  # worker 1's group kept
 
 
@@ -739,27 +736,29 @@ def test_restarted_worker_is_probed_for_its_new_route(ray_cpu):
     assert [r["kind"] for r in sync.routes] == ["nccl", "nccl"]
 
     ray.get(learner.set.remote(fail=[1]))
-    sync.push(2)
-    assert sync.failed == [1]
+    assert sync.push(2).failed == [1]
     ray.get(learner.set.remote(fail=[]))
     ray.get(workers[1].restart.remote("a"))  # back on learner rank 0's GPU
     ray.get(learner.take_calls.remote())
-    m = sync.push(2, workers=[workers[1]])
-    assert sync.failed == [] and sync.routes[1] == {"kind": "ipc", "ranks": [0]}
+    res = sync.push(2, targets=[1])
+    m = res.metrics
+    assert res.failed == [] and sync.routes[1] == {"kind": "ipc", "ranks": [0]}
     assert (m["sync/ipc_workers"], m["sync/nccl_workers"]) == (1, 0)
     calls = ray.get(learner.take_calls.remote())
     assert ("init", [], True) in calls and ("rendezvous", 1) not in calls  # new routes, no NCCL group
 
     ray.get(workers[1].restart.remote("z"))  # restarted between pushes, never lost: off the learner's GPU
-    m = sync.push(3)
-    assert sync.failed == [] and sync.routes[1] == {"kind": "nccl", "world_size": 2}
+    res = sync.push(3)
+    m = res.metrics
+    assert res.failed == [] and sync.routes[1] == {"kind": "nccl", "world_size": 2}
     assert (m["sync/ipc_workers"], m["sync/nccl_workers"]) == (0, 2)
     assert ("init", [1], True) in ray.get(learner.take_calls.remote())
 
 
 def test_push_orchestration(ray_cpu):
     """First push opens NCCL groups for the NCCL-routed workers only; later pushes reuse them; a
-    restarted worker gets its group again; failures map to indices into ``workers``."""
+    restarted worker gets its group again; failures map to indices into ``targets``; every push
+    returns a SyncResult."""
     ray = ray_cpu
     L, W = ray.remote(num_cpus=0)(FakeLearner), ray.remote(num_cpus=0)(FakeWorker)
     learners = [L.remote(0, "GPU-a"), L.remote(1, "GPU-b")]
@@ -767,12 +766,15 @@ def test_push_orchestration(ray_cpu):
     sync = NcclWeightSync(learners, workers, zero_stage=3, dtype="bfloat16", bucket_mb=64)
     assert [r["kind"] for r in sync.probe()] == ["ipc", "nccl", "nccl"]
 
-    m = sync.push(1)
+    res = sync.push(1)
+    assert isinstance(res, SyncResult) and res.version == 1 and res.bytes == 5_000_000
+    assert res.seconds >= 0 and res.metrics["sync/seconds"] == res.seconds
+    m = res.metrics
     calls0, calls1 = (ray.get(ln.take_calls.remote()) for ln in learners)
     assert ("rendezvous", 2) in calls0
     assert ("init", [1, 2], True) in calls0 and ("init", [], False) in calls1  # rank 0 connects, all ranks learn the routes
     assert calls0[-1] == ("send", 1, [0, 1, 2]) and calls1[-1] == ("send", 1, [0, 1, 2])
-    assert sync.failed == [] and m["sync/mbytes"] == 5.0 and m["sync/buckets"] == 3
+    assert res.failed == [] and m["sync/mbytes"] == 5.0 and m["sync/buckets"] == 3
     assert (m["sync/ipc_workers"], m["sync/nccl_workers"]) == (1, 2) and m["sync/seconds"] > 0
 
     sync.push(2)
@@ -784,22 +786,24 @@ def test_push_orchestration(ray_cpu):
     assert ("init", [2], True) in calls0 and ("rendezvous", 1) in calls0
 
     ray.get(learners[0].set.remote(fail=[1]))
-    sync.push(4)
-    assert sync.failed == [1]
+    assert sync.push(4).failed == [1]
     ray.get(learners[0].set.remote(fail=[]))
-    sync.push(4, workers=[workers[1]])  # the driver's re-sync of one worker
+    res = sync.push(4, targets=[1])  # the driver's re-sync of one worker
     calls0 = ray.get(learners[0].take_calls.remote())
     assert ("init", [1], True) in calls0 and calls0[-1] == ("send", 4, [1])
-    assert sync.failed == []
+    assert res.failed == []
 
     _kill(ray, workers[0])
-    sync.push(5, workers=[workers[2], workers[0]])
-    assert sync.failed == [1]  # index into the workers passed
+    res = sync.push(5, targets=[2, 0])
+    assert res.failed == [1]  # index into the targets passed
+    assert res.bytes > 0 and res.seconds >= 0
     assert ray.get(learners[0].take_calls.remote())[-1] == ("send", 5, [2])
 
     ray.get(learners[0].set.remote(lie=True))
     with pytest.raises(RuntimeError, match="other versions"):
-        sync.push(6, workers=[workers[1]])
+        sync.push(6, targets=[1])
+    with pytest.raises(ValueError, match="not indices"):
+        sync.push(6, targets=[3])
 
 
 def test_first_push_with_a_dead_worker(ray_cpu):
@@ -810,13 +814,56 @@ def test_first_push_with_a_dead_worker(ray_cpu):
     workers = [W.remote("x"), W.remote("y")]
     _kill(ray, workers[0])
     sync = NcclWeightSync([learner], workers, zero_stage=2, dtype="float32")
-    sync.push(1)
-    assert sync.failed == [0]
+    assert sync.push(1).failed == [0]
     calls = ray.get(learner.take_calls.remote())
     assert ("init", [1], True) in calls and calls[-1] == ("send", 1, [1])
     assert sync.routes[0] is None and sync.routes[1]["kind"] == "nccl"
     with pytest.raises(RuntimeError, match="did not answer"):
         NcclWeightSync([learner], workers, zero_stage=2, dtype="float32").probe()
+
+
+class ExportingLearner:
+    """Learner rank 0's export_weights, over two fixed tensors."""
+
+    def export_weights(self, dtype):
+        from safetensors.torch import save
+
+        dt = getattr(torch, dtype)
+        return save({"w": torch.ones(4, 8, dtype=dt), "b": torch.zeros(8, dtype=dt)})
+
+
+class LoadingWorker:
+    def __init__(self):
+        self.version = 0
+
+    def load_weights(self, weights):
+        self.version = weights.version
+        return {"version": weights.version, "seconds": 0.01}
+
+    def get_version(self):
+        return self.version
+
+
+def test_object_store_push_returns_a_sync_result(ray_cpu):
+    """ObjectStoreSync.push against stand-in actors: a SyncResult with the bytes the workers hold
+    (the tensors in the rollout dtype, bfloat16 here; the blob's header is not counted), the sync/*
+    metrics, and a target that is dead listed in ``failed`` by its index into ``targets``."""
+    ray = ray_cpu
+    learner = ray.remote(num_cpus=0)(ExportingLearner).remote()
+    workers = [ray.remote(num_cpus=0)(LoadingWorker).remote() for _ in range(3)]
+    sync = ObjectStoreSync([learner], workers, zero_stage=2, dtype="bfloat16")
+    res = sync.push(1)
+    assert isinstance(res, SyncResult) and res.version == 1 and res.failed == []
+    assert res.bytes == (4 * 8 + 8) * 2 and res.seconds >= 0 and res.metrics["sync/seconds"] == res.seconds
+    assert set(res.metrics) == {"sync/seconds", "sync/export_s", "sync/load_s", "sync/mbytes"}
+    assert res.metrics["sync/mbytes"] * 1e6 > res.bytes  # the blob: tensors plus header
+    assert ray.get([w.get_version.remote() for w in workers]) == [1, 1, 1]
+    _kill(ray, workers[1])
+    res = sync.push(2, targets=[2, 1])
+    assert res.failed == [1] and res.bytes > 0 and res.seconds >= 0  # index into the targets passed
+    assert ray.get([workers[0].get_version.remote(), workers[2].get_version.remote()]) == [1, 2]
+    with pytest.raises(ValueError, match="not indices"):
+        sync.push(3, targets=[3])
 
 
 # ------------------------------------------------------------------------------------ GPU
@@ -833,14 +880,10 @@ def _free_port() -> int:
 def _gpu_classes():
     import ray
 
-    from protege.actors.nccl_receiver import WeightTransferReceiver
     from protege.actors.rollout import RolloutWorker
     from protege.learners.learner import Learner
 
-    lcls = Learner if issubclass(Learner, NcclSenderMixin) else type("Learner", (NcclSenderMixin, Learner), {})
-    rcls = (RolloutWorker if issubclass(RolloutWorker, WeightTransferReceiver)
-            else type("RolloutWorker", (WeightTransferReceiver, RolloutWorker), {}))
-    return ray.remote(lcls), ray.remote(rcls)
+    return ray.remote(Learner), ray.remote(RolloutWorker)
 
 
 @pytest.fixture(scope="module")
@@ -892,10 +935,11 @@ def _sync_roundtrip(ray, tiny_models, *, zero: int, gpus: float, kind: str, buck
             for _ in range(3):
                 ray.get(learner.train_step.remote(TrainBatch(rows, 0)))
             ours = ray.get(learner.logprobs.remote(prompt, resp))
-            m = sync.push(version)
+            res = sync.push(version)
+            m = res.metrics
             theirs = ray.get(worker.score.remote(prompt, resp))
             assert ray.get(worker.get_version.remote()) == version
-            assert sync.failed == []
+            assert res.failed == [] and res.bytes > 0
             if version == 1:
                 assert max(abs(a - b) for a, b in zip(ours, before)) > 1e-2  # training moved the policy
             assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-3, (ours, theirs)
@@ -936,13 +980,9 @@ def test_nccl_sync_two_gpus_matches_learner_logprobs(tiny_models, ray_gpu, zero)
 @pytest.mark.gpu
 def test_pipeline_on_gpu_uses_the_gpu_sync(tmp_path, tiny_models, ray_gpu):
     """The whole loop on one GPU (colocated), once the driver uses pick_weight_sync."""
-    from protege.actors.rollout import RolloutWorker
     from protege.cluster.driver import run
     from protege.core.spec import parse_spec
-    from protege.learners.learner import Learner
 
-    if not (hasattr(RolloutWorker, "wt_probe") and hasattr(Learner, "nccl_send")):
-        pytest.skip("RolloutWorker / Learner do not include the weight-transfer mixins yet")
     spec = parse_spec({**STUDENT_SPEC, "name": "gpu", "steps": 3, "models": {"student": {"path": tiny_models["student"]}},
                        "data": {"task": "basic_arithmetic", "size": 200, "eval_size": 8,
                                 "task_config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,

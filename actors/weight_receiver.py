@@ -1,8 +1,14 @@
-"""Rollout side of the GPU weight sync: vLLM's native weight transfer into a running engine.
+"""Rollout side of the weight sync: :class:`WeightReceiver`, which each :class:`RolloutWorker`
+holds (``RolloutWorker.receiver``; the worker's ``load_weights`` / ``wt_*`` methods forward to it,
+so learner rank 0 and the driver can call them as Ray actor methods). It owns the worker's policy
+``version``: only a completed load sets it.
 
-:class:`WeightTransferReceiver` is a mixin for RolloutWorker (it uses ``self.engine``, a
-``VLLMEngine``, and ``self.version``). The learner's rank 0 drives it through
-actors/nccl_trainer.py's ``RolloutClient``:
+Two ways in:
+
+- Object store: :meth:`WeightReceiver.load` takes a ``WeightsVersion`` (one safetensors blob)
+  and loads it in place through the engine's layerwise reload (actors/vllm_ext.py).
+- GPU: vLLM's native weight transfer into the running engine, driven by learner rank 0's
+  ``RolloutClient`` (learners/weight_sender.py) through the worker's methods:
 
     wt_init(backend, init_info)   once per NCCL group (blocks in the rendezvous); every sync for IPC
     wt_start()                    LLM.start_weight_update: layerwise reload begins
@@ -21,7 +27,7 @@ the :class:`TransferWorkerExtension` methods, else as a pickled function, which 
 handles themselves) needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` when the engine core runs in its
 own process (vLLM's default on GPU; vLLM's rlhf_ipc.py example sets it the same way).
 
-GPU only, and not run on hardware yet; see cluster/nccl_sync.py.
+The GPU path has not run on hardware yet; see cluster/weight_sync.py.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import time
 from typing import Any
 
 import torch
+
+from protege.core.records import WeightsVersion
 
 
 # ------------------------------------------------------------------ inside the vLLM worker process
@@ -57,7 +65,7 @@ def _create_transfer_engine(worker, backend: str) -> str:
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
     worker = _real(worker)
-    current = getattr(worker, "weight_transfer_engine", None)
+    current = getattr(worker, "weight_transfer_engine", None)  # vLLM's worker attribute, None until created
     if current is not None and current.config.backend == backend:
         return backend
     if getattr(worker, "_weight_update_active", False):
@@ -122,19 +130,39 @@ def _check_serialization(backend: str) -> None:
             "or VLLM_ENABLE_V1_MULTIPROCESSING=0")
 
 
-# ------------------------------------------------------------------ the RolloutWorker mixin
-class WeightTransferReceiver:
-    """Methods for :class:`protege.actors.rollout.RolloutWorker` (uses ``engine`` and ``version``)."""
+# ------------------------------------------------------------------ the receiver
+class WeightReceiver:
+    """One rollout worker's end of the weight sync, over its engine (``VLLMEngine`` or
+    ``HFEngine``; the GPU path needs vLLM). ``version`` starts at 0, the initial student."""
 
-    def _wt_llm(self):
-        llm = getattr(self.engine, "llm", None)
-        if llm is None or not hasattr(llm, "start_weight_update"):
+    def __init__(self, engine, engine_kind: str):
+        self.engine = engine
+        self.engine_kind = engine_kind
+        self.version = 0
+        self._started: float | None = None  # perf_counter of the GPU update in progress, if any
+
+    # -- object store
+    def load(self, weights: WeightsVersion) -> dict[str, float]:
+        if weights.payload is None:
+            raise ValueError("RolloutWorker.load_weights needs a payload (bytes)")
+        seconds = self.engine.load_weights(weights.payload)
+        self.version = weights.version
+        return {"version": self.version, "seconds": seconds}
+
+    # -- GPU
+    def _vllm(self):
+        """The engine's vLLM ``LLM`` (its RL methods do the transfer), or None for the HF engine."""
+        return self.engine.llm if self.engine_kind == "vllm" else None
+
+    def _llm(self):
+        llm = self._vllm()
+        if llm is None:
             raise RuntimeError(f"GPU weight transfer needs the vLLM engine (this worker runs '{self.engine_kind}')")
         return llm
 
-    def wt_probe(self) -> dict[str, Any]:
+    def probe(self) -> dict[str, Any]:
         """pid, and the GPU of each vLLM worker (None without CUDA): the driver picks NCCL or IPC."""
-        llm = getattr(self.engine, "llm", None)
+        llm = self._vllm()
         if llm is None or not torch.cuda.is_available():
             uuids: list[str | None] = [None]
         else:
@@ -142,13 +170,13 @@ class WeightTransferReceiver:
             uuids = list(worker_rpc(llm, "protege_device_uuid"))
         return {"pid": os.getpid(), "uuids": uuids, "engine": self.engine_kind}
 
-    def wt_init(self, backend: str, init_info: dict[str, Any]) -> dict[str, Any]:
+    def init(self, backend: str, init_info: dict[str, Any]) -> dict[str, Any]:
         """Create the engine's weight-transfer engine (if needed) and run its handshake. For NCCL
         this blocks until learner rank 0 joins the same rendezvous."""
         _check_serialization(backend)
-        llm = self._wt_llm()
-        if getattr(self, "_wt_started", None) is not None:
-            self._wt_abandon(llm)
+        llm = self._llm()
+        if self._started is not None:
+            self._abandon(llm)
         t0 = time.perf_counter()
         try:  # a previous connection (e.g. to a learner group since restarted) is released first
             llm.shutdown_weight_transfer_engine()
@@ -158,36 +186,36 @@ class WeightTransferReceiver:
         llm.init_weight_transfer_engine({"init_info": dict(init_info)})
         return {"backend": backend, "seconds": time.perf_counter() - t0}
 
-    def wt_start(self) -> None:
-        llm = self._wt_llm()
-        if getattr(self, "_wt_started", None) is not None:
-            self._wt_abandon(llm)
+    def start(self) -> None:
+        llm = self._llm()
+        if self._started is not None:
+            self._abandon(llm)
         llm.start_weight_update()
-        self._wt_started = time.perf_counter()
+        self._started = time.perf_counter()
 
-    def wt_update(self, update_info) -> None:
-        self._wt_llm().update_weights({"update_info": update_info})
+    def update(self, update_info) -> None:
+        self._llm().update_weights({"update_info": update_info})
 
-    def wt_finish(self, version: int) -> dict[str, float]:
-        llm = self._wt_llm()
+    def finish(self, version: int) -> dict[str, float]:
+        llm = self._llm()
         llm.finish_weight_update(weight_version=str(version))
         # As in the CPU path (actors/vllm_ext.py): a tied lm_head must point at the new embedding,
         # and the prefix cache must not serve KV computed with the old weights.
         worker_rpc(llm, "protege_wt_retie")
         llm.reset_prefix_cache()
-        started, self._wt_started = getattr(self, "_wt_started", None), None
+        started, self._started = self._started, None
         self.version = version
         return {"version": self.version, "seconds": time.perf_counter() - (started or time.perf_counter())}
 
-    def wt_shutdown(self) -> None:
-        llm = getattr(self.engine, "llm", None)
-        if llm is not None and hasattr(llm, "shutdown_weight_transfer_engine"):
+    def shutdown(self) -> None:
+        llm = self._vllm()
+        if llm is not None:
             try:
                 llm.shutdown_weight_transfer_engine()
             except Exception:  # best effort: not configured, or an update in progress
                 pass
 
-    def _wt_abandon(self, llm) -> None:
+    def _abandon(self, llm) -> None:
         """A previous update never finished (its sender failed). Close it so vLLM accepts a new
         one; the weights are then partly new, and ``version`` is left as it was."""
         try:
@@ -195,4 +223,4 @@ class WeightTransferReceiver:
         except Exception:  # vLLM already closed it when the failed update raised
             pass
         finally:
-            self._wt_started = None
+            self._started = None
