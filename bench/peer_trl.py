@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRL_VENV = ROOT / ".cache" / "peer_trl_venv"
 TRL_VERSION = "1.16.0"
+PROTEGE_CWD = ROOT  # --protege-cwd: where `python -m protege.cli` starts (its `protege` package wins there)
 
 TASK = "basic_arithmetic"
 TASK_CONFIG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
@@ -304,7 +305,7 @@ def run_protege(inp: dict, ranks: int, dtype: str, work: Path, warmup: int, time
     spec_path = work / "spec.yaml"
     spec_path.write_text(json.dumps(protege_spec(inp, ranks, dtype, run_dir), indent=1))  # JSON is YAML
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "protege.cli", "run", str(spec_path)], cwd=ROOT, env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "protege.cli", "run", str(spec_path)], cwd=PROTEGE_CWD, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     (work / "log.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
@@ -557,6 +558,9 @@ def parse_args(argv):
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 only")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is abandoned")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output folder (default %(default)s)")
+    p.add_argument("--protege-cwd", default=None,
+                   help="run the Protégé CLI from this folder instead of the repository root (a tree whose"
+                        " protege/ package shadows the installed one, e.g. to time another revision)")
     p.add_argument("--_trl-worker", dest="trl_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_floor-worker", dest="floor_worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -574,6 +578,9 @@ def main(argv=None) -> int:
     if args.floor_worker:
         return floor_worker(args.floor_worker)
     os.environ.update({k: v for k, v in RUN_ENV.items() if k not in os.environ})
+    if args.protege_cwd:
+        global PROTEGE_CWD
+        PROTEGE_CWD = Path(args.protege_cwd).resolve()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ensure_trl_venv()
