@@ -26,7 +26,8 @@ from protege.core import checkpoints, hints, storage
 from protege.cluster.gpu_status import gpu_warnings
 from protege.cluster.jobdata import Encoder, load_job_data
 from protege.actors.rollout import StaleWeights
-from protege.cluster.launch import Roles, connect, gather, start_learners, start_roles
+from protege.cluster.launch import SCORERS, Roles, connect, gather, start_learners, start_roles
+from protege.cluster.scoring import TEACHER, Scorers
 from protege.cluster.metrics import MetricsWriter, plot_curves
 from protege.core.records import Rollout, Sample, TrainBatch, TrainRow
 from protege.core.console import Progress, quiet_driver
@@ -110,21 +111,20 @@ def _point_at_logs(logs: Path | None) -> None:
 
 
 def _write_actor_table(run_dir: Path, roles: Roles) -> None:
-    """actors.json: which process is which role (for operators, and for fault-injection tests)."""
+    """actors.json: which process is which role (for operators, and for fault-injection tests).
+    Every scorer role has its key (null when this job does not run it)."""
+    scorer_pids = dict(zip(roles.scorers, ray.get([a.pid.remote() for a in roles.scorers.values()]), strict=True))
     roles.pids = {"rollout": ray.get([w.pid.remote() for w in roles.rollout]),
-             "learner": ray.get([ln.pid.remote() for ln in roles.learners]),
-             "teacher": ray.get(roles.teacher.pid.remote()) if roles.teacher is not None else None,
-             "reward": ray.get(roles.reward.pid.remote()),
-             "reward_model": ray.get(roles.reward_model.pid.remote()) if roles.reward_model is not None else None}
+                  "learner": ray.get([ln.pid.remote() for ln in roles.learners]),
+                  **{name: scorer_pids.get(name) for name in SCORERS}}
     (run_dir / "actors.json").write_text(json.dumps(roles.pids))
 
 
 def _count_scorer_restarts(run_dir: Path, roles: Roles, faults: dict) -> None:
-    """Ray restarts a dead reward or teacher actor and retries the lost call by itself, so the
-    driver never sees an error: a new process id is the only trace. Compare with the last seen."""
-    scorers = {"reward": roles.reward, "teacher": roles.teacher, "reward_model": roles.reward_model}
-    live = {k: a for k, a in scorers.items() if a is not None}
-    pids = dict(zip(live, ray.get([a.pid.remote() for a in live.values()])))
+    """Ray restarts a dead scorer actor (rewards, reward model, teacher) and retries the lost call
+    by itself, so the driver never sees an error: a new process id is the only trace. Compare
+    with the last seen."""
+    pids = dict(zip(roles.scorers, ray.get([a.pid.remote() for a in roles.scorers.values()]), strict=True))
     changed = False
     for role, pid in pids.items():
         if pid != roles.pids.get(role):
@@ -186,18 +186,10 @@ def _train(spec, roles: Roles, enc: Encoder, train_set, eval_set, *, resume, unt
         if algo.max_staleness >= 1 and step + 1 < last:
             pending = _submit_generation(spec, roles, enc, stream, step + 1, version)
 
-        # 2. score: rewards and teacher in parallel, one wait
+        # 2. score: every scorer in parallel (rule rewards ‖ reward model ‖ teacher), one wait
         t0 = time.perf_counter()
-        reward_refs = _submit_scoring(roles, rollouts, [batch_examples[r.example_index] for r in rollouts])
-        teacher_ref = None
-        if roles.teacher is not None and spec.needs_teacher_scoring() and rollouts:
-            ask = spec.teacher_request()
-            teacher_ref = roles.teacher.score.remote([(r.prompt_ids, r.sample.response_ids) for r in rollouts],
-                                                     ask.top_k, ask.full)
-        scored = ray.get([*reward_refs, *([teacher_ref] if teacher_ref is not None else [])])
-        scores = _combine_scores(spec, *scored[:len(reward_refs)]) if rollouts else []
-        teacher = scored[-1]["scores"] if teacher_ref is not None else None
-        teacher_metrics = _teacher_metrics(scored[-1]) if teacher_ref is not None else {}
+        scored = _score(spec, roles, rollouts, [batch_examples[r.example_index] for r in rollouts])
+        scores, teacher, teacher_metrics = scored.scores, scored.teacher, scored.metrics
         _count_scorer_restarts(run_dir, roles, faults)
         t_score = time.perf_counter() - t0
 
@@ -362,7 +354,7 @@ def _explore_with_hints(spec, roles: Roles, enc: Encoder, rollouts, scores, teac
                                                    top_p=ro.top_p, max_tokens=ro.max_new_tokens, seed=step * 7919))
     tries = gen["rollouts"]
     ex = [examples[rollouts[valid[i // algo.hint_attempts][0] * G].example_index] for i in range(len(tries))]
-    tried = _combine_scores(spec, *ray.get(_submit_scoring(roles, tries, ex)))
+    tried = _score(spec, roles, tries, ex, without=(TEACHER,)).scores
     rollouts, scores = list(rollouts), list(scores)
     changed = []
     for j, (g, _) in enumerate(valid):
@@ -376,20 +368,12 @@ def _explore_with_hints(spec, roles: Roles, enc: Encoder, rollouts, scores, teac
         m["kepo/injected"] += k
     if changed and teacher is not None:
         # Teacher log-probs of the injected responses under the hint-free prompt.
-        ask = spec.teacher_request()
-        fresh = ray.get(roles.teacher.score.remote([(rollouts[i].prompt_ids, rollouts[i].sample.response_ids)
-                                                    for i in changed], ask.top_k, ask.full))["scores"]
+        fresh = Scorers.for_job(spec, roles).only(TEACHER).score(
+            [rollouts[i] for i in changed], [examples[rollouts[i].example_index] for i in changed]).teacher
         teacher = list(teacher)
-        for i, t in zip(changed, fresh):
+        for i, t in zip(changed, fresh, strict=True):
             teacher[i] = t
     return rollouts, scores, teacher, m
-
-
-def _teacher_metrics(result: dict) -> dict:
-    """What the teacher's signal costs: bytes per response token it moves, and its seconds
-    (the scorer's share of the step is time/score beside the other phases)."""
-    return {"teacher/bytes_per_token": result["bytes"] / max(1, result["tokens"]),
-            "teacher/seconds": result["seconds"]}
 
 
 def _responses_from_data(spec, roles: Roles, enc: Encoder, examples) -> list[Rollout]:
@@ -439,7 +423,7 @@ def _evaluate(spec, roles: Roles, sync, enc: Encoder, eval_set, version: int, fa
                   max_tokens=spec.rollout.max_new_tokens, expected_version=version)
     job = [0, kwargs, roles.rollout[0].generate.remote(**kwargs)]
     rollouts = _collect_generation(spec, roles, sync, [job], version, faults)[0]["rollouts"]
-    scores = _combine_scores(spec, *ray.get(_submit_scoring(roles, rollouts, examples)))
+    scores = _score(spec, roles, rollouts, examples, without=(TEACHER,)).scores
     acc = _accuracy(spec, scores)
     return {"eval/accuracy": acc, "eval/reward": float(np.mean([s.value for s in scores])),
             "eval/response_len": float(np.mean([len(r.sample.response_ids) for r in rollouts])),
@@ -455,26 +439,11 @@ def _log_samples(run_dir: Path, step: int, enc: Encoder, rollouts, scores, examp
                                 "version": r.policy_version}) + "\n")
 
 
-def _submit_scoring(roles: Roles, rollouts, examples) -> list:
-    """Rule rewards (and the reward model, when the job has one) for rollouts[i] of examples[i]."""
-    if not rollouts:
-        return []
-    texts = [r.sample.text for r in rollouts]
-    refs = [roles.reward.score.remote(texts, [e.answer for e in examples], [e.meta for e in examples])]
-    if roles.reward_model is not None:
-        refs.append(roles.reward_model.score.remote([e.prompt for e in examples], texts))
-    return refs
-
-
-def _combine_scores(spec, rule_scores, model_scores=None):
-    """Add the reward model's score as the component 'reward_model', weighted as the spec says."""
-    if model_scores is None:
-        return rule_scores
-    weight = next(r.weight for r in spec.rewards if r.name == "reward_model")
-    for s, v in zip(rule_scores, model_scores):
-        s.components["reward_model"] = float(v)
-        s.value += weight * float(v)
-    return rule_scores
+def _score(spec, roles: Roles, rollouts, examples, *, without: tuple[str, ...] = ()):
+    """Every scorer of the job (less ``without``) on rollouts[i] of examples[i], submitted at once
+    and waited for once; the weighted combine by name is cluster/scoring.py's."""
+    scorers = Scorers.for_job(spec, roles).without(*without)
+    return scorers.collect(scorers.submit(rollouts, examples))
 
 
 def _accuracy(spec, scores) -> float:

@@ -1,7 +1,7 @@
 """Composition root: the only place plain classes become Ray actors (docs/design.md).
 
-Connects to the cluster, reserves resources per role, and builds the rollout, reward,
-teacher and learner groups from the spec.
+Connects to the cluster, reserves resources per role, and builds the rollout workers, the
+scorers (``SCORERS``: rule rewards, reward model, teacher) and the learner group from the spec.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -62,15 +62,19 @@ def connect() -> dict[str, Any]:
 class Roles:
     rollout: list = field(default_factory=list)
     learners: list = field(default_factory=list)
-    reward: Any = None
-    teacher: Any = None
-    reward_model: Any = None
+    scorers: dict = field(default_factory=dict)  # role name (a key of SCORERS) -> actor, those this job runs
     pids: dict = field(default_factory=dict)  # role -> process id(s) as last seen (actors.json)
     groups: dict = field(default_factory=dict)
     grad_accum: int = 1
 
+    @property
+    def teacher(self) -> Any:
+        """The teacher actor, or None: besides scoring it generates (KEPO hints, SFT targets) and
+        gives DPO's reference log-probs."""
+        return self.scorers.get("teacher")
+
     def kill_all(self) -> None:
-        for a in [*self.rollout, *self.learners, self.reward, self.teacher, self.reward_model]:
+        for a in [*self.rollout, *self.learners, *self.scorers.values()]:
             if a is not None:
                 try:
                     ray.kill(a)
@@ -148,6 +152,40 @@ def _rendezvous() -> tuple[str, int]:
     return address, port
 
 
+def _reward_args(spec) -> tuple[tuple, dict]:
+    # The runner applies every reward that has a function (built-in or the user's); the others
+    # (reward_model) come from their own scorer.
+    functions = reward_functions(spec.rewards)
+    return ([r.name for r in spec.rewards if r.name in functions],), dict(
+        timeout_s=spec.fault_tolerance.reward_timeout_s, functions=functions)
+
+
+def _reward_model_args(spec) -> tuple[tuple, dict]:
+    rm = spec.models.reward_model
+    return (rm.path,), dict(dtype=rm.dtype, system_prompt=spec.data.system_prompt)
+
+
+def _teacher_args(spec) -> tuple[tuple, dict]:
+    t, ask = spec.models.teacher, spec.teacher_request()
+    return (t.path,), dict(
+        top_k=ask.top_k, full=ask.full, dtype=t.dtype, temperature=spec.rollout.temperature,
+        engine=spec.rollout.engine, max_model_len=spec.max_model_len,
+        kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)), gpu_memory_utilization=gpu_memory_share(spec, "teacher"),
+        score_engine=spec.teacher_score_engine(), max_logprobs=ask.top_k,
+    )
+
+
+# The scorer actors by role name: that name is also their placement group, their actors.json key
+# and their fault/<name>_restarts metric. Each keeps one contract, score(rollouts, examples) ->
+# list[ScoreRecord] (core/records.py), so the driver treats them alike (cluster/scoring.py). The
+# values: the actor class and (args, kwargs) for it from the spec.
+SCORERS: dict[str, tuple[Any, Callable[[Any], tuple[tuple, dict]]]] = {
+    "reward": (RewardActor, _reward_args),
+    "reward_model": (RewardModelActor, _reward_model_args),
+    "teacher": (TeacherActor, _teacher_args),
+}
+
+
 def start_roles(spec) -> Roles:
     reqs = {q.role: q for q in role_requests(spec)}
     groups = reserve(list(reqs.values()), spec.resources.placement_timeout_s)
@@ -167,30 +205,13 @@ def start_roles(spec) -> Roles:
                 gpu_memory_utilization=gpu_memory_share(spec, "rollout"),
             )
         )
-    roles.reward = RewardActor.options(**_opts(groups["reward"], 0, reqs["reward"].bundle), **restart,
-                                       max_task_retries=ft.actor_restarts,
-                                       runtime_env=actor_runtime_env(spec, "reward")).remote(
-        # the reward model has its own actor (below); the runner applies the rule / user functions
-        [(r.name, r.weight) for r in spec.rewards if r.name != "reward_model"], timeout_s=ft.reward_timeout_s,
-        functions=reward_functions(spec.rewards),
-    )
-    if "reward_model" in groups:
-        rm = spec.models.reward_model
-        roles.reward_model = RewardModelActor.options(**_opts(groups["reward_model"], 0, reqs["reward_model"].bundle),
-                                                      **restart, max_task_retries=ft.actor_restarts,
-                                                      runtime_env=actor_runtime_env(spec, "reward_model")).remote(
-            rm.path, dtype=rm.dtype, system_prompt=spec.data.system_prompt,
-        )
-    if "teacher" in groups:
-        t = spec.models.teacher
-        roles.teacher = TeacherActor.options(**_opts(groups["teacher"], 0, reqs["teacher"].bundle), **restart,
-                                             max_task_retries=ft.actor_restarts,
-                                             runtime_env=actor_runtime_env(spec, "teacher")).remote(
-            t.path, dtype=t.dtype, temperature=spec.rollout.temperature, engine=spec.rollout.engine,
-            max_model_len=max_len, kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
-            gpu_memory_utilization=gpu_memory_share(spec, "teacher"),
-            score_engine=spec.teacher_score_engine(), max_logprobs=spec.teacher_request().top_k,
-        )
+    for name, (actor, arguments) in SCORERS.items():
+        if name not in groups:  # this job has no such scorer (cluster/placement.py role_requests)
+            continue
+        args, kwargs = arguments(spec)
+        roles.scorers[name] = actor.options(**_opts(groups[name], 0, reqs[name].bundle), **restart,
+                                            max_task_retries=ft.actor_restarts,
+                                            runtime_env=actor_runtime_env(spec, name)).remote(*args, **kwargs)
     # Fixed micro-batch count per rank, so every rank runs the same number of forward/backward
     # calls each step (DeepSpeed collectives) whatever the batch's real size.
     # grad_accum is per mini-batch: DeepSpeed steps the optimizer once per mini-batch.

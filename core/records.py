@@ -92,8 +92,11 @@ class WeightsVersion:
 
 @dataclass
 class ScoreRecord:
-    """One scorer's verdict on one rollout: the contract every scorer keeps (rewards/base.py).
+    """One scorer's verdict on one rollout: the contract every scorer keeps.
 
+    Every scorer actor (the rule runner, the reward model, the teacher) has
+    ``score(rollouts: list[Rollout], examples: list[Example]) -> list[ScoreRecord]``: rollouts[i]
+    was generated for examples[i], and the answer holds one record per rollout, in order.
     ``components`` holds raw, unweighted values by reward name; the driver's one weighted
     combine (cluster/scoring.py) turns the records of all scorers into each rollout's reward.
     A teacher returns no components and its per-token payload in ``teacher``.
@@ -102,6 +105,9 @@ class ScoreRecord:
     components: dict[str, float] = field(default_factory=dict)  # reward name -> raw value (0 on error)
     errors: dict[str, int] = field(default_factory=dict)  # "<reward>/timeout", "/exception", "/skipped"
     teacher: TeacherScores | None = None
+    # The scorer's compute time for this rollout (its share of the batch it was scored in), so a
+    # call's cost is the sum over its records (the teacher's reaches the metric teacher/seconds).
+    seconds: float = 0.0
 
 
 @dataclass

@@ -38,6 +38,7 @@ import torch
 from protege.core.records import TrainBatch, TrainRow
 from protege.core.console import capture_actor_output
 from protege.core.env import configure_node_defaults
+from protege.core.logprobs import entropy as token_entropy, logprobs_at, response_logprobs
 from protege.learners import algorithms, losses
 from protege.learners.batching import collate, micro_batches, to_device
 from protege.learners.ds_config import build_ds_config
@@ -150,17 +151,15 @@ class Learner:
     def _token_logprobs(self, model, b: dict, want_topk: bool = False):
         """Log-probs of the response tokens [B, T], entropy [B, T] and the student's side of the
         teacher's dense signal: {"topk": [B, T, K] at the teacher's ids, "full": [B, T, V]}.
-        ``b`` is already on the learner's device (to_device)."""
+        ``b`` is already on the learner's device (to_device). The gather is core/logprobs.py's,
+        the one the teacher scorer uses too, so both sides read the same frame."""
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        logits = logits[:, :-1].float() / self.temperature  # match the sampling distribution
-        pos = b["resp_pos"]
-        rows = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))  # [B, T, V]
-        logp_all = rows.log_softmax(-1)
-        lp = logp_all.gather(-1, b["targets"][..., None])[..., 0]
-        entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
+        # at the sampling temperature, to match the sampling distribution
+        lp, logp_all = response_logprobs(logits, b["resp_pos"], b["targets"], self.temperature)
+        entropy = token_entropy(logp_all).detach()
         dense = {}
         if want_topk and "teacher_topk_ids" in b:
-            dense["topk"] = logp_all.gather(-1, b["teacher_topk_ids"])
+            dense["topk"] = logprobs_at(logp_all, b["teacher_topk_ids"])
         if want_topk and "teacher_full_logprobs" in b:
             dense["full"] = logp_all
         return lp, entropy, dense

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from protege.core.logprobs import tail_logprob  # shared with the teacher scorer, which computes the tail it sends
+
 Metrics = dict[str, Tensor]
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -405,13 +407,6 @@ def rlad_loss(
         metrics["rlad/teacher_logratio_mean"] = _masked_mean(gap, inp.mask)
         metrics["rlad/clamp_frac"] = _masked_mean(gap.abs() > clamp, inp.mask)
     return out
-
-
-def tail_logprob(logp: Tensor) -> Tensor:  # [..., K] -> [...]
-    """log(1 − Σ_k exp(logp_k)): the log-mass outside the K ids. Clamped just below 0 in log
-    space so a support holding (numerically) all the mass gives a finite, very small tail."""
-    lse = torch.logsumexp(logp, dim=-1).clamp(max=-1e-6)
-    return torch.log(-torch.expm1(lse))
 
 
 def _categorical_divergence(s: Tensor, t: Tensor, divergence: str, jsd_beta: float) -> Tensor:

@@ -1,9 +1,12 @@
-"""Reward registry, the `Score` record and `RewardRunner`, which applies weighted rule rewards.
+"""Reward registry and `RewardRunner`, the scorer that applies the rule (and user) rewards.
 
-`RewardRunner.score` runs every (reward function, completion) call in a small pool of daemon
-threads, each call with its own time limit. A call that raises, returns a non-finite value or
-overruns scores 0 and is counted in `Score.errors`; the runner itself never raises because of
-a bad reward function.
+`RewardRunner.score(rollouts, examples)` keeps the scorer contract (core/records.py
+`ScoreRecord`): one record per rollout with each rule's raw value under its name. It does not
+weight them: the driver's one combine (cluster/scoring.py) applies the spec's weights to the
+components of every scorer alike. Every (reward function, completion) call runs in a small pool
+of daemon threads, each call with its own time limit. A call that raises, returns a non-finite
+value or overruns scores 0 and is counted in `ScoreRecord.errors`; the runner itself never
+raises because of a bad reward function.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from protege.core.console import capture_actor_output
+from protege.core.data import Example
+from protege.core.records import Rollout, ScoreRecord
 from protege.rewards.rules import exact_match, format_reward, math_verify_reward, reasoning_gym_reward
 
 logger = logging.getLogger(__name__)
@@ -40,15 +44,8 @@ def get_reward_fn(name: str) -> RewardFn:
         raise KeyError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(REWARD_FUNCTIONS))}") from None
 
 
-@dataclass
-class Score:
-    value: float  # weighted sum of the components
-    components: dict[str, float] = field(default_factory=dict)  # reward name -> raw value (0 on error)
-    errors: dict[str, int] = field(default_factory=dict)  # "<reward>/timeout", "<reward>/exception", "<reward>/skipped"
-
-
 class RewardRunner:
-    """Weighted sum of named rule rewards, computed in parallel threads with per-call timeouts.
+    """Named rule rewards, computed in parallel threads with per-call timeouts; raw values out.
 
     Threads, not processes: rule rewards are cheap Python, so threads bring isolation by
     timeout rather than CPU parallelism (the GIL). Python cannot kill a thread, so a call that
@@ -66,7 +63,7 @@ class RewardRunner:
 
     def __init__(
         self,
-        rewards: list[tuple[str, float]],
+        rewards: list[str],
         *,
         timeout_s: float = 5.0,
         max_workers: int = 4,
@@ -75,16 +72,15 @@ class RewardRunner:
     ):
         capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         # An empty list is allowed: a job scored only by its reward model still asks the runner
-        # (every score is then 0 with no components).
-        unknown = [name for name, _ in rewards if name not in functions]
+        # (every record then has no components).
+        unknown = [name for name in rewards if name not in functions]
         if unknown:
             raise KeyError(f"unknown reward(s) {unknown}; valid rewards: {', '.join(sorted(functions))}")
-        names = [name for name, _ in rewards]
-        if len(set(names)) != len(names):
-            raise ValueError(f"reward names must be unique, got {names}")
+        if len(set(rewards)) != len(rewards):
+            raise ValueError(f"reward names must be unique, got {rewards}")
         if timeout_s <= 0 or max_workers < 1 or max_abandoned < 0:
             raise ValueError("timeout_s must be > 0, max_workers >= 1 and max_abandoned >= 0")
-        self.rewards = [(name, float(weight), functions[name]) for name, weight in rewards]
+        self.rewards = [(name, functions[name]) for name in rewards]
         self.timeout_s = timeout_s
         self.max_workers = max_workers
         self.max_abandoned = max_abandoned
@@ -98,12 +94,20 @@ class RewardRunner:
         """The process id (fault-injection tests and actors.json)."""
         return os.getpid()
 
-    def score_one(self, completion: str, reference: str, meta: dict[str, Any] | None = None) -> Score:
-        return self.score([completion], [reference], [meta])[0]
+    def score(self, rollouts: list[Rollout], examples: list[Example]) -> list[ScoreRecord]:
+        """The scorer contract: every rule on rollouts[i]'s text against examples[i]'s answer and meta."""
+        if len(rollouts) != len(examples):
+            raise ValueError(f"rollouts and examples must have equal lengths, got {len(rollouts)}, {len(examples)}")
+        return self.score_texts([r.sample.text for r in rollouts], [e.answer for e in examples],
+                                [e.meta for e in examples])
 
-    def score(
+    def score_one(self, completion: str, reference: str, meta: dict[str, Any] | None = None) -> ScoreRecord:
+        return self.score_texts([completion], [reference], [meta])[0]
+
+    def score_texts(
         self, completions: list[str], references: list[str], metas: list[dict[str, Any] | None]
-    ) -> list[Score]:
+    ) -> list[ScoreRecord]:
+        """`score` on bare strings (what the rule functions see), for in-process callers."""
         if self._closed:
             raise RuntimeError("RewardRunner.score called after close()")
         if not len(completions) == len(references) == len(metas):
@@ -114,7 +118,7 @@ class RewardRunner:
         out: queue.SimpleQueue = queue.SimpleQueue()  # per call, so late results of old calls are never read
         pending: set[tuple[int, int]] = set()
         for i, (completion, reference, meta) in enumerate(zip(completions, references, metas)):
-            for r, (_, _, fn) in enumerate(self.rewards):
+            for r, (_, fn) in enumerate(self.rewards):
                 self._tasks.put(((i, r), fn, (completion, reference, meta), out))
                 pending.add((i, r))
         results: dict[tuple[int, int], tuple[str, float, str]] = {}
@@ -183,13 +187,12 @@ class RewardRunner:
         """Has reward ``reward`` used up its abandoned threads? (Called by workers, lock held.)"""
         return sum(1 for w in self._abandoned if w.reward == reward and w.thread.is_alive()) >= self.max_abandoned
 
-    def _assemble(self, n: int, results: dict[tuple[int, int], tuple[str, float, str]]) -> list[Score]:
-        scores = [Score(value=0.0) for _ in range(n)]
+    def _assemble(self, n: int, results: dict[tuple[int, int], tuple[str, float, str]]) -> list[ScoreRecord]:
+        scores = [ScoreRecord() for _ in range(n)]
         first_error: dict[str, tuple[int, str]] = {}
         for (i, r), (status, value, detail) in sorted(results.items()):
-            name, weight, _ = self.rewards[r]
+            name, _ = self.rewards[r]
             scores[i].components[name] = value
-            scores[i].value += weight * value
             if status != "ok":
                 key = f"{name}/{status}"
                 scores[i].errors[key] = scores[i].errors.get(key, 0) + 1

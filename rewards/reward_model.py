@@ -6,7 +6,9 @@ single-score heads) scores the *conversation*: the prompt as the user turn and t
 completion as the assistant turn, rendered with the reward model's own chat template (its
 tokenizer need not match the student's). The score is the head's raw output for the last
 non-padding token, which is what such models are trained to emit; weight and mix it with rule
-rewards in ``rewards: [{name: reward_model, weight: …}]``.
+rewards in ``rewards: [{name: reward_model, weight: …}]``. It keeps the scorer contract
+(core/records.py ``ScoreRecord``): one record per rollout, the raw score as the component
+``reward_model``, weighted by the driver's combine (cluster/scoring.py) like any rule reward.
 
 It runs in its own Ray actor (``resources.reward_model``: give it a GPU for a large model), in
 parallel with the rule rewards and the teacher.
@@ -19,10 +21,14 @@ import os
 import torch
 
 from protege.core.console import capture_actor_output
+from protege.core.data import Example
 from protege.core.env import configure_node_defaults
+from protege.core.records import Rollout, ScoreRecord
 
 
 class RewardModelScorer:
+    component = "reward_model"  # the reward name the spec weights it by (rewards: [{name: reward_model}])
+
     def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, max_length: int = 1024,
                  system_prompt: str | None = None):
         capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
@@ -55,11 +61,19 @@ class RewardModelScorer:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         return f"{prompt}\n{completion}"  # a base model without a template: plain concatenation
 
+    def score(self, rollouts: list[Rollout], examples: list[Example]) -> list[ScoreRecord]:
+        """The scorer contract: the conversation (examples[i]'s prompt, rollouts[i]'s text) scored."""
+        if len(rollouts) != len(examples):
+            raise ValueError(f"rollouts and examples must have equal lengths, got {len(rollouts)}, {len(examples)}")
+        values = self.values([e.prompt for e in examples], [r.sample.text for r in rollouts])
+        return [ScoreRecord(components={self.component: v}) for v in values]
+
     @torch.no_grad()
-    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+    def values(self, prompts: list[str], completions: list[str]) -> list[float]:
+        """The head's raw output for each (prompt, completion), batched."""
         if len(prompts) != len(completions):
             raise ValueError(f"prompts and completions must have equal lengths, got {len(prompts)}, {len(completions)}")
-        texts = [self.render(p, c) for p, c in zip(prompts, completions)]
+        texts = [self.render(p, c) for p, c in zip(prompts, completions, strict=True)]
         out: list[float] = []
         for i in range(0, len(texts), self.batch_size):
             # Keep the end when truncating: the head reads the last token, the completion's end.

@@ -3,8 +3,15 @@
 One forward pass of the frozen teacher over (prompt + response) per rollout, batched; returns
 per response token the sampled token's log-prob (float32) and, when asked, the teacher's dense
 signal as tensors: the top-k ids (int32) and log-probs (float16) plus the log-mass outside them
-(float32, computed here where the whole row is known), or whole rows (float16). Hints for KEPO's
-knowledge-enhanced exploration come from the teacher as a generator (``generate``).
+(float32, computed here where the whole row is known), or whole rows (float16). What it is asked
+for (``top_k``, ``full``: the spec's ``teacher_request()``) is fixed when it is built.
+
+``score(rollouts, examples)`` keeps the scorer contract (core/records.py ``ScoreRecord``): one
+record per rollout, no reward components, the payload in ``teacher`` and the record's share of
+the call's seconds in ``seconds``. The gather of response log-probs is core/logprobs.py's, the
+learner's own, so log π_θ and log π_T are read in one frame. Hints for KEPO's knowledge-enhanced
+exploration, SFT targets and the DPO reference come from ``generate``, ``generate_ids`` and
+``sequence_logprobs``.
 """
 
 from __future__ import annotations
@@ -14,10 +21,11 @@ import time
 
 import torch
 
-from protege.core.records import TeacherScores, TrainRow
 from protege.core.console import capture_actor_output
+from protege.core.data import Example
 from protege.core.env import configure_node_defaults
-from protege.learners.batching import collate, to_device
+from protege.core.logprobs import pack, response_logprobs, tail_logprob, topk_logprobs
+from protege.core.records import Rollout, ScoreRecord, TeacherScores
 
 # Top-k and full-row log-probs travel in float16: half the bytes of float32, and its 11-bit
 # mantissa keeps a log-prob of −10 to ±0.005, far below what a distillation loss can resolve.
@@ -27,14 +35,16 @@ PAYLOAD_DTYPE = torch.float16
 
 
 class TeacherScorer:
-    def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, temperature: float = 1.0,
-                 engine: str = "vllm", max_model_len: int = 512, kv_cache_bytes: int = 128 << 20,
-                 gpu_memory_utilization: float = 0.3, score_engine: str = "hf", max_logprobs: int = 20):
+    def __init__(self, model: str, *, top_k: int = 0, full: bool = False, dtype: str = "float32",
+                 batch_size: int = 16, temperature: float = 1.0, engine: str = "vllm", max_model_len: int = 512,
+                 kv_cache_bytes: int = 128 << 20, gpu_memory_utilization: float = 0.3, score_engine: str = "hf",
+                 max_logprobs: int = 20):
         capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         configure_node_defaults()  # this node's hardware decides, before the model and engine load
         from transformers import AutoTokenizer
 
         self.model_path, self.dtype, self.engine_kind = model, dtype, engine
+        self.top_k, self.full = top_k, full  # the dense signal `score` returns (spec.teacher_request())
         # "vllm": scores from the generation engine's prompt log-probs; "hf": a transformers forward
         # (also the fallback for full rows and temperatures other than 1, which vLLM's raw prompt
         # log-probs cannot give).
@@ -65,19 +75,26 @@ class TeacherScorer:
     def scores_with_vllm(self, full: bool) -> bool:
         return self.score_engine == "vllm" and self.engine_kind == "vllm" and not full and self.temperature == 1.0
 
-    @torch.no_grad()
-    def score(self, items: list[tuple[list[int], list[int]]], top_k: int = 0, full: bool = False) -> dict:
-        """Scores for each (prompt ids, response ids). Returns {"scores": [TeacherScores],
-        "seconds", "bytes" (payload size), "tokens", "engine"}."""
+    def score(self, rollouts: list[Rollout], examples: list[Example]) -> list[ScoreRecord]:
+        """The scorer contract: the teacher's payload for each rollout's (prompt ids, response ids),
+        as asked at construction. The call's seconds are spread evenly over its records."""
+        if len(rollouts) != len(examples):
+            raise ValueError(f"rollouts and examples must have equal lengths, got {len(rollouts)}, {len(examples)}")
         t0 = time.perf_counter()
-        vllm = self.scores_with_vllm(full)
-        out = self._score_vllm(items, top_k) if vllm else self._score_hf(items, top_k, full)
-        return {"scores": out, "seconds": time.perf_counter() - t0, "bytes": sum(s.nbytes() for s in out),
-                "tokens": sum(len(r) for _, r in items), "engine": "vllm" if vllm else "hf"}
+        out = self._payloads([(r.prompt_ids, r.sample.response_ids) for r in rollouts], self.top_k, self.full)
+        share = (time.perf_counter() - t0) / max(1, len(out))
+        return [ScoreRecord(teacher=ts, seconds=share) for ts in out]
+
+    @torch.no_grad()
+    def _payloads(self, items: list[tuple[list[int], list[int]]], top_k: int = 0,
+                  full: bool = False) -> list[TeacherScores]:
+        """The payload for each (prompt ids, response ids): through vLLM's prompt log-probs when
+        that engine can give it, else one transformers forward per batch."""
+        if self.scores_with_vllm(full):
+            return self._score_vllm(items, top_k)
+        return self._score_hf(items, top_k, full)
 
     def _score_vllm(self, items, top_k: int) -> list[TeacherScores]:
-        from protege.learners.losses import tail_logprob
-
         out = []
         for entry in self._engine().prompt_logprobs(items, top_k):
             ts = TeacherScores(logprobs=torch.tensor(entry["logprobs"], dtype=torch.float32))
@@ -89,19 +106,16 @@ class TeacherScorer:
         return out
 
     def _score_hf(self, items, top_k: int, full: bool) -> list[TeacherScores]:
-        from protege.learners.losses import tail_logprob
-
         out: list[TeacherScores] = []
         for i in range(0, len(items), self.batch_size):
             chunk = items[i : i + self.batch_size]
-            b = to_device(collate([TrainRow(prompt_ids=p, response_ids=r) for p, r in chunk], self.pad_id), self.device)
-            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-            rows = torch.gather(logits, 1, b["resp_pos"][..., None].expand(-1, -1, logits.shape[-1]))
-            logp = (rows.float() / self.temperature).log_softmax(-1)  # [B, T, V]
-            lp = logp.gather(-1, b["targets"][..., None])[..., 0].cpu()
+            b = {k: v.to(self.device) for k, v in pack(chunk, self.pad_id).items()}
+            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            lp, logp = response_logprobs(logits, b["resp_pos"], b["targets"], self.temperature)  # [B, T], [B, T, V]
+            lp = lp.cpu()
             if top_k:
-                vals, ids = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
-                tail = tail_logprob(vals).cpu()
+                vals, ids, tail = topk_logprobs(logp, top_k)
+                tail = tail.cpu()
                 vals, ids = vals.to(PAYLOAD_DTYPE).cpu(), ids.to(torch.int32).cpu()
             rows_out = logp.to(PAYLOAD_DTYPE).cpu() if full else None
             for j, (_, resp) in enumerate(chunk):
@@ -119,7 +133,7 @@ class TeacherScorer:
         """Σ_t log π_T(y_t) at temperature 1: the teacher as DPO reference."""
         saved, self.temperature = self.temperature, 1.0
         try:
-            scores = self.score(items)["scores"]
+            scores = self._payloads(items)
         finally:
             self.temperature = saved
         return [float(s.logprobs.sum()) for s in scores]

@@ -150,7 +150,7 @@ def test_rlad_with_a_reward_model(tmp_path, tiny_models, ray_local):
     # The logged samples carry the reward model's own score for that (question, response).
     samples = [json.loads(x) for x in (spec.run_dir / "samples.jsonl").read_text().splitlines()]
     scorer = RewardModelScorer(tiny_models["reward"])
-    want = scorer.score([s["question"] for s in samples], [s["response"] for s in samples])
+    want = scorer.values([s["question"] for s in samples], [s["response"] for s in samples])
     for s, w in zip(samples, want):
         assert abs(s["components"]["reward_model"] - w) < 1e-4
         assert abs(s["reward"] - (s["components"]["exact_match"] + 0.5 * w)) < 1e-4

@@ -1,4 +1,8 @@
-"""Rule rewards (strings in, floats out), the reasoning-gym scorer and RewardRunner's isolation."""
+"""Rule rewards (strings in, floats out), the reasoning-gym scorer and RewardRunner's isolation.
+
+The runner and the reward model return raw components (the scorer contract, core/records.py
+ScoreRecord); the weighted sums asserted here go through the driver's one combine
+(cluster/scoring.py), as in a job."""
 
 import doctest
 import threading
@@ -6,9 +10,11 @@ import time
 
 import pytest
 
-from protege.core.data import load_reasoning_gym
+from protege.cluster.scoring import Score, combine
+from protege.core.data import Example, load_reasoning_gym
+from protege.core.records import Rollout, Sample, ScoreRecord
 from protege.rewards import rules
-from protege.rewards.base import REWARD_FUNCTIONS, RewardRunner, Score, get_reward_fn
+from protege.rewards.base import REWARD_FUNCTIONS, RewardRunner, get_reward_fn
 from protege.rewards.rules import (
     exact_match,
     extract_answer,
@@ -153,20 +159,41 @@ def test_registry():
         get_reward_fn("fromat")
 
 
+def rollout_of(text: str, i: int = 0) -> Rollout:
+    return Rollout(example_index=i, prompt_ids=[1, 2], sample=Sample([3], [-0.5], text, "stop"), policy_version=0)
+
+
+def weighted(records, weights):
+    """The rule runner's records as the driver scores them (cluster/scoring.py combine)."""
+    return combine({"reward": records}, weights, len(records))
+
+
 def test_runner_weighted_sum_and_components():
-    with RewardRunner([("exact_match", 1.0), ("format", 0.5)], timeout_s=5.0) as runner:
-        scores = runner.score(["<answer>4</answer>", "4", "<answer>5</answer>"], ["4"] * 3, [None] * 3)
+    with RewardRunner(["exact_match", "format"], timeout_s=5.0) as runner:
+        texts = ["<answer>4</answer>", "4", "<answer>5</answer>"]
+        records = runner.score_texts(texts, ["4"] * 3, [None] * 3)
+        assert records == [
+            ScoreRecord({"exact_match": 1.0, "format": 1.0}, {}),
+            ScoreRecord({"exact_match": 1.0, "format": 0.0}, {}),
+            ScoreRecord({"exact_match": 0.0, "format": 1.0}, {}),
+        ]
+        scores = weighted(records, {"exact_match": 1.0, "format": 0.5})
         assert scores == [
             Score(1.5, {"exact_match": 1.0, "format": 1.0}, {}),
             Score(1.0, {"exact_match": 1.0, "format": 0.0}, {}),
             Score(0.5, {"exact_match": 0.0, "format": 1.0}, {}),
         ]
-        assert runner.score_one("<answer>4</answer>", "4") == scores[0]
-        assert runner.score([], [], []) == []
+        # The scorer contract: rollouts[i] scored against examples[i] (its text, answer and meta).
+        examples = [Example(prompt="2 + 2?", answer="4") for _ in texts]
+        assert runner.score([rollout_of(t, i) for i, t in enumerate(texts)], examples) == records
+        assert runner.score_one("<answer>4</answer>", "4") == records[0]
+        assert runner.score([], []) == [] and runner.score_texts([], [], []) == []
         with pytest.raises(ValueError, match="equal lengths"):
-            runner.score(["a"], [], [])
+            runner.score_texts(["a"], [], [])
+        with pytest.raises(ValueError, match="equal lengths"):
+            runner.score([rollout_of("a")], [])
     with pytest.raises(KeyError, match="valid rewards"):
-        RewardRunner([("nope", 1.0)])
+        RewardRunner(["nope"])
 
 
 def test_runner_survives_raising_hanging_and_nan_rewards():
@@ -183,12 +210,11 @@ def test_runner_survives_raising_hanging_and_nan_rewards():
         return float("nan")
 
     functions = {"boom": boom, "hang": hang, "nan": nan, "format": format_reward}
-    runner = RewardRunner(
-        [("boom", 1.0), ("hang", 1.0), ("nan", 1.0), ("format", 2.0)], timeout_s=0.3, max_workers=2, functions=functions
-    )
+    runner = RewardRunner(["boom", "hang", "nan", "format"], timeout_s=0.3, max_workers=2, functions=functions)
+    weights = {"boom": 1.0, "hang": 1.0, "nan": 1.0, "format": 2.0}
     try:
         start = time.monotonic()
-        scores = runner.score(["<answer>1</answer>", "none"], ["1", "1"], [None, None])
+        scores = weighted(runner.score_texts(["<answer>1</answer>", "none"], ["1", "1"], [None, None]), weights)
         elapsed = time.monotonic() - start
         # Two hung calls on two workers: each is abandoned after ~0.3 s and replaced.
         assert elapsed < 3.0
@@ -197,22 +223,21 @@ def test_runner_survives_raising_hanging_and_nan_rewards():
             assert score.value == 2.0 * fmt
             assert score.errors == {"boom/exception": 1, "hang/timeout": 1, "nan/exception": 1}
         # The replacement workers serve the next step; the stuck threads are still sleeping.
-        again = runner.score(["<answer>1</answer>"], ["1"], [None])
+        again = runner.score_texts(["<answer>1</answer>"], ["1"], [None])
         assert again[0].components["format"] == 1.0 and again[0].errors["hang/timeout"] == 1
 
         # Abandoned threads beyond the cap: no replacements, so calls are skipped, not blocked.
-        capped = RewardRunner([("hang", 1.0)], timeout_s=0.2, max_workers=1, max_abandoned=1, functions=functions)
+        capped = RewardRunner(["hang"], timeout_s=0.2, max_workers=1, max_abandoned=1, functions=functions)
         start = time.monotonic()
-        scores = capped.score(["a", "b", "c"], ["", "", ""], [None] * 3)
+        scores = capped.score_texts(["a", "b", "c"], ["", "", ""], [None] * 3)
         assert time.monotonic() - start < 3.0
         assert [s.errors for s in scores] == [{"hang/timeout": 1}, {"hang/skipped": 1}, {"hang/skipped": 1}]
 
         # The cap is per reward: once 'hang' has used its one abandoned thread it is skipped without
         # running (costing no time), and 'format' keeps scoring on the remaining worker.
-        mixed = RewardRunner([("hang", 1.0), ("format", 1.0)], timeout_s=0.2, max_workers=1, max_abandoned=1,
-                             functions=functions)
+        mixed = RewardRunner(["hang", "format"], timeout_s=0.2, max_workers=1, max_abandoned=1, functions=functions)
         for _ in range(3):
-            scores = mixed.score(["<answer>1</answer>"] * 4, ["1"] * 4, [None] * 4)
+            scores = mixed.score_texts(["<answer>1</answer>"] * 4, ["1"] * 4, [None] * 4)
             assert [s.components["format"] for s in scores] == [1.0] * 4
             assert all(set(s.errors) <= {"hang/timeout", "hang/skipped"} for s in scores)
         assert sum(s.errors.get("hang/timeout", 0) for s in scores) == 0  # tripped: not even tried
@@ -260,8 +285,8 @@ def test_user_reward_functions_load_from_a_file_or_a_module(tmp_path):
 def test_user_reward_runs_in_the_runner_with_timeouts_and_errors():
     from tests.fault_rewards import raise_sometimes
 
-    runner = RewardRunner([("raises", 1.0)], timeout_s=1.0, functions={"raises": raise_sometimes})
-    scores = runner.score([chr(65 + i) for i in range(8)], ["x"] * 8, [None] * 8)
+    runner = RewardRunner(["raises"], timeout_s=1.0, functions={"raises": raise_sometimes})
+    scores = weighted(runner.score_texts([chr(65 + i) for i in range(8)], ["x"] * 8, [None] * 8), {"raises": 1.0})
     # sum(ord) % 4: 0/1 raise, 2 NaN, 3 -> 1.0; 'A'..'H' are 65..72 -> 1,2,3,0,1,2,3,0
     assert [s.value for s in scores] == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     assert sum(s.errors.get("raises/exception", 0) for s in scores) == 6
@@ -300,7 +325,12 @@ def test_reward_model_scorer_matches_a_plain_forward(tiny_models):
     scorer = RewardModelScorer(tiny_models["reward"], batch_size=3)
     prompts = ["What is 2 + 3?", "What is 7 + 1?", "Add 4 and 4.", "What is 9 + 0?"]
     completions = ["<answer>5</answer>", "I think it is <answer>8</answer>, because seven and one make eight", "8", ""]
-    got = scorer.score(prompts, completions)
+    got = scorer.values(prompts, completions)
+    # The scorer contract: one record per rollout, the raw score as the component 'reward_model'.
+    records = scorer.score([rollout_of(c, i) for i, c in enumerate(completions)],
+                           [Example(prompt=p, answer="") for p in prompts])
+    assert [r.components for r in records] == [{"reward_model": v} for v in got]
+    assert all(r.errors == {} and r.teacher is None for r in records)
 
     tok = AutoTokenizer.from_pretrained(tiny_models["reward"])
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"]).eval()
@@ -317,10 +347,12 @@ def test_reward_model_scorer_matches_a_plain_forward(tiny_models):
     ids = tok(short.render(prompts[1], completions[1]), add_special_tokens=False)["input_ids"][-8:]
     with torch.no_grad():
         tail = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
-    assert abs(short.score(prompts[1:2], completions[1:2])[0] - tail) < 1e-4
+    assert abs(short.values(prompts[1:2], completions[1:2])[0] - tail) < 1e-4
 
     with pytest.raises(ValueError, match="equal lengths"):
-        scorer.score(["a"], [])
+        scorer.values(["a"], [])
+    with pytest.raises(ValueError, match="equal lengths"):
+        scorer.score([rollout_of("a")], [])
 
 
 def test_reward_model_with_two_outputs_is_refused(tiny_models, tmp_path):
@@ -350,3 +382,19 @@ def test_reward_model_spec_rules():
         parse_spec({**base, "models": {"student": {"path": "s"}, "reward_model": {"path": "rm"}},
                     "rewards": [{"name": "exact_match"}]})
     assert e.value.errors[0][0] == "rewards" and "reward_model" in e.value.errors[0][1]
+
+
+def test_rewards_import_only_core_and_actors():
+    """The scorers sit above core/ and beside actors/ (the teacher's vLLM door): never on the
+    learner side, whose response log-prob gather they share through core/logprobs.py."""
+    import ast
+    from pathlib import Path
+
+    allowed = ("protege.core", "protege.actors", "protege.rewards")
+    for path in sorted((Path(__file__).parents[1] / "rewards").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.startswith("protege"):
+                    assert name.startswith(allowed), f"{path.name} imports {name}"

@@ -1,5 +1,6 @@
 """The teacher scorer's payload (tiny real teacher, in-process): sampled log-probs in the learner's
-frame, top-k ids / values / tail and full rows as compact tensors, and the bytes it reports."""
+frame, top-k ids / values / tail and full rows as compact tensors, and the bytes and seconds its
+records report (the scorer contract, core/records.py ScoreRecord)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,21 @@ import math
 import pytest
 import torch
 
-from protege.core.records import TeacherScores
+from protege.cluster.scoring import assemble
+from protege.core.data import Example
+from protege.core.records import Rollout, Sample, TeacherScores
 from protege.rewards.teacher import PAYLOAD_DTYPE, TeacherScorer
+
+
+def as_rollouts(items):
+    """(prompt ids, response ids) pairs as the rollouts (and their examples) the contract takes."""
+    rollouts = [Rollout(example_index=i, prompt_ids=p, sample=Sample(r, [0.0] * len(r), "", "stop"), policy_version=0)
+                for i, (p, r) in enumerate(items)]
+    return rollouts, [Example(prompt="", answer="") for _ in items]
+
+
+def payloads(scorer, items):
+    return [rec.teacher for rec in scorer.score(*as_rollouts(items))]
 
 
 def _direct_rows(model, prompt, resp):
@@ -20,11 +34,14 @@ def _direct_rows(model, prompt, resp):
 
 
 def test_teacher_payload_matches_a_direct_forward(tiny_models):
-    scorer = TeacherScorer(tiny_models["teacher"], engine="hf")
+    scorer = TeacherScorer(tiny_models["teacher"], engine="hf", top_k=8, full=True)
     items = [([5, 17, 42, 9], [33, 7, 250, 11, 3]), ([8, 8, 1], [99, 100])]
-    out = scorer.score(items, top_k=8, full=True)
-    assert out["tokens"] == 7
-    for (prompt, resp), ts in zip(items, out["scores"]):
+    records = scorer.score(*as_rollouts(items))
+    assert all(r.components == {} and r.errors == {} and r.seconds > 0 for r in records)
+    out = assemble({"teacher": records}, {}, len(items), tokens=7)  # what the driver reads
+    assert out.teacher == [r.teacher for r in records]
+    assert out.metrics["teacher/seconds"] == sum(r.seconds for r in records)
+    for (prompt, resp), ts in zip(items, out.teacher, strict=True):
         rows = _direct_rows(scorer.model, prompt, resp)
         want = rows.gather(-1, torch.tensor(resp)[:, None])[:, 0]
         assert isinstance(ts, TeacherScores) and ts.logprobs.dtype == torch.float32
@@ -38,9 +55,13 @@ def test_teacher_payload_matches_a_direct_forward(tiny_models):
         assert torch.allclose(ts.tail_logprobs, torch.log1p(-mass), atol=1e-5)
         assert torch.allclose(ts.full_logprobs.float(), rows, atol=2e-2)
     per_token = 4 + 8 * (4 + 2) + 4 + rows.shape[-1] * 2  # sampled f32, ids i32 + values f16, tail f32, row f16
-    assert out["bytes"] == per_token * 7
+    assert sum(ts.nbytes() for ts in out.teacher) == per_token * 7
+    assert out.metrics["teacher/bytes_per_token"] == per_token
     # Without a dense request the payload is one float32 per token.
-    assert scorer.score(items)["bytes"] == 4 * 7
+    sampled = TeacherScorer(tiny_models["teacher"], engine="hf")
+    assert sum(ts.nbytes() for ts in payloads(sampled, items)) == 4 * 7
+    with pytest.raises(ValueError, match="equal lengths"):
+        scorer.score(as_rollouts(items)[0], [])
 
 
 def test_teacher_logprobs_line_up_with_the_learners_frame(tiny_models):
@@ -55,7 +76,7 @@ def test_teacher_logprobs_line_up_with_the_learners_frame(tiny_models):
     ln.attach(scorer.model, device="cpu", pad_id=scorer.pad_id)
     prompt, resp = [5, 17, 42, 9, 100], [33, 7, 250, 11]
     ours = ln.logprobs(prompt, resp)
-    theirs = scorer.score([(prompt, resp)])["scores"][0].logprobs.tolist()
+    theirs = payloads(scorer, [(prompt, resp)])[0].logprobs.tolist()
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-5
     assert all(math.isfinite(x) for x in ours)
 
@@ -66,19 +87,26 @@ def test_vllm_scoring_matches_the_transformers_forward(tiny_models):
     same sampled-token log-probs, the same top-k ids and values and the same tail as the HF
     forward (float32, CPU vLLM); full rows and temperatures other than 1 fall back to HF."""
     vllm_scorer = TeacherScorer(tiny_models["teacher"], engine="vllm", score_engine="vllm", max_logprobs=8,
-                                kv_cache_bytes=64 << 20)
-    hf_scorer = TeacherScorer(tiny_models["teacher"], engine="hf")
+                                kv_cache_bytes=64 << 20, top_k=8)
+    hf_scorer = TeacherScorer(tiny_models["teacher"], engine="hf", top_k=8)
     items = [([5, 17, 42, 9], [33, 7, 250, 11, 3]), ([8, 8, 1], [99, 100]), ([4, 4, 4, 4, 4, 4], [12])]
     try:
-        got = vllm_scorer.score(items, top_k=8)
-        want = hf_scorer.score(items, top_k=8)
-        assert got["engine"] == "vllm" and want["engine"] == "hf" and got["bytes"] == want["bytes"]
-        for a, b in zip(got["scores"], want["scores"]):
+        assert vllm_scorer.scores_with_vllm(vllm_scorer.full) and not hf_scorer.scores_with_vllm(hf_scorer.full)
+        got = payloads(vllm_scorer, items)
+        want = payloads(hf_scorer, items)
+        assert vllm_scorer._generator is not None and vllm_scorer._model is None  # scored by vLLM alone
+        assert hf_scorer._generator is None  # the transformers forward, no engine started
+        assert sum(a.nbytes() for a in got) == sum(b.nbytes() for b in want)
+        for a, b in zip(got, want, strict=True):
             assert torch.allclose(a.logprobs, b.logprobs, atol=1e-4)
             assert torch.equal(a.topk_ids, b.topk_ids)
             assert torch.allclose(a.topk_logprobs.float(), b.topk_logprobs.float(), atol=2e-3)
             assert torch.allclose(a.tail_logprobs, b.tail_logprobs, atol=1e-3)
-        assert vllm_scorer.score(items, full=True)["engine"] == "hf"
+        # Full rows fall back to the transformers forward (same engine settings, full: true).
+        full = TeacherScorer(tiny_models["teacher"], engine="vllm", score_engine="vllm", max_logprobs=8,
+                             kv_cache_bytes=64 << 20, full=True)
+        assert not full.scores_with_vllm(full.full)
+        assert payloads(full, items)[0].full_logprobs is not None and full._generator is None
     finally:
         vllm_scorer._generator.close()
 
