@@ -581,7 +581,7 @@ def main(argv=None) -> int:
     if args.protege_cwd:
         global PROTEGE_CWD
         PROTEGE_CWD = Path(args.protege_cwd).resolve()
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the Protégé CLI may run from another folder (--protege-cwd)
     out.mkdir(parents=True, exist_ok=True)
     ensure_trl_venv()
     ok, why = bf16_support()
