@@ -382,19 +382,3 @@ def test_reward_model_spec_rules():
         parse_spec({**base, "models": {"student": {"path": "s"}, "reward_model": {"path": "rm"}},
                     "rewards": [{"name": "exact_match"}]})
     assert e.value.errors[0][0] == "rewards" and "reward_model" in e.value.errors[0][1]
-
-
-def test_rewards_import_only_core_and_actors():
-    """The scorers sit above core/ and beside actors/ (the teacher's vLLM door): never on the
-    learner side, whose response log-prob gather they share through core/logprobs.py."""
-    import ast
-    from pathlib import Path
-
-    allowed = ("protege.core", "protege.actors", "protege.rewards")
-    for path in sorted((Path(__file__).parents[1] / "rewards").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            for name in names:
-                if name.startswith("protege"):
-                    assert name.startswith(allowed), f"{path.name} imports {name}"
