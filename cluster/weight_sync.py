@@ -310,10 +310,9 @@ def _why_not_gpu(spec, roles) -> str | None:
 
 def pick_weight_sync(spec, roles, *, mode: str | None = None) -> WeightSync:
     """``NcclWeightSync`` when CUDA is available on the rollout workers and the spec allows it,
-    else ``ObjectStoreSync``. ``mode`` (default ``spec.learner.weight_sync`` when the spec has it,
-    else ``auto``): ``object_store`` never uses the GPU path, ``nccl`` requires it (raises
+    else ``ObjectStoreSync``. ``mode`` (default ``spec.learner.weight_sync``): ``object_store`` never uses the GPU path, ``nccl`` requires it (raises
     :class:`NoGpuTransfer` with the reason), ``auto`` falls back to the object store."""
-    mode = mode or getattr(spec.learner, "weight_sync", "auto")
+    mode = mode or spec.learner.weight_sync
     if mode not in MODES:
         raise ValueError(f"weight_sync must be one of {MODES} (got {mode!r})")
     dtype = spec.models.student.dtype
@@ -324,7 +323,7 @@ def pick_weight_sync(spec, roles, *, mode: str | None = None) -> WeightSync:
     sync = None
     if reason is None:
         sync = NcclWeightSync(roles.learners, roles.rollout, zero_stage=spec.learner.zero_stage, dtype=dtype,
-                              bucket_mb=getattr(spec.learner, "weight_sync_bucket_mb", DEFAULT_BUCKET_MB))
+                              bucket_mb=spec.learner.weight_sync_bucket_mb)
         try:
             sync.probe()  # asks each worker's vLLM engine for its GPU: "CUDA is available" for real
         except (NoGpuTransfer, RuntimeError, ray.exceptions.RayError) as err:

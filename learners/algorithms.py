@@ -35,26 +35,18 @@ def build_rows(
     metrics: dict[str, float] = {}
     teacher = teacher if teacher is not None else [None] * len(responses)
     match algo.type:
-        case "grpo" | "rlad" | "kepo" | "opd":
-            r = torch.tensor(rewards, dtype=torch.float32)
-            adv = group_advantages(r, group_size, std_norm=algo.adv_std_norm)
-            keep = torch.ones(len(responses), dtype=torch.bool)
-            if getattr(algo, "dynamic_sampling", False):
-                keep = dynamic_sampling_mask(r, group_size)
-                metrics["rollout/kept_frac"] = float(keep.float().mean())
-            if algo.type == "opd" and algo.grpo_coef == 0:
-                adv = torch.zeros_like(adv)
-            rows = []
-            for i, (ro, t) in enumerate(zip(responses, teacher, strict=True)):
-                if not keep[i]:
-                    continue
-                gate = 0.0
-                if algo.type == "kepo":
-                    gate = 1.0 if rewards[i] >= algo.gate_threshold else 0.0
-                rows.append(_row(ro, float(adv[i]), t, gate))
-            if algo.type == "kepo":
-                metrics["kepo/gate_open_frac"] = sum(row.gate for row in rows) / max(1, len(rows))
+        case "grpo" | "rlad":
+            return _group_rows(responses, rewards, group_size, teacher, std_norm=algo.adv_std_norm,
+                               dynamic_sampling=algo.dynamic_sampling)
+        case "kepo":  # the quality gate opens the distillation term on responses that reach τ
+            gates = [1.0 if r >= algo.gate_threshold else 0.0 for r in rewards]
+            rows, metrics = _group_rows(responses, rewards, group_size, teacher, std_norm=algo.adv_std_norm,
+                                        dynamic_sampling=algo.dynamic_sampling, gates=gates)
+            metrics["kepo/gate_open_frac"] = sum(row.gate for row in rows) / max(1, len(rows))
             return rows, metrics
+        case "opd":  # advantages only feed the GRPO part, when grpo_coef > 0
+            return _group_rows(responses, rewards, group_size, teacher, std_norm=algo.adv_std_norm,
+                               zero_advantages=algo.grpo_coef == 0)
         case "dpo" if algo.mode == "offline":  # the data's pairs, already (chosen, rejected) in order
             return [_row(ro, 0.0, t, 0.0) for ro, t in zip(responses, teacher, strict=True)], metrics
         case "dpo":
@@ -70,6 +62,25 @@ def build_rows(
             return [_row(ro, 0.0, t, 0.0) for ro, t in zip(responses, teacher, strict=True)], metrics
         case _:
             raise ValueError(f"no credit assignment for algorithm '{algo.type}'")
+
+
+def _group_rows(responses, rewards, group_size: int, teacher, *, std_norm: bool, dynamic_sampling: bool = False,
+                gates: list[float] | None = None, zero_advantages: bool = False):
+    """The GRPO family's credit: group-normalised advantages, optionally DAPO's dynamic sampling
+    (groups whose rewards are all equal dropped), per-row gates."""
+    metrics: dict[str, float] = {}
+    r = torch.tensor(rewards, dtype=torch.float32)
+    adv = group_advantages(r, group_size, std_norm=std_norm)
+    if zero_advantages:
+        adv = torch.zeros_like(adv)
+    keep = torch.ones(len(responses), dtype=torch.bool)
+    if dynamic_sampling:
+        keep = dynamic_sampling_mask(r, group_size)
+        metrics["rollout/kept_frac"] = float(keep.float().mean())
+    gates = gates if gates is not None else [0.0] * len(responses)
+    rows = [_row(ro, float(adv[i]), t, gates[i])
+            for i, (ro, t) in enumerate(zip(responses, teacher, strict=True)) if keep[i]]
+    return rows, metrics
 
 
 def _row(ro: Rollout, adv: float, t: TeacherScores | None, gate: float) -> TrainRow:
