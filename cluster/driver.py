@@ -41,20 +41,9 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
     """Train as ``spec`` says. ``stop_after`` ends the session after that many steps (tests).
     ``quiet`` (the CLI's default) sends this process's third-party logging and warnings to
     RUN_DIR/logs/driver.log; the actors' output goes to RUN_DIR/logs/ in any case."""
-    run_dir, location = spec.run_dir, spec.run_location  # local files; where checkpoints live
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logs = quiet_driver(run_dir) if quiet else None
-    (run_dir / "resolved_spec.json").write_text(spec.model_dump_json(indent=2))
-    train_set, eval_set = load_job_data(spec)  # bad data fails here, before any resource is taken
-    tok = _check_tokenizers(spec)
-    _check_reward_functions(spec)
-    enc = Encoder(tok, system_prompt=spec.data.system_prompt, max_prompt_tokens=spec.rollout.max_prompt_tokens)
-    if spec.run_uri:  # a missing backend, bad credentials or an unwritable bucket fail here, too
-        run_state.open_remote_run(spec, resume)
-    for w in gpu_warnings(spec):
-        print(f"warning: {w}", file=sys.stderr)
+    logs, enc, train_set, eval_set = _before_any_resource(spec, resume=resume, quiet=quiet)
     say = print if progress else (lambda *a, **k: None)
-    say(f"protege: {spec.name}: {spec.algorithm.type} for {spec.steps} steps -> {run_dir}"
+    say(f"protege: {spec.name}: {spec.algorithm.type} for {spec.steps} steps -> {spec.run_dir}"
         + (f" (logs: {logs.parent})" if logs else ""), flush=True)
     t0 = time.perf_counter()
     where = connect()
@@ -66,35 +55,57 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
     say(f"protege: {len(roles.rollout)} rollout worker(s), {len(roles.learners)} learner rank(s)"
         + (", teacher" if roles.teacher is not None else "") + f" ready in {time.perf_counter() - t0:.0f} s "
         f"(Ray: {where['address']})", flush=True)
-    start = (checkpoints.read_state(c)["step"] if resume and (c := checkpoints.latest(location)) else 0)
+    start = (checkpoints.read_state(c)["step"] if resume and (c := checkpoints.latest(spec.run_location)) else 0)
     until = spec.steps if stop_after is None else min(spec.steps, start + stop_after)
     faults = Faults()
     try:
         while True:
-            _write_actor_table(run_dir, roles)
+            _write_actor_table(spec.run_dir, roles)
             try:
                 return _train(Job(spec, roles, enc, faults), train_set, eval_set, resume=resume, until=until,
                               progress=progress)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
                 if not _learner_group_broken(roles, err):
                     raise
-                deaths = faults.count("learner")
-                if deaths > spec.fault_tolerance.learner_restarts:
-                    last = checkpoints.latest(location)
-                    raise JobError(
-                        f"a learner rank died {deaths} times "
-                        f"(fault_tolerance.learner_restarts = {spec.fault_tolerance.learner_restarts}); stopping. "
-                        f"Last checkpoint: {last or 'none'}; continue with `protege run SPEC --resume`.") from err
-                # A dead rank breaks the group's collectives: rebuild all ranks, reload the last checkpoint.
-                print(f"learner rank died ({err.__class__.__name__}); reloading the learner group from the last "
-                      "checkpoint", file=sys.stderr)
-                start_learners(spec, roles)
-                resume = True
+                _restart_learners(spec, roles, faults, err)
+                resume = True  # the rebuilt group continues from the last checkpoint
     except Exception:
         _point_at_logs(logs)
         raise
     finally:
         roles.kill_all()
+
+
+def _before_any_resource(spec, *, resume: bool, quiet: bool):
+    """Everything that can be refused before a process starts: bad data, a teacher with another
+    tokenizer, a reward function that does not import, an unwritable object store."""
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    logs = quiet_driver(spec.run_dir) if quiet else None
+    (spec.run_dir / "resolved_spec.json").write_text(spec.model_dump_json(indent=2))
+    train_set, eval_set = load_job_data(spec)
+    tok = _check_tokenizers(spec)
+    _check_reward_functions(spec)
+    enc = Encoder(tok, system_prompt=spec.data.system_prompt, max_prompt_tokens=spec.rollout.max_prompt_tokens)
+    if spec.run_uri:  # a missing backend, bad credentials or an unwritable bucket fail here, too
+        run_state.open_remote_run(spec, resume)
+    for w in gpu_warnings(spec):
+        print(f"warning: {w}", file=sys.stderr)
+    return logs, enc, train_set, eval_set
+
+
+def _restart_learners(spec, roles: Roles, faults: Faults, err: Exception) -> None:
+    """A dead rank breaks the group's collectives: rebuild all ranks (the caller reloads the last
+    checkpoint), or stop once fault_tolerance.learner_restarts is spent."""
+    deaths = faults.count("learner")
+    if deaths > spec.fault_tolerance.learner_restarts:
+        last = checkpoints.latest(spec.run_location)
+        raise JobError(
+            f"a learner rank died {deaths} times (fault_tolerance.learner_restarts = "
+            f"{spec.fault_tolerance.learner_restarts}); stopping. Last checkpoint: {last or 'none'}; "
+            "continue with `protege run SPEC --resume`.") from err
+    print(f"learner rank died ({err.__class__.__name__}); reloading the learner group from the last checkpoint",
+          file=sys.stderr)
+    start_learners(spec, roles)
 
 
 def _train(job: Job, train_set, eval_set, *, resume: bool, until: int, progress: bool) -> dict:
