@@ -251,7 +251,7 @@ def test_plan_packed_one_dtype_per_buffer_aligned_and_bounded():
     layout, sizes = plan_packed(meta, bucket_bytes=600)
     assert sorted(n for n, *_ in layout) == sorted(n for n, _, _ in meta)
     by_buf: dict[int, set] = {}
-    for name, shape, dtype, b, off in layout:
+    for _name, shape, dtype, b, off in layout:
         by_buf.setdefault(b, set()).add(dtype)
         assert off % ALIGN == 0 and off + param_bytes(shape, dtype) <= sizes[b]
     assert all(len(d) == 1 for d in by_buf.values())  # one dtype per buffer
