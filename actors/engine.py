@@ -6,8 +6,9 @@ Two engines behind one small surface (generate / score / load_weights):
 - ``HFEngine``: ``transformers.generate``, the fallback (``rollout.engine: hf``) and the baseline
   the benchmark compares vLLM against.
 
-Weights arrive as safetensors bytes (see cluster/weight_sync.py) and are loaded in place into
-the running engine; the version is tracked by the caller.
+Weights arrive as named tensors (views into the object store's buffers, see
+cluster/weight_sync.py) or safetensors bytes, and are loaded in place into the running engine;
+the version is tracked by the caller.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.dtype = dtype
 
     def _waves(self, costs: list[int]) -> list[list[int]]:
         """Consecutive indices whose prompt tokens fit the scheduler budget: see TOKEN_BUDGET."""
@@ -186,6 +188,13 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         return time.perf_counter() - t0
 
+    def load_tensors(self, named: list[tuple[str, torch.Tensor]]) -> float:
+        """Load ``(name, tensor)`` pairs (any dtype; the loaders cast) in place; returns seconds taken."""
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("protege_reload_tensors", args=(named,))
+        self.llm.reset_prefix_cache()  # as above
+        return time.perf_counter() - t0
+
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
@@ -206,6 +215,7 @@ class HFEngine:
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.seed = seed
+        self.dtype = dtype
 
     @torch.no_grad()
     def generate(self, prompts, *, n, temperature, top_p, max_tokens, seed=None, stop_token_ids=None):
@@ -251,8 +261,11 @@ class HFEngine:
     def load_weights(self, payload: bytes) -> float:
         from safetensors.torch import load
 
+        return self.load_tensors(list(load(payload).items()))
+
+    def load_tensors(self, named: list[tuple[str, torch.Tensor]]) -> float:
         t0 = time.perf_counter()
-        state = {k: v.to(self.device) for k, v in load(payload).items()}
+        state = {k: v.to(self.device) for k, v in named}  # load_state_dict copies (and casts) into the parameters
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected:
             raise ValueError(f"weights for an unknown model: unexpected keys {unexpected[:5]}")

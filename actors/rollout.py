@@ -14,7 +14,7 @@ from typing import Any
 
 from protege.actors.engine import make_engine
 from protege.actors.weight_receiver import WeightReceiver
-from protege.core.records import Rollout, WeightsVersion
+from protege.core.records import PackedWeights, Rollout, WeightsVersion
 from protege.core.console import capture_actor_output
 from protege.core.env import configure_node_defaults
 
@@ -65,8 +65,8 @@ class RolloutWorker:
         return self.receiver.version
 
     # Weight loads, forwarded to the receiver (Ray calls these actor methods).
-    def load_weights(self, weights: WeightsVersion) -> dict[str, float]:
-        return self.receiver.load(weights)
+    def load_weights(self, weights: WeightsVersion, packed: PackedWeights | None = None) -> dict[str, float]:
+        return self.receiver.load(weights, packed)
 
     def wt_probe(self) -> dict[str, Any]:
         return self.receiver.probe()

@@ -1,9 +1,11 @@
 """vLLM worker extension: in-place weight reload for RL weight sync.
 
 vLLM mixes this class into its worker (``worker_extension_cls``), so ``self`` is the worker and
-``LLM.collective_rpc("protege_reload", args=(payload,))`` calls into it. Tensors travel as
-safetensors bytes because collective_rpc arguments are serialised when the engine runs in
-its own process; bytes are the one format every transport handles without pickling torch.
+``LLM.collective_rpc("protege_reload_tensors", args=(named_tensors,))`` calls into it. With the
+engine in this process (CPU: VLLM_ENABLE_V1_MULTIPROCESSING=0) the arguments are passed as they
+are, so the tensors the weight sync hands over (views into the object store's buffers) reach the
+loader without a copy; an engine core in its own process gets them through vLLM's msgpack encoder.
+``protege_reload`` takes safetensors bytes instead (serve/'s reload from a folder).
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ class WeightReloadExtension:
     def protege_reload(self, payload: bytes) -> int:
         from safetensors.torch import load
 
-        weights = load(payload)
+        return self.protege_reload_tensors(list(load(payload).items()))
+
+    def protege_reload_tensors(self, weights: list[tuple[str, torch.Tensor]]) -> int:
         # Layerwise reload re-runs each layer's post-load processing (CPU vLLM repacks linear
         # layers after loading, so writing into parameters directly would be silently ignored).
-        self.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+        # Its weight loaders copy each tensor into the parameter (casting to the engine's dtype):
+        # the tensors are read, never written.
+        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
         _retie_lm_head(self.model_runner.get_model())
         return len(weights)
 

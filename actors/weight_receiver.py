@@ -5,8 +5,11 @@ so learner rank 0 and the driver can call them as Ray actor methods). It owns th
 
 Two ways in:
 
-- Object store: :meth:`WeightReceiver.load` takes a ``WeightsVersion`` (one safetensors blob)
-  and loads it in place through the engine's layerwise reload (actors/vllm_ext.py).
+- Object store: :meth:`WeightReceiver.load` takes a ``WeightsVersion`` and, beside it, the
+  learner's ``PackedWeights`` (flat buffers that Ray maps from the object store without a copy);
+  the tensors it hands the engine are views into those buffers, which the engine's layerwise
+  reload (actors/vllm_ext.py) copies into its parameters: the one copy on this side. A
+  ``WeightsVersion`` with safetensors bytes and no buffers still loads the old way.
 - GPU: vLLM's native weight transfer into the running engine, driven by learner rank 0's
   ``RolloutClient`` (learners/weight_sender.py) through the worker's methods:
 
@@ -34,11 +37,13 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
 
-from protege.core.records import WeightsVersion
+from protege.core.records import PackedWeights, WeightsVersion
+from protege.core.weights import tensor_views
 
 
 # ------------------------------------------------------------------ inside the vLLM worker process
@@ -142,12 +147,33 @@ class WeightReceiver:
         self._started: float | None = None  # perf_counter of the GPU update in progress, if any
 
     # -- object store
-    def load(self, weights: WeightsVersion) -> dict[str, float]:
-        if weights.payload is None:
-            raise ValueError("RolloutWorker.load_weights needs a payload (bytes)")
-        seconds = self.engine.load_weights(weights.payload)
+    def load(self, weights: WeightsVersion, packed: PackedWeights | None = None) -> dict[str, float]:
+        """Load ``weights`` (its bytes, or ``packed``) in place. Returns ``{"version", "seconds"
+        (the whole load), "unpack_s" (views from the buffers, or the blob's deserialisation inside
+        "seconds"), "bytes" (what the engine now holds for them, in its own dtype)}``."""
+        t0 = time.perf_counter()
+        if packed is not None:
+            with warnings.catch_warnings():  # the object store's buffers are read-only: nothing writes to them
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                buffers = [torch.from_numpy(b) for b in packed.buffers]
+            named = tensor_views(packed.layout, buffers)
+            unpack_s = time.perf_counter() - t0
+            self.engine.load_tensors(named)
+            numel = sum(t.numel() for _, t in named)
+        elif weights.payload is not None:
+            from safetensors.torch import load
+
+            named = list(load(weights.payload).items())
+            unpack_s = time.perf_counter() - t0
+            self.engine.load_tensors(named)
+            numel = sum(t.numel() for _, t in named)
+        else:
+            raise ValueError("RolloutWorker.load_weights needs a payload (bytes) or packed buffers")
+        del named
         self.version = weights.version
-        return {"version": self.version, "seconds": seconds}
+        held = numel * getattr(torch, self.engine.dtype).itemsize
+        return {"version": self.version, "seconds": time.perf_counter() - t0, "unpack_s": unpack_s,
+                "bytes": held}
 
     # -- GPU
     def _vllm(self):

@@ -1,10 +1,14 @@
 """Pipeline benchmark: where a GRPO step's time goes, and vLLM against HF rollout throughput.
 
-    python bench/pipeline_bench.py [--model PATH] [--steps N] [--out bench/results]
+    python bench/pipeline_bench.py [--model PATH] [--pipeline-model PATH] [--steps N] [--out bench/results]
 
 1. A fixed small GRPO job through the real pipeline (``protege.cluster.driver.run``: Ray, 1 vLLM
-   rollout worker, 2 DeepSpeed ranks with ZeRO-2, the tiny student) and, from its metrics.jsonl,
-   the per-phase split of a step (generate / score / train / sync), step 1 left out as warm-up.
+   rollout worker, 2 DeepSpeed ranks with ZeRO-2), with the tiny student and again with
+   ``--pipeline-model`` (default models/smollm2-10l when present), and, from its metrics.jsonl,
+   the per-phase split of a step (generate / score / train / sync), step 1 left out as warm-up;
+   the weight sync's own split (sync/*), its MB/s beside a plain memcpy of the same bytes
+   (torch ``copy_`` between two warm buffers, measured in this process right after the job), and
+   the overhead budget (:func:`overhead_frac`).
 2. Rollout throughput of the vLLM engine and the HF engine (``actors/engine.py``), built in this
    process one after the other, on the same model, prompts and sampling parameters: generated
    tokens per second and the ratio vLLM / HF. For the tiny student, then for SmolLM2-135M
@@ -43,6 +47,39 @@ PROMPTS_PER_STEP, SAMPLES_PER_PROMPT, PIPE_MAX_TOKENS = 8, 4, 32
 TINY_SHAPE = (32, 4, 32)
 MODEL_SHAPE = (8, 2, 32)
 PHASES = ("generate", "score", "train", "sync")
+SYNC_KEYS = ("seconds", "export_s", "pack_s", "transfer_s", "unpack_s", "load_s", "mbytes", "mb_per_s")
+
+
+def overhead_frac(row: dict) -> float:
+    """The share of one step spent outside generation compute and learner compute:
+    1 - (rollout/engine_s + learner/step_s) / time/step, where
+
+    - generation compute, ``rollout/engine_s``: RolloutWorker.generate's own time inside the worker
+      (the vLLM engine generating, slowest worker), without the Ray round trip;
+    - learner compute, ``learner/step_s``: Learner.train_step's own time on rank 0 (micro-batches,
+      forward, backward, optimizer step, its all-reduces), without the Ray round trip;
+    - the step, ``time/step``: the driver's step from its first wait for the rollouts to the
+      metrics line (cluster/driver.py). Generation runs alone here (max_staleness 0), so the two
+      computes never overlap each other.
+
+    What is left is overhead: Ray round trips and (de)serialisation, the weight sync, scoring,
+    credit assignment and bookkeeping."""
+    return 1.0 - (row["rollout/engine_s"] + row["learner/step_s"]) / row["time/step"]
+
+
+def memcpy_mb_per_s(nbytes: int, repeats: int = 5) -> float:
+    """A plain memcpy of ``nbytes``: torch ``copy_`` between two buffers touched before (no page
+    faults), median of ``repeats``."""
+    import torch
+
+    dst, src = torch.empty(max(1, nbytes), dtype=torch.uint8), torch.ones(max(1, nbytes), dtype=torch.uint8)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return nbytes / 1e6 / sorted(times)[len(times) // 2]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None,
                    help="second model for the engine comparison (HF folder); default models/smollm2 when present")
     p.add_argument("--no-model", action="store_true", help="compare the engines on the tiny student only")
+    p.add_argument("--pipeline-model", default=None,
+                   help="second model for the GRPO pipeline (HF folder); default models/smollm2-10l when present")
+    p.add_argument("--model-steps", type=int, default=4,
+                   help="GRPO steps with --pipeline-model; step 1 is warm-up (default: %(default)s)")
+    p.add_argument("--no-pipeline-model", action="store_true", help="the GRPO pipeline with the tiny student only")
     p.add_argument("--tiny", default=str(ROOT / "models" / "tiny" / "student"),
                    help="tiny student for the pipeline and the first comparison (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="GRPO steps; step 1 is warm-up and left out (default: %(default)s)")
@@ -63,8 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the pipeline job's checkpoints (deleted by default)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.steps < 2:
-        p.error("--steps must be at least 2 (step 1 is warm-up)")
+    if min(args.steps, args.model_steps) < 2:
+        p.error("--steps and --model-steps must be at least 2 (step 1 is warm-up)")
     if min(args.repeats, args.model_repeats) < 1:
         p.error("--repeats and --model-repeats must be at least 1")
     return args
@@ -134,7 +176,7 @@ def bench_pipeline(student: str, steps: int, out: Path, keep_checkpoints: bool) 
     from protege.cluster.metrics import read_metrics
     from protege.core.env import worker_env
 
-    run_dir = out / "pipeline_run"
+    run_dir = out / ("pipeline_run" if student.rstrip("/").endswith("tiny/student") else f"pipeline_run_{Path(student).name}")
     shutil.rmtree(run_dir, ignore_errors=True)  # samples.jsonl appends: start clean
     spec = pipeline_spec(student, steps, run_dir)
     load_before = _load()
@@ -160,6 +202,11 @@ def bench_pipeline(student: str, steps: int, out: Path, keep_checkpoints: bool) 
         return sum(vals) / len(vals) if vals else float("nan")
 
     step_s = mean("time/step")
+    sync = {k: mean(f"sync/{k}") for k in SYNC_KEYS}
+    sync_bytes = int(sum(r["sync/mb_per_s"] * r["sync/seconds"] * 1e6 for r in measured) / max(1, len(measured)))
+    load_memcpy = _load()
+    memcpy = memcpy_mb_per_s(sync_bytes)
+    fracs = [overhead_frac(r) for r in measured if {"rollout/engine_s", "learner/step_s", "time/step"} <= r.keys()]
     phases = {ph: {"mean_s": mean(f"time/{ph}"), "pct_of_step": 100 * mean(f"time/{ph}") / step_s} for ph in PHASES}
     other = step_s - sum(v["mean_s"] for v in phases.values())
     phases["other"] = {"mean_s": other, "pct_of_step": 100 * other / step_s}
@@ -173,8 +220,15 @@ def bench_pipeline(student: str, steps: int, out: Path, keep_checkpoints: bool) 
         "step1_s": rows[0]["time/step"] if rows else None,
         "rollout_tokens_per_s": mean("rollout/tokens_per_s"),
         "rollout_response_len": mean("rollout/response_len"),
-        "sync": {"mbytes": mean("sync/mbytes"), "seconds": mean("sync/seconds"), "export_s": mean("sync/export_s"),
-                 "load_s": mean("sync/load_s")},
+        "sync": {**sync, "bytes_held": sync_bytes},
+        "sync_mb_per_s": sync["mb_per_s"],
+        "memcpy_mb_per_s": memcpy,
+        "sync_over_memcpy": sync["mb_per_s"] / memcpy,
+        "load_at_memcpy": load_memcpy,
+        "generation_compute_s": mean("rollout/engine_s"),
+        "learner_compute_s": mean("learner/step_s"),
+        "overhead_frac": sum(fracs) / len(fracs) if fracs else float("nan"),
+        "overhead_frac_per_step": fracs,
         "reward_mean": mean("reward/mean", rows),
         "ray_init_s": t_ray,
         "run_wall_s": t_run,
@@ -255,12 +309,11 @@ def render(result: dict) -> str:
         f"load average (1/5/15 min): start {_fmt_load(result['load_start'])}, end {_fmt_load(result['load_end'])}"
         f" · bench wall {result['wall_s']:.0f} s",
     ]
-    p = result.get("pipeline")
-    if p:
+    for p in result.get("pipelines") or []:
         c = p["config"]
         lines += [
             "",
-            f"## GRPO step on the real pipeline (tiny student; {c['prompts_per_step']} prompts x {c['samples_per_prompt']} samples"
+            f"## GRPO step on the real pipeline ({Path(c['student']).name}; {c['prompts_per_step']} prompts x {c['samples_per_prompt']} samples"
             f" x {c['max_new_tokens']} tokens; 1 vLLM worker, {c['learner_ranks']} ranks ZeRO-{c['zero_stage']};"
             f" mean of steps {c['measured_steps'][0]}-{c['measured_steps'][-1]})",
             "",
@@ -274,8 +327,15 @@ def render(result: dict) -> str:
             "",
             f"- rollout tokens/s (in pipeline, incl. Ray round trip): {p['rollout_tokens_per_s']:.0f}"
             f" (mean response {p['rollout_response_len']:.1f} tokens)",
-            f"- weight sync: {p['sync']['mbytes']:.2f} MB in {p['sync']['seconds']:.3f} s"
-            f" (export {p['sync']['export_s']:.3f} s, load into vLLM {p['sync']['load_s']:.3f} s)",
+            f"- weight sync: {p['sync']['bytes_held'] / 1e6:.2f} MB held by the worker ({p['sync']['mbytes']:.2f} MB on the wire)"
+            f" in {p['sync']['seconds']:.3f} s: pack on the learner {p['sync']['pack_s']:.3f} s, export (pack + into the"
+            f" object store) {p['sync']['export_s']:.3f} s, transfer {p['sync']['transfer_s']:.3f} s, unpack"
+            f" {p['sync']['unpack_s']:.3f} s, load (unpack + vLLM reload) {p['sync']['load_s']:.3f} s",
+            f"- **sync {p['sync_mb_per_s']:.0f} MB/s vs memcpy {p['memcpy_mb_per_s']:.0f} MB/s: "
+            f"{100 * p['sync_over_memcpy']:.1f} % of memcpy** (load at the memcpy {_fmt_load(p['load_at_memcpy'])})",
+            f"- **overhead {100 * p['overhead_frac']:.1f} % of the step** (1 - (generation compute"
+            f" {p['generation_compute_s']:.3f} s + learner compute {p['learner_compute_s']:.3f} s) / step, per step,"
+            f" mean; per step: {', '.join(f'{100 * x:.1f}' for x in p['overhead_frac_per_step'])} %)",
             f"- step 1 (warm-up, excluded): {p['step1_s']:.2f} s · run() wall {p['run_wall_s']:.1f} s, of which steps"
             f" {p['steps_total_s']:.1f} s (rest: actor start-up, checkpoint, plot) · Ray start {p['ray_init_s']:.1f} s",
             f"- load before/after: {_fmt_load(p['load_before'])} / {_fmt_load(p['load_after'])}",
@@ -324,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    result: dict = {"load_start": _load(), "environment": _environment(), "pipeline": None, "engines": [], "problems": []}
+    result: dict = {"load_start": _load(), "environment": _environment(), "pipelines": [], "engines": [], "problems": []}
 
     tiny = args.tiny
     if not Path(tiny).is_dir():
@@ -338,9 +398,17 @@ def main(argv: list[str] | None = None) -> int:
         # Both engines take the GPU when one is visible (VLLMEngine through vLLM, HFEngine on cuda:0),
         # so the engine comparison compares engines on the same device.
         result["environment"]["engines_device"] = "cuda:0"
+    pipe_model = None if args.no_pipeline_model else args.pipeline_model or (
+        str(ROOT / "models" / "smollm2-10l") if (ROOT / "models" / "smollm2-10l").is_dir() else None)
     if not args.skip_pipeline:
         print(f"[bench] GRPO pipeline: {args.steps} steps on {tiny}", flush=True)
-        result["pipeline"] = bench_pipeline(tiny, args.steps, out, args.keep_checkpoints)
+        result["pipelines"].append(bench_pipeline(tiny, args.steps, out, args.keep_checkpoints))
+        if pipe_model:
+            print(f"[bench] GRPO pipeline: {args.model_steps} steps on {pipe_model}", flush=True)
+            try:
+                result["pipelines"].append(bench_pipeline(pipe_model, args.model_steps, out, args.keep_checkpoints))
+            except Exception as exc:  # the tiny pipeline and the engines still get written
+                result["problems"].append(f"pipeline on {pipe_model} failed: {type(exc).__name__}: {exc}")
     p, n, mt = TINY_SHAPE
     result["engines"].append(bench_engines(tiny, prompts=p, n=n, max_tokens=mt, repeats=args.repeats))
     if second:
@@ -352,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result["load_end"] = _load()
     result["wall_s"] = time.perf_counter() - t_start
+    (out / "pipeline_bench.json").write_text(json.dumps(result, indent=2))  # before render: kept if it fails
     table = render(result)
-    (out / "pipeline_bench.json").write_text(json.dumps(result, indent=2))
     (out / "pipeline_bench.md").write_text(table)
     print()
     print(table)

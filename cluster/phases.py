@@ -63,6 +63,7 @@ class Responses:
     rollouts: list[Rollout]
     examples: list  # examples[r.example_index] is the prompt of rollout r
     generated_tokens: int = 0
+    engine_s: float = 0.0  # the engines' own generate time (RolloutWorker.generate's, slowest worker)
 
     def their_examples(self, rollouts: list[Rollout] | None = None) -> list:
         return [self.examples[r.example_index] for r in (self.rollouts if rollouts is None else rollouts)]
@@ -143,7 +144,8 @@ class Job:
         its (chosen, rejected) pairs, or the teacher's generations (needs().responses)."""
         if self.needs.generates:
             gen = self.collect(batch.jobs, version)
-            return Responses([r for g in gen for r in g["rollouts"]], batch.examples, sum(g["tokens"] for g in gen))
+            return Responses([r for g in gen for r in g["rollouts"]], batch.examples, sum(g["tokens"] for g in gen),
+                             engine_s=max((g["seconds"] for g in gen), default=0.0))
         enc, examples = self.enc, batch.examples
         prompts = [enc.prompt(e.prompt) for e in examples]
         if self.needs.responses == "preferences":
@@ -303,6 +305,8 @@ class Job:
             # version the learner had when this batch trained, minus the version that generated it
             "rollout/version_lag": float(np.mean([(version - 1) - r.policy_version for r in rollouts])),
             "rollout/tokens_per_s": responses.generated_tokens / max(generate_s, 1e-9),
+            # generation compute: the engine's own time inside the worker, without Ray's round trip
+            "rollout/engine_s": responses.engine_s,
         }
 
     def log_samples(self, step: int, responses: Responses, scored: Scored, k: int = 4) -> None:

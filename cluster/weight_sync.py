@@ -8,11 +8,13 @@ restart; its ``metrics`` are the ``sync/*`` metrics. Every rollout then records 
 generated it. The learner's end is learners/weight_sender.py, the rollout worker's
 actors/weight_receiver.py; both are reached through their actors' forwarding methods.
 
-``ObjectStoreSync`` (CPU and any cluster): learner rank 0 packs all parameters into one
-safetensors blob (under ZeRO-3 all ranks gather together first), the blob goes into Ray's
-object store once, and each worker loads it through vLLM's layerwise reload (tied embeddings
-re-tied, prefix cache reset; actors/vllm_ext.py). One transfer per sync, never one call per
-parameter.
+``ObjectStoreSync`` (CPU and any cluster): learner rank 0 copies all parameters into a few flat
+byte buffers per dtype (numpy, so the object store holds raw bytes; under ZeRO-3 all ranks gather
+buffer by buffer together), its return value puts them into Ray's object store once, the driver
+passes their reference on unread, and each worker maps them without a copy and loads views into
+them through vLLM's layerwise reload (tied embeddings re-tied, prefix cache reset;
+actors/vllm_ext.py). No serialisation format on the way, one transfer per sync, never one call
+per parameter.
 
 ``NcclWeightSync`` (GPU): vLLM's native weight transfer. Every learner rank takes part (ZeRO-3
 gathers bucket by bucket, all ranks together); rank 0 sends; each rollout worker receives through
@@ -44,10 +46,11 @@ import time
 from typing import Any, Protocol
 
 import ray
+import torch
 
 from protege.cluster.launch import gather
 from protege.core.records import SyncResult, WeightsVersion
-from protege.core.weights import DEFAULT_BUCKET_MB, safetensors_data_bytes
+from protege.core.weights import DEFAULT_BUCKET_MB, dtype_name
 
 DEAD = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 MODES = ("auto", "object_store", "nccl")
@@ -73,26 +76,50 @@ def _targets(targets: list[int] | None, count: int) -> list[int]:
 
 # --------------------------------------------------------------------------------- object store
 class ObjectStoreSync:
-    def __init__(self, learners: list, workers: list, *, zero_stage: int, dtype: str):
+    """The CPU path. ``dtype``: the rollout engines' dtype (what ``SyncResult.bytes`` counts in);
+    ``wire_dtype``: the dtype the weights travel in (None: each parameter's own, the training
+    dtype); ``bucket_mb``: the largest flat buffer.
+
+    One push: every learner rank that must take part (all under ZeRO-3, else rank 0) packs
+    (``Learner.pack_weights``, two return values); the driver waits for the small summary and
+    passes the reference of the buffers, unread, to every target's ``load_weights``, so the
+    buffers are written into the object store once, by rank 0's return, and each worker on the
+    node maps them from there. ``sync/*`` metrics split the push:
+
+    - ``sync/pack_s``: learner rank 0 gathering, casting and copying the parameters into the buffers;
+    - ``sync/export_s``: the driver's wait for the pack (``pack_s`` plus Ray storing the return value);
+    - ``sync/unpack_s``: the receiver turning the mapped buffers into named tensor views (slowest worker);
+    - ``sync/load_s``: the receiver's whole load, ``unpack_s`` plus vLLM's layerwise reload (slowest worker);
+    - ``sync/transfer_s``: the rest of ``sync/seconds``: the object store's hand-off and the Ray round trips;
+    - ``sync/mbytes``: MB on the wire; ``sync/mb_per_s``: ``SyncResult.bytes`` / ``sync/seconds``.
+    """
+
+    def __init__(self, learners: list, workers: list, *, zero_stage: int, dtype: str,
+                 wire_dtype: str | None = None, bucket_mb: float = DEFAULT_BUCKET_MB):
         self.learners = learners
         self.workers = workers
         self.zero_stage = zero_stage
         self.dtype = dtype
+        self.wire_dtype = None if wire_dtype in (None, "auto") else wire_dtype
+        self.bucket_mb = bucket_mb
 
-    def export(self) -> bytes:
-        # ZeRO-3 shards parameters: every rank must enter the gather together.
+    def export(self) -> tuple[dict, Any]:
+        """(rank 0's summary, the reference of its PackedWeights). Raises a learner's error."""
+        # ZeRO-3 shards parameters: every rank must enter the gathers together.
         callers = self.learners if self.zero_stage == 3 else self.learners[:1]
-        payloads = gather([ln.export_weights.remote(self.dtype) for ln in callers])
-        return payloads[0]
+        pairs = [ln.pack_weights.options(num_returns=2).remote(self.wire_dtype, self.bucket_mb) for ln in callers]
+        summaries = gather([summary for summary, _ in pairs])
+        return summaries[0], pairs[0][1]
 
     def push(self, version: int, targets: list[int] | None = None) -> SyncResult:
         """Load ``version`` into the workers ``targets`` (all by default)."""
         t0 = time.perf_counter()
         targets = _targets(targets, len(self.workers))
-        payload = self.export()
+        summary, packed = self.export()
         t_export = time.perf_counter() - t0
-        ref = ray.put(WeightsVersion(version=version, payload=payload, num_bytes=len(payload)))
-        refs = [self.workers[i].load_weights.remote(ref) for i in targets]
+        weights = WeightsVersion(version=version, num_bytes=int(summary["wire_bytes"]))
+        refs = [self.workers[i].load_weights.remote(weights, packed) for i in targets]
+        del packed  # the workers' tasks hold the buffers now; they leave the store after the last load
         results, failed = [], []
         for i, r in enumerate(refs):
             try:
@@ -103,12 +130,19 @@ class ObjectStoreSync:
         if bad:
             raise RuntimeError(f"weight sync to version {version} failed on {len(bad)} worker(s): {bad}")
         seconds = time.perf_counter() - t0
-        return SyncResult(version=version, bytes=safetensors_data_bytes(payload), seconds=seconds, failed=failed,
+        load_s = max((r["seconds"] for r in results), default=0.0)
+        held = max((int(r.get("bytes", 0)) for r in results), default=0) or \
+            int(summary["numel"]) * getattr(torch, dtype_name(self.dtype)).itemsize
+        return SyncResult(version=version, bytes=held, seconds=seconds, failed=failed,
                           metrics={
                               "sync/seconds": seconds,
                               "sync/export_s": t_export,
-                              "sync/load_s": max((r["seconds"] for r in results), default=0.0),
-                              "sync/mbytes": len(payload) / 1e6,
+                              "sync/pack_s": float(summary["pack_s"]),
+                              "sync/transfer_s": max(0.0, seconds - t_export - load_s),
+                              "sync/unpack_s": max((float(r.get("unpack_s", 0.0)) for r in results), default=0.0),
+                              "sync/load_s": load_s,
+                              "sync/mbytes": summary["wire_bytes"] / 1e6,
+                              "sync/mb_per_s": held / 1e6 / max(seconds, 1e-9),
                           })
 
 
@@ -316,7 +350,8 @@ def pick_weight_sync(spec, roles, *, mode: str | None = None) -> WeightSync:
     if mode not in MODES:
         raise ValueError(f"weight_sync must be one of {MODES} (got {mode!r})")
     dtype = spec.models.student.dtype
-    fallback = ObjectStoreSync(roles.learners, roles.rollout, zero_stage=spec.learner.zero_stage, dtype=dtype)
+    fallback = ObjectStoreSync(roles.learners, roles.rollout, zero_stage=spec.learner.zero_stage, dtype=dtype,
+                               wire_dtype=spec.learner.weight_sync_dtype, bucket_mb=spec.learner.weight_sync_bucket_mb)
     if mode == "object_store":
         return fallback
     reason = _why_not_gpu(spec, roles)

@@ -80,8 +80,30 @@ class TrainBatch:
 
 
 @dataclass
+class PackedWeights:
+    """A full set of student weights as a few flat byte buffers: the object-store sync's payload
+    (learners/weight_sender.py packs it, actors/weight_receiver.py loads it).
+
+    ``buffers`` are 1-D numpy uint8 arrays, one dtype per buffer (core/weights.py ``plan_packed``).
+    numpy, not torch: Ray hands numpy arrays to pickle out of band, so the object store holds the
+    raw bytes and a reader on the same node maps them without a copy, whereas a torch tensor is
+    pickled through its storage and copied on every read (Ray 2.60, unless
+    RAY_ENABLE_ZERO_COPY_TORCH_TENSORS is set). ``layout`` says where each parameter lies
+    (core/weights.py ``PackedEntry``); ``tensor_views`` turns both into named tensors without a copy.
+    """
+
+    layout: list  # [(name, full shape, wire dtype, buffer index, byte offset)]
+    buffers: list  # [numpy.ndarray uint8, 1-D]
+    pack_s: float = 0.0  # the learner's own time to gather, cast and copy the parameters into the buffers
+
+    def nbytes(self) -> int:
+        return sum(int(b.nbytes) for b in self.buffers)
+
+
+@dataclass
 class WeightsVersion:
-    """A published set of student weights: safetensors bytes, or a folder on shared storage."""
+    """A published set of student weights: safetensors bytes, or a folder on shared storage, or
+    neither when its tensors travel beside it as :class:`PackedWeights` (the object-store sync)."""
 
     version: int
     payload: bytes | None = None

@@ -377,7 +377,11 @@ class LearnerSpec(_Strict):
         default="object_store",
         description="object_store: safetensors blob via Ray (CPU and GPU, tested); nccl / auto: vLLM's "
         "NCCL/IPC weight transfer on GPUs (written, not yet verified on hardware)")
-    weight_sync_bucket_mb: float = Field(default=512, gt=0, description="NCCL/IPC bucket size")
+    weight_sync_bucket_mb: float = Field(default=512, gt=0, description=(
+        "bucket size: NCCL/IPC buffers, and the flat buffers the object store carries"))
+    weight_sync_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description=(
+        "object store: the dtype weights travel in. auto: each parameter's own (the training dtype); "
+        "bfloat16/float16 halve the bytes of a float32 learner (the rollout engine casts on load)"))
 
 
 BUILTIN_REWARDS = ("exact_match", "format", "math_verify", "reasoning_gym", "reward_model")

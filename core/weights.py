@@ -82,3 +82,48 @@ def safetensors_data_bytes(payload: bytes) -> int:
     header = json.loads(payload[8:8 + header_len])
     return sum(end - start for key, t in header.items() if key != "__metadata__"
                for start, end in [t["data_offsets"]])
+
+
+# ------------------------------------------------------------------ packed weights (object store)
+ALIGN = 64  # byte offset of every tensor in its flat buffer: any dtype view is aligned, and so is memcpy
+
+# (name, full shape, wire dtype name, buffer index, byte offset) of one parameter in a PackedWeights.
+PackedEntry = tuple[str, list[int], str, int, int]
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def plan_packed(meta: Sequence[tuple[str, Sequence[int], str]], bucket_bytes: int) -> tuple[list[PackedEntry], list[int]]:
+    """Where each parameter of ``meta`` lies in the flat buffers of a :class:`PackedWeights`:
+    parameters grouped by wire dtype (one run of buffers per dtype, so a buffer has one dtype),
+    each group cut into buffers of at most ``bucket_bytes`` of tensor data by :func:`plan_buckets`
+    (a larger parameter gets a buffer of its own), offsets aligned to ``ALIGN`` (so a buffer may
+    exceed the bucket by its padding). Returns (layout, buffer sizes). Pure."""
+    by_dtype: dict[str, list[tuple[str, list[int], str]]] = {}
+    for name, shape, dtype in meta:
+        by_dtype.setdefault(dtype_name(dtype), []).append((name, [int(s) for s in shape], dtype_name(dtype)))
+    layout: list[PackedEntry] = []
+    sizes: list[int] = []
+    for params in by_dtype.values():
+        info = {n: (s, d) for n, s, d in params}
+        for names in plan_buckets(params, bucket_bytes):
+            used = end = 0
+            for n in names:
+                shape, d = info[n]
+                layout.append((n, shape, d, len(sizes), used))
+                end = used + param_bytes(shape, d)
+                used = _aligned(end)
+            sizes.append(end)
+    return layout, sizes
+
+
+def tensor_views(layout: Sequence[PackedEntry], buffers: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for each entry of ``layout``: views into the flat uint8 ``buffers``
+    (no copy), in their wire dtype and full shape."""
+    out = []
+    for name, shape, dtype, b, off in layout:
+        n = param_bytes(shape, dtype)
+        out.append((name, buffers[b][off:off + n].view(getattr(torch, dtype)).view(shape)))
+    return out

@@ -315,6 +315,11 @@ class Learner:
         """Safetensors bytes of the full student (rank 0), cast to the rollout dtype."""
         return self.sender.export(dtype)
 
+    def pack_weights(self, wire_dtype: str | None = None, bucket_mb: float = 512.0):
+        """(summary, PackedWeights or None): the object-store sync's payload (every rank under ZeRO-3).
+        Called with ``num_returns=2``: the driver reads the summary and hands the buffers on unread."""
+        return self.sender.pack(wire_dtype, bucket_mb)
+
     def nccl_device_uuid(self) -> str | None:
         return self.sender.device_uuid()
 

@@ -4,8 +4,11 @@ driver's coordinator in cluster/weight_sync.py can call them as Ray actor method
 
 Two ways out:
 
-- Object store (every cluster): :meth:`WeightSender.export` packs the full weights into one
-  safetensors blob on rank 0 (under ZeRO-3 every rank gathers together first).
+- Object store (every cluster): :meth:`WeightSender.pack` copies the full weights on rank 0
+  into a few flat byte buffers per wire dtype (core/records.py ``PackedWeights``), one copy per
+  parameter with the cast fused into it; under ZeRO-3 every rank walks the same buffer plan and
+  gathers buffer by buffer together, so at most one buffer's parameters are gathered at a time.
+  :meth:`WeightSender.export` (one safetensors blob) is kept for callers that want bytes.
 - GPU (vLLM's native weight transfer): every rank takes part; rank 0 is the only sender.
   Parameters leave in buckets of at most ``bucket_bytes`` (one parameter larger than that
   travels alone): under ZeRO-3 every rank walks the same bucket plan and enters
@@ -38,6 +41,7 @@ cluster/weight_sync.py.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from contextlib import nullcontext
 from typing import Any, Callable, Iterator, Sequence
@@ -45,7 +49,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from protege.core.env import free_ports
-from protege.core.weights import DEFAULT_BUCKET_MB, dtype_name, meta_bytes, param_bytes, plan_buckets, wire_meta
+from protege.core.records import PackedWeights
+from protege.core.weights import (DEFAULT_BUCKET_MB, dtype_name, meta_bytes, param_bytes, plan_buckets, plan_packed,
+                                  tensor_views, wire_meta)
 
 PACKED_NUM_BUFFERS = 2  # vLLM's default double buffering
 
@@ -78,6 +84,51 @@ class WeightSender:
         self.workers: list = []
         self.dtype = "float32"
         self.bucket_bytes = int(DEFAULT_BUCKET_MB * (1 << 20))
+        self._packed: tuple[tuple[int, ...], list[torch.Tensor]] | None = None  # rank 0's flat buffers, reused
+
+    # -- object store, packed
+    def pack(self, wire_dtype: str | None = None,
+             bucket_mb: float = DEFAULT_BUCKET_MB) -> tuple[dict[str, Any], PackedWeights | None]:
+        """The full weights as :class:`PackedWeights` on rank 0 (None elsewhere), each parameter in
+        ``wire_dtype`` (None: its own, the training dtype), and a small summary for the driver:
+        ``{"pack_s", "wire_bytes", "numel"}``. Under ZeRO-3 every rank must call this together."""
+        t0 = time.perf_counter()
+        zero3, sender = self.zero_stage == 3, self.rank == 0
+        if not (zero3 or sender):
+            return {}, None
+        params = dict(self.module().named_parameters())  # deduplicates tied weights (lm_head ↔ embed)
+        meta = [(n, [int(s) for s in getattr(p, "ds_shape", p.shape)], dtype_name(wire_dtype or p.dtype))
+                for n, p in params.items()]
+        layout, sizes = plan_packed(meta, int(bucket_mb * (1 << 20)))
+        buffers = self._buffers(sizes) if sender else []
+        views = dict(tensor_views(layout, buffers)) if sender else {}
+        groups: dict[int, list[str]] = {}
+        for name, _, _, b, _ in layout:
+            groups.setdefault(b, []).append(name)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the optimizer's last writes land before they are read
+        for names in groups.values():  # the same plan on every rank: the gathers line up
+            group = [params[n] for n in names]
+            with self._gathered(group) if zero3 else nullcontext():
+                if sender:
+                    with torch.no_grad():
+                        for name, p in zip(names, group):
+                            views[name].copy_(p.detach())  # the cast (and a GPU's device copy) in the same pass
+        if not sender:
+            return {}, None
+        pack_s = time.perf_counter() - t0
+        packed = PackedWeights(layout=layout, buffers=[b.numpy() for b in buffers], pack_s=pack_s)
+        numel = sum(math.prod(shape) for _, shape, _, _, _ in layout)
+        return {"pack_s": pack_s, "wire_bytes": packed.nbytes(), "numel": numel}, packed
+
+    def _buffers(self, sizes: list[int]) -> list[torch.Tensor]:
+        """Flat uint8 buffers of ``sizes``, kept from the last sync when the plan is the same (fresh
+        pages cost a page fault each). Safe to reuse: Ray has copied a method's return value into
+        the object store before the actor runs its next method."""
+        key = tuple(sizes)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, [torch.empty(n, dtype=torch.uint8) for n in sizes])
+        return self._packed[1]
 
     # -- object store
     def full_state(self) -> dict[str, torch.Tensor] | None:

@@ -24,7 +24,7 @@ import torch
 
 from protege.cluster.weight_sync import NcclWeightSync, NoGpuTransfer, ObjectStoreSync, pick_weight_sync, plan_routes
 from protege.core.records import SyncResult
-from protege.core.weights import param_bytes, plan_buckets, wire_meta
+from protege.core.weights import ALIGN, param_bytes, plan_buckets, plan_packed, tensor_views, wire_meta
 from protege.learners.weight_sender import WeightSender
 
 MB = 1 << 20
@@ -206,7 +206,9 @@ def test_small_bucket_splits_the_tiny_student(tiny_models, monkeypatch, zero):
 @pytest.mark.slow
 def test_zero3_bucket_walk_on_real_deepspeed(tiny_models):
     """Real DeepSpeed ZeRO-3 (one rank, gloo): the bucketed gathers give exactly the weights the CPU
-    path exports, and leave every parameter partitioned again."""
+    path exports, and so do the object store's packed buffers (several, one gather each); both
+    leave every parameter partitioned again. (One test: a second ZeRO-3 learner in this process
+    would find the first one's process group gone.)"""
     from protege.core.spec import parse_spec
     from protege.learners.learner import Learner
 
@@ -230,11 +232,58 @@ def test_zero3_bucket_walk_on_real_deepspeed(tiny_models):
             seen += 1
         assert seen == len(full)
         assert all(p.numel() == 0 or p.ds_status.name == "NOT_AVAILABLE" for p in ln.engine.module.parameters())
+        summary, packed = ln.pack_weights(None, SMALL_BUCKET_MB)
+        assert len(packed.buffers) >= 4 and summary["wire_bytes"] == packed.nbytes()
+        views = dict(tensor_views(packed.layout, [torch.from_numpy(b) for b in packed.buffers]))
+        assert list(views) == list(full) and all(torch.equal(views[n], full[n]) for n in full)
+        assert all(p.numel() == 0 or p.ds_status.name == "NOT_AVAILABLE" for p in ln.engine.module.parameters())
     finally:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         ln.close()
         unset_hf_deepspeed_config()  # later from_pretrained calls in this process must not see ZeRO-3
+
+
+# ------------------------------------------------------------------------------------ packed (object store)
+def test_plan_packed_one_dtype_per_buffer_aligned_and_bounded():
+    meta = [("a", [3, 5], "float32"), ("b", [7], "bfloat16"), ("c", [100], "float32"), ("d", [2, 2], "bfloat16"),
+            ("e", [1000], "float32")]
+    layout, sizes = plan_packed(meta, bucket_bytes=600)
+    assert sorted(n for n, *_ in layout) == sorted(n for n, _, _ in meta)
+    by_buf: dict[int, set] = {}
+    for _name, shape, dtype, b, off in layout:
+        by_buf.setdefault(b, set()).add(dtype)
+        assert off % ALIGN == 0 and off + param_bytes(shape, dtype) <= sizes[b]
+    assert all(len(d) == 1 for d in by_buf.values())  # one dtype per buffer
+    (e_buf,) = [b for n, _, _, b, _ in layout if n == "e"]
+    assert sizes[e_buf] == 4000 and [n for n, _, _, b, _ in layout if b == e_buf] == ["e"]  # too big: alone
+    for b, size in enumerate(sizes):
+        if b != e_buf:
+            assert size <= 600 + ALIGN * (sum(1 for x in layout if x[3] == b) - 1)  # data + padding
+    # no two tensors overlap in a buffer
+    spans = sorted((b, off, off + param_bytes(s, d)) for _, s, d, b, off in layout)
+    assert all(x[0] != y[0] or x[2] <= y[1] for x, y in zip(spans, spans[1:]))
+
+
+def test_pack_and_views_round_trip_in_the_wire_dtype():
+    """WeightSender.pack → numpy buffers → tensor_views: the learner's values, no copy on the way in."""
+    import numpy as np
+
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 5))
+    sender = WeightSender(lambda: model, rank=0, zero_stage=0)
+    for wire in (None, "bfloat16"):
+        summary, packed = sender.pack(wire, bucket_mb=100 / MB)  # ~100-byte buffers: several of them
+        assert len(packed.buffers) >= 2 and all(isinstance(b, np.ndarray) and b.dtype == np.uint8 for b in packed.buffers)
+        assert summary["wire_bytes"] == packed.nbytes() and summary["numel"] == sum(p.numel() for p in model.parameters())
+        buffers = [torch.from_numpy(b) for b in packed.buffers]
+        views = dict(tensor_views(packed.layout, buffers))
+        assert list(views) == [n for n, _ in model.named_parameters()]
+        for n, p in model.named_parameters():
+            want = p.detach().to(getattr(torch, wire) if wire else p.dtype)
+            assert views[n].dtype == want.dtype and torch.equal(views[n], want), n
+            base = views[n].untyped_storage().data_ptr()
+            assert any(base == b.untyped_storage().data_ptr() for b in buffers)  # a view, not a copy
+    assert WeightSender(lambda: model, rank=1, zero_stage=2).pack() == ({}, None)
 
 
 # ------------------------------------------------------------------------------------ routes
@@ -823,22 +872,48 @@ def test_first_push_with_a_dead_worker(ray_cpu):
 
 
 class ExportingLearner:
-    """Learner rank 0's export_weights, over two fixed tensors."""
+    """Learner rank 0's pack_weights, over two fixed float32 tensors (the real WeightSender.pack)."""
 
-    def export_weights(self, dtype):
-        from safetensors.torch import save
+    def __init__(self):
+        from protege.learners.weight_sender import WeightSender
 
-        dt = getattr(torch, dtype)
-        return save({"w": torch.ones(4, 8, dtype=dt), "b": torch.zeros(8, dtype=dt)})
+        self.model = torch.nn.Linear(4, 8)
+        self.sender = WeightSender(lambda: self.model, rank=0, zero_stage=0)
+        self.calls = []
+
+    def pack_weights(self, wire_dtype=None, bucket_mb=512.0):
+        self.calls.append((wire_dtype, bucket_mb))
+        return self.sender.pack(wire_dtype, bucket_mb)
+
+    def take_calls(self):
+        return self.calls
 
 
 class LoadingWorker:
-    def __init__(self):
-        self.version = 0
+    """A rollout worker's receiver over an engine stand-in that keeps what it was given (float32)."""
 
-    def load_weights(self, weights):
-        self.version = weights.version
-        return {"version": weights.version, "seconds": 0.01}
+    def __init__(self):
+        from protege.actors.weight_receiver import WeightReceiver
+
+        class Engine:
+            dtype = "float32"
+            loaded = None
+
+            def load_tensors(self, named):
+                self.loaded = {n: t.clone() for n, t in named}
+                return 0.01
+
+        self.receiver = WeightReceiver(Engine(), "hf")
+
+    @property
+    def version(self):
+        return self.receiver.version
+
+    def load_weights(self, weights, packed=None):
+        return self.receiver.load(weights, packed)
+
+    def loaded(self):
+        return self.receiver.engine.loaded
 
     def get_version(self):
         return self.version
@@ -846,17 +921,23 @@ class LoadingWorker:
 
 def test_object_store_push_returns_a_sync_result(ray_cpu):
     """ObjectStoreSync.push against stand-in actors: a SyncResult with the bytes the workers hold
-    (the tensors in the rollout dtype, bfloat16 here; the blob's header is not counted), the sync/*
-    metrics, and a target that is dead listed in ``failed`` by its index into ``targets``."""
+    (the tensors in the receivers' dtype, float32 here, whatever the wire dtype: bfloat16), the
+    sync/* split, the values as the learner had them, and a target that is dead listed in
+    ``failed`` by its index into ``targets``."""
     ray = ray_cpu
     learner = ray.remote(num_cpus=0)(ExportingLearner).remote()
     workers = [ray.remote(num_cpus=0)(LoadingWorker).remote() for _ in range(3)]
-    sync = ObjectStoreSync([learner], workers, zero_stage=2, dtype="bfloat16")
+    sync = ObjectStoreSync([learner], workers, zero_stage=2, dtype="float32", wire_dtype="bfloat16", bucket_mb=1.0)
     res = sync.push(1)
     assert isinstance(res, SyncResult) and res.version == 1 and res.failed == []
-    assert res.bytes == (4 * 8 + 8) * 2 and res.seconds >= 0 and res.metrics["sync/seconds"] == res.seconds
-    assert set(res.metrics) == {"sync/seconds", "sync/export_s", "sync/load_s", "sync/mbytes"}
-    assert res.metrics["sync/mbytes"] * 1e6 > res.bytes  # the blob: tensors plus header
+    assert res.bytes == (4 * 8 + 8) * 4 and res.seconds >= 0 and res.metrics["sync/seconds"] == res.seconds
+    assert set(res.metrics) == {"sync/seconds", "sync/export_s", "sync/pack_s", "sync/transfer_s", "sync/unpack_s",
+                                "sync/load_s", "sync/mbytes", "sync/mb_per_s"}
+    assert 0 < res.metrics["sync/mbytes"] * 1e6 < res.bytes  # bfloat16 on the wire (aligned buffers)
+    assert ray.get(learner.take_calls.remote()) == [("bfloat16", 1.0)]
+    got = ray.get(workers[0].loaded.remote())
+    assert {n: t.dtype for n, t in got.items()} == {"weight": torch.bfloat16, "bias": torch.bfloat16}
+    assert [tuple(got["weight"].shape), tuple(got["bias"].shape)] == [(8, 4), (8,)]
     assert ray.get([w.get_version.remote() for w in workers]) == [1, 1, 1]
     _kill(ray, workers[1])
     res = sync.push(2, targets=[2, 1])
