@@ -18,6 +18,7 @@ from protege.actors.rollout import RolloutWorker
 from protege.cluster.placement import reserve, role_requests, shares_gpus
 from protege.core.console import actor_env, verbose
 from protege.core.env import free_ports, worker_env
+from protege.learners.batching import micro_batch_count
 from protege.learners.learner import Learner
 from protege.rewards.base import RewardRunner
 from protege.rewards.custom import reward_functions
@@ -215,8 +216,11 @@ def start_roles(spec) -> Roles:
     # Fixed micro-batch count per rank, so every rank runs the same number of forward/backward
     # calls each step (DeepSpeed collectives) whatever the batch's real size.
     # grad_accum is per mini-batch: DeepSpeed steps the optimizer once per mini-batch.
+    # With a token budget the count is sized for the longest sequence a step can hold.
     per_rank = math.ceil(spec.rows_per_step() / spec.learner.ranks)
-    roles.grad_accum = max(1, math.ceil(per_rank / (spec.learner.micro_batch * spec.learner.mini_batches)))
+    roles.grad_accum = micro_batch_count(
+        per_rank, micro_batch=spec.learner.micro_batch, mini_batches=spec.learner.mini_batches,
+        tokens=spec.learner.micro_batch_tokens, max_len=max_len, group=2 if spec.algorithm.needs().pairs else 1)
     if must_wait_for_rollout(spec):
         gather([w.pid.remote() for w in roles.rollout])  # answers once __init__ (the engine) is done
     start_learners(spec, roles, reqs["learner"].bundle)

@@ -366,7 +366,21 @@ class LearnerSpec(_Strict):
     lr: float = Field(default=1e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
-    micro_batch: int = Field(default=8, ge=1, description="sequences per rank per forward")
+    micro_batch: int = Field(default=8, ge=1, description=(
+        "sequences per rank per forward (unused when micro_batch_tokens is set)"))
+    micro_batch_tokens: int | None = Field(default=None, ge=1, description=(
+        "token budget of a micro-batch instead of micro_batch: rows × the longest (prompt + response) in it, "
+        "padding included. Sets the micro-batch count per rank from the longest sequence a step can hold (max_prompt_tokens + "
+        "max_new_tokens + 64), the same on every rank; rows are then sorted by length and packed into that "
+        "many micro-batches with the fewest padded tokens in the largest one (DPO pairs stay together). Rows "
+        "longer than planned go over the budget rather than change the count (learner/micro_batch_tokens_max "
+        "reports the largest); unset: micro_batch sequences per forward, in arrival order"))
+    logprob_chunk: int | None = Field(default=None, ge=1, description=(
+        "response positions per chunk of the learner's log-prob computation: lm_head + log_softmax + gathers "
+        "run on that many positions at a time under activation checkpointing, so memory grows with response "
+        "length × (hidden + top-k), not × vocabulary (the same values and gradients). For long responses or "
+        "large vocabularies, e.g. 1024; costs one more lm_head pass in the backward. Unset: whole-batch "
+        "log-softmax rows [B, T, V] (fastest for short responses)"))
     grad_clip: float = Field(default=1.0, gt=0)
     bf16: bool = False
     updates_per_step: int = Field(default=1, ge=1, description="passes over each rollout batch")

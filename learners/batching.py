@@ -40,9 +40,47 @@ def _padding(row: TrainRow) -> TrainRow:
     )
 
 
-def micro_batches(rows: list[TrainRow], n: int, *, group: int = 1) -> list[list[TrainRow]]:
-    """Exactly ``n`` micro-batches (some may repeat a zero-weight padding row when rows are few)."""
+def micro_batch_count(rows_per_rank: int, *, micro_batch: int, mini_batches: int = 1, tokens: int | None = None,
+                      max_len: int | None = None, group: int = 1) -> int:
+    """Micro-batches per mini-batch (DeepSpeed's ``grad_accum``), fixed at launch so every rank
+    runs the same number of forward/backward calls whatever a step's rows (its collectives).
+    With a token budget ``tokens``, a micro-batch holds as many units (``group`` rows) of the
+    longest possible sequence ``max_len`` as fit: enough micro-batches for any step's rows."""
+    if tokens is None:
+        return max(1, math.ceil(rows_per_rank / (micro_batch * mini_batches)))
+    units = math.ceil(rows_per_rank / group)
+    per_mb = max(1, tokens // (max(1, max_len or 1) * group))
+    return max(1, math.ceil(units / (per_mb * mini_batches)))
+
+
+def padded_tokens(rows: list[TrainRow]) -> int:
+    """What ``collate`` allocates per token-wide tensor: rows × the longest prompt + response."""
+    return len(rows) * max((len(r.prompt_ids) + len(r.response_ids) for r in rows), default=0)
+
+
+def micro_batches(rows: list[TrainRow], n: int, *, group: int = 1, tokens: int | None = None,
+                  blocks: int = 1) -> list[list[TrainRow]]:
+    """Exactly ``n`` micro-batches (some may repeat a zero-weight padding row when rows are few).
+
+    ``tokens`` unset: contiguous runs of rows in arrival order. ``tokens`` set (a token budget,
+    ``learner.micro_batch_tokens``): the rows are split into ``blocks`` contiguous blocks (the
+    mini-batches, ``n // blocks`` micro-batches each, the same blocks as without a budget), and
+    each block's units (``group`` rows: a DPO pair stays whole) are sorted longest first and cut
+    into at most ``n // blocks`` runs with the smallest possible largest ``padded_tokens``. The
+    launch sized ``n`` so that this is within the budget (``micro_batch_count``); a longer
+    sequence than it planned for goes over the budget rather than changing ``n``."""
     units = [rows[i : i + group] for i in range(0, len(rows), group)]
+    if tokens is not None:
+        per = max(1, n // max(1, blocks))
+        out = []
+        for j in range(blocks):
+            block = [u for i, u in enumerate(units) if i * blocks // max(1, len(units)) == j]
+            out.extend(_pack(block, per))
+        shortest = min(units, key=lambda u: padded_tokens(u)) if units else []
+        for mb in out:
+            if not mb:
+                mb.extend(_padding(r) for r in shortest)
+        return out
     out: list[list[TrainRow]] = [[] for _ in range(n)]
     for i, unit in enumerate(units):
         out[i * n // max(1, len(units))].extend(unit)
@@ -50,6 +88,40 @@ def micro_batches(rows: list[TrainRow], n: int, *, group: int = 1) -> list[list[
         if not mb:
             mb.extend(_padding(r) for r in units[0])
     return out
+
+
+def _pack(units: list[list[TrainRow]], n: int) -> list[list[TrainRow]]:
+    """``n`` micro-batches of ``units`` sorted longest first, cut into contiguous runs whose
+    largest padded size is the smallest possible for such runs (binary search on that size; a
+    run's cost is its rows × its first, longest, unit's length). Trailing runs may be empty."""
+    if not units:
+        return [[] for _ in range(n)]
+    lens = [max(len(r.prompt_ids) + len(r.response_ids) for r in u) for u in units]
+    order = sorted(range(len(units)), key=lambda i: (-lens[i], i))
+
+    def cut(cap: int) -> list[list[int]]:
+        runs: list[list[int]] = []
+        rows = 0
+        for i in order:
+            if runs and (rows + len(units[i])) * lens[runs[-1][0]] <= cap:
+                runs[-1].append(i)
+                rows += len(units[i])
+            else:
+                runs.append([i])
+                rows = len(units[i])
+        return runs
+
+    lo = max(len(u) * n_ for u, n_ in zip(units, lens))
+    hi = sum(len(u) for u in units) * max(lens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(cut(mid)) <= n:
+            hi = mid
+        else:
+            lo = mid + 1
+    runs = cut(lo)
+    out = [[row for i in run for row in units[i]] for run in runs]
+    return out + [[] for _ in range(n - len(out))]
 
 
 def collate(rows: list[TrainRow], pad_id: int) -> dict[str, torch.Tensor]:

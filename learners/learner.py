@@ -38,9 +38,11 @@ import torch
 from protege.core.records import TrainBatch, TrainRow
 from protege.core.console import capture_actor_output
 from protege.core.env import configure_node_defaults
-from protege.core.logprobs import entropy as token_entropy, logprobs_at, response_logprobs
+from protege.core.logprobs import (
+    chunked_response_logprobs, entropy as token_entropy, hidden_and_head, logprobs_at, response_logprobs,
+)
 from protege.learners import algorithms, losses
-from protege.learners.batching import collate, micro_batches, to_device
+from protege.learners.batching import collate, micro_batches, padded_tokens, to_device
 from protege.learners.ds_config import build_ds_config
 from protege.learners.weight_sender import WeightSender
 
@@ -86,6 +88,7 @@ class Learner:
         self.pad_id = 0
         self.old_from_training_forward = True
         self.steps_done = 0
+        self.micro_batch_tokens_max = 0
         # The weights' way out (object store and GPU transfer); it reads the model at each call.
         self.sender = WeightSender(lambda: self.engine.module, rank=rank, zero_stage=learner_spec.zero_stage)
 
@@ -152,7 +155,35 @@ class Learner:
         """Log-probs of the response tokens [B, T], entropy [B, T] and the student's side of the
         teacher's dense signal: {"topk": [B, T, K] at the teacher's ids, "full": [B, T, V]}.
         ``b`` is already on the learner's device (to_device). The gather is core/logprobs.py's,
-        the one the teacher scorer uses too, so both sides read the same frame."""
+        the one the teacher scorer uses too, so both sides read the same frame.
+
+        With ``learner.logprob_chunk`` set and a model with a decoder/lm_head split (any Hugging
+        Face causal LM, tied embeddings or not), the rows come from the last hidden states,
+        ``logprob_chunk`` positions at a time under activation checkpointing
+        (core/logprobs.py ``chunked_response_logprobs``): the same values and gradients, and no
+        [B, T, V] tensor unless full rows are asked for. A model without the split (the tests'
+        plain modules) takes the logits path below.
+
+        ZeRO-3: the lm_head's weight is partitioned, and DeepSpeed gathers a module's parameters
+        in its forward pre-hook and releases them in the post-hook. The chunks call the lm_head
+        *module* (never its weight), so each call and each recomputation in the backward runs
+        those hooks. Verified on CPU (gloo, one rank, DeepSpeed 0.19.8, transformers 5.19, the
+        tiny Qwen2 with tied embeddings, 8-position chunks; bench/long_response_bench.py
+        --zero3-check): one ZeRO-3 step (KEPO top-k, 2 micro-batches, SGD) gives the same loss,
+        grad norm (2e-8 apart) and weights after the step (3e-8 apart) as the logits path. (ZeRO-3
+        partitions with one rank too, so a head whose weight was not gathered should fail rather
+        than pass; that release was not inspected separately.) Not yet run on GPUs or several
+        ranks."""
+        chunk = getattr(self.spec, "logprob_chunk", None)
+        split = hidden_and_head(model, b["input_ids"], b["attention_mask"]) if chunk else None
+        if split is not None:
+            hidden, head = split
+            full = want_topk and "teacher_full_logprobs" in b
+            ids = b["teacher_topk_ids"] if want_topk and "teacher_topk_ids" in b else None
+            lp, entropy, topk, rows = chunked_response_logprobs(
+                hidden, head, b["resp_pos"], b["targets"], self.temperature, chunk=chunk, topk_ids=ids, full=full)
+            dense = {k: v for k, v in (("topk", topk), ("full", rows)) if v is not None}
+            return lp, entropy.detach(), dense
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         # at the sampling temperature, to match the sampling distribution
         lp, logp_all = response_logprobs(logits, b["resp_pos"], b["targets"], self.temperature)
@@ -174,6 +205,7 @@ class Learner:
         metrics = self.run_updates(mbs, counts)
         out = dict(zip(metrics, torch.stack(list(metrics.values())).tolist())) if metrics else {}
         out["learner/step_s"] = time.perf_counter() - t0
+        out["learner/micro_batch_tokens_max"] = float(self.micro_batch_tokens_max)  # padded, this rank
         out["learner/lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else self.spec.lr
         out["learner/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         return out
@@ -188,8 +220,10 @@ class Learner:
         forward cannot stand in for it (dropout; every mini-batch after the first, which trains
         after an optimizer step)."""
         group = 2 if batch.pairs else 1
-        mbs = [to_device(collate(mb, self.pad_id), self.device)
-               for mb in micro_batches(batch.rows, self.grad_accum * self.mini_batches, group=group)]
+        parts = micro_batches(batch.rows, self.grad_accum * self.mini_batches, group=group,
+                              tokens=self.spec.micro_batch_tokens, blocks=self.mini_batches)
+        self.micro_batch_tokens_max = max(padded_tokens(mb) for mb in parts)
+        mbs = [to_device(collate(mb, self.pad_id), self.device) for mb in parts]
         need_old = [not (self.old_from_training_forward and i < self.grad_accum) for i in range(len(mbs))]
         if self.ref is None and not any(need_old):
             return mbs

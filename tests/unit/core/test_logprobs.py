@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from protege.core.logprobs import entropy, logprobs_at, pack, response_logprobs, tail_logprob, topk_logprobs
@@ -61,3 +62,80 @@ def test_topk_tail_entropy_and_ids_by_hand():
     want = -sum(q * math.log(q) for q in p.tolist())  # 1.75 bits, in nats
     assert abs(float(entropy(logp)[0]) - want) < 1e-6
     assert torch.allclose(logprobs_at(logp[None], torch.tensor([[[3, 0]]])), p[[3, 0]].log()[None, None])
+
+
+def _hf_lm(kind: str, dtype):
+    """A random-init one-layer causal LM from its config (no download): Qwen2 with tied or untied
+    embeddings, Gemma-2 with its logit soft-capping after the head."""
+    import transformers as tf
+
+    common = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8, max_position_embeddings=128)
+    if kind == "gemma2":
+        cfg = tf.Gemma2Config(final_logit_softcapping=5.0, **common)
+    else:
+        cfg = tf.Qwen2Config(tie_word_embeddings=kind == "tied", **common)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
+
+
+def _both_paths(model, b, ids, temperature):
+    """(values, gradients) of today's logits path and of the chunked path on the same model."""
+    from protege.core.logprobs import chunked_response_logprobs, hidden_and_head
+
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        if chunked:
+            hidden, head = hidden_and_head(model, b["input_ids"], b["attention_mask"])
+            lp, ent, topk, full = chunked_response_logprobs(hidden, head, b["resp_pos"], b["targets"], temperature,
+                                                            chunk=3, topk_ids=ids, full=True)
+        else:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            lp, full = response_logprobs(logits, b["resp_pos"], b["targets"], temperature)
+            ent, topk = entropy(full), logprobs_at(full, ids)
+        w = torch.linspace(0.5, 1.5, full.shape[-1], dtype=full.dtype)
+        (lp.sum() + 0.3 * topk.sum() + (full.exp() * w).sum() + 0.1 * ent.sum()).backward()
+        results.append(([lp, ent, topk, full], [p.grad.clone() for p in model.parameters()]))
+    return results
+
+
+@pytest.mark.parametrize("kind", ["tied", "untied"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_logprobs_equal_the_logits_path_in_values_and_gradients(kind, dtype):
+    """Sampled log-probs, entropy, top-k and full rows, and the gradients of every parameter
+    (the tied embedding gets both its input and its head gradient), through a Hugging Face
+    Qwen2 with the head applied 3 positions at a time under checkpointing: equal to 1e-6."""
+    model = _hf_lm(kind, dtype)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == (kind == "tied")
+    b = pack([([5, 6, 7], [1, 2, 3, 4, 9]), ([9], [8, 10]), ([3, 3], [])], pad_id=0)
+    ids = torch.randint(0, 64, (*b["targets"].shape, 4), generator=torch.Generator().manual_seed(1))
+    (va, ga), (vb, gb) = _both_paths(model, b, ids, temperature=0.7)
+    for x, y in zip(va, vb):
+        assert x.shape == y.shape and torch.allclose(x, y, rtol=1e-6, atol=1e-6), (x - y).abs().max()
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, rtol=1e-6, atol=1e-6 * float(x.abs().max())), (x - y).abs().max()
+    assert all(g.abs().sum() > 0 for g in ga)
+
+
+def test_chunked_logprobs_refuse_a_model_that_transforms_its_logits():
+    """Gemma-2 soft-caps the logits after the head: lm_head(hidden) is not its distribution, and
+    the first call says so instead of training on the wrong log-probs."""
+    from protege.core.logprobs import hidden_and_head
+
+    model = _hf_lm("gemma2", torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(50)  # logits well beyond the cap
+    b = pack(ITEMS, pad_id=0)
+    with pytest.raises(ValueError, match="logprob_chunk"):
+        hidden_and_head(model, b["input_ids"], b["attention_mask"])
+
+
+def test_models_without_the_split_take_the_logits_path():
+    from protege.core.logprobs import hidden_and_head
+
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            raise AssertionError("not called")
+
+    assert hidden_and_head(Plain(), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2)) is None

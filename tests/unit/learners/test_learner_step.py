@@ -39,6 +39,47 @@ class TinyLM(torch.nn.Module):
         return type("Out", (), {"logits": self.drop(torch.tanh(ctx)) @ self.out})()
 
 
+class _Body(torch.nn.Module):
+    def __init__(self, emb, drop):
+        super().__init__()
+        self.emb, self.drop = emb, drop
+
+    def forward(self, input_ids, attention_mask):
+        x = self.emb[input_ids] * attention_mask[..., None]
+        ctx = x.cumsum(1) / torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[None, :, None]
+        return type("Out", (), {"last_hidden_state": self.drop(torch.tanh(ctx))})()
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = w
+
+    def forward(self, h):
+        return h @ self.w
+
+
+class TinySplitLM(torch.nn.Module):
+    """TinyLM (the same parameters, in the same order) with the decoder/lm_head split of a
+    Hugging Face causal LM: ``get_decoder``, ``get_output_embeddings`` and ``logits_to_keep``,
+    which is what the chunked log-prob path (learner.logprob_chunk) uses."""
+
+    def __init__(self, seed: int = 0, dropout: float = 0.0):
+        super().__init__()
+        ref = TinyLM(seed, dropout)
+        self.body, self.head = _Body(ref.emb, ref.drop), _Head(ref.out)
+
+    def get_decoder(self):
+        return self.body
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0):
+        h = self.body(input_ids, attention_mask).last_hidden_state
+        return type("Out", (), {"logits": self.head(h[:, -logits_to_keep:] if logits_to_keep else h)})()
+
+
 class DeepSpeedLike(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, grad_accum: int, lr: float = 0.0):
         super().__init__()
@@ -106,20 +147,22 @@ ALGOS = {
 
 
 def _learner(algo, *, model, grad_accum: int, rank: int = 0, world: int = 1, updates: int = 1, lr: float = 0.0,
-             device="cpu", mini: int = 1) -> Learner:
-    spec = S.LearnerSpec(updates_per_step=updates, mini_batches=mini)
+             device="cpu", mini: int = 1, chunk: int | None = None, tokens: int | None = None) -> Learner:
+    spec = S.LearnerSpec(updates_per_step=updates, mini_batches=mini, logprob_chunk=chunk, micro_batch_tokens=tokens)
     ln = Learner(rank=rank, world_size=world, model_path="", learner_spec=spec,
                  algo=algo, temperature=1.0, grad_accum=grad_accum, max_response_tokens=8)
     ln.attach(DeepSpeedLike(model, grad_accum, lr), device=device, pad_id=0)
     return ln
 
 
-def _run(algo, rows, *, micro: int, ranks: int, pairs: bool):
+def _run(algo, rows, *, micro: int, ranks: int, pairs: bool, chunk: int | None = None, tokens: int | None = None):
     """One train step split over ``ranks`` simulated ranks × ``micro`` micro-batches each. Returns
-    the global loss and the gradient data parallelism would apply (the ranks' mean)."""
-    base = TinyLM()
+    the global loss and the gradient data parallelism would apply (the ranks' mean). ``chunk``:
+    chunked log-probs on TinySplitLM (the same weights); ``tokens``: a micro-batch token budget."""
+    base = TinySplitLM() if chunk else TinyLM()
     shards = shard_rows(rows, ranks, group=2 if pairs else 1)
-    learners = [_learner(algo, model=copy.deepcopy(base), grad_accum=micro, rank=r, world=ranks) for r in range(ranks)]
+    learners = [_learner(algo, model=copy.deepcopy(base), grad_accum=micro, rank=r, world=ranks, chunk=chunk,
+                         tokens=tokens) for r in range(ranks)]
     for ln in learners:
         ln.all_reduce_sum = lambda t: t  # the simulated ranks' all-reduces are done by hand below
     mbs = [ln.prepare(TrainBatch(rows=s, policy_version=0, pairs=pairs)) for ln, s in zip(learners, shards)]
@@ -142,11 +185,18 @@ def test_micro_batch_split_gives_the_same_loss_and_gradients(name):
     rows = _rows(12, seed=3, teacher=True, pairs=pairs)
     ref_loss, ref_grad = _run(algo, rows, micro=1, ranks=1, pairs=pairs)
     assert ref_grad.abs().sum() > 0
-    for micro, ranks in ((2, 1), (4, 1), (2, 2), (1, 2)):
-        loss, grad = _run(algo, rows, micro=micro, ranks=ranks, pairs=pairs)
-        assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-7), (micro, ranks, float(loss), float(ref_loss))
+    # (micro-batches per rank, ranks, logprob_chunk, micro_batch_tokens): the chunked log-probs
+    # (5 positions a chunk, so rows span chunks) and the token-budget packing (sorted rows,
+    # uneven micro-batches) must give the same loss and gradients as the whole batch at once.
+    for micro, ranks, chunk, tokens in ((2, 1, None, None), (4, 1, None, None), (2, 2, None, None),
+                                        (1, 2, None, None), (1, 1, 5, None), (3, 1, None, 40),
+                                        (4, 1, 5, 24), (2, 2, 3, 30)):
+        loss, grad = _run(algo, rows, micro=micro, ranks=ranks, pairs=pairs, chunk=chunk, tokens=tokens)
+        assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-7), (micro, ranks, chunk, tokens, float(loss),
+                                                                      float(ref_loss))
         tol = 1e-5 * float(ref_grad.abs().max())
-        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=tol), (micro, ranks, (grad - ref_grad).abs().max())
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=tol), (micro, ranks, chunk, tokens,
+                                                                     (grad - ref_grad).abs().max())
 
 
 def test_kepo_distill_term_is_normalised_by_the_global_gated_count():
@@ -269,3 +319,33 @@ def test_mini_batches_need_rows():
     with pytest.raises(Exception, match="learner.mini_batches"):
         S.parse_spec({"models": {"student": {"path": "x"}}, "data": {"task": "basic_arithmetic"},
                       "rollout": {"prompts_per_step": 1, "samples_per_prompt": 2}, "learner": {"mini_batches": 4}})
+
+
+@pytest.mark.parametrize("name", ["kepo-forward-kl-topk-tail", "opd-full+grpo", "grpo-token-mean"])
+def test_chunked_logprobs_run_on_the_split_model_and_match(name, monkeypatch):
+    """learner.logprob_chunk on a model with the split takes the chunked path (counted), and its
+    sampled log-probs, entropy and dense rows equal the logits path's in float64."""
+    import protege.learners.learner as L
+
+    calls = []
+    real = L.chunked_response_logprobs
+    monkeypatch.setattr(L, "chunked_response_logprobs", lambda *a, **k: calls.append(k["chunk"]) or real(*a, **k))
+    b = collate(_rows(5, seed=4, teacher=True), pad_id=0)
+    plain = _learner(ALGOS[name], model=TinyLM().double(), grad_accum=1)
+    split = _learner(ALGOS[name], model=TinySplitLM().double(), grad_accum=1, chunk=4)
+    a = plain._token_logprobs(plain.engine, b, want_topk=True)
+    c = split._token_logprobs(split.engine, b, want_topk=True)
+    assert calls == [4]
+    assert torch.allclose(a[0], c[0], atol=1e-12) and torch.allclose(a[1], c[1], atol=1e-12)
+    assert set(a[2]) == set(c[2]) == {"topk", "full"}
+    assert all(torch.allclose(a[2][k], c[2][k], atol=1e-12) for k in a[2])
+
+
+@pytest.mark.parametrize("name", ["kepo-forward-kl-topk-tail", "opd-full+grpo", "dpo"])
+def test_chunked_step_keeps_every_tensor_on_the_learner_device(name):
+    algo = ALGOS[name]
+    pairs = algo.type == "dpo"
+    ln = _learner(algo, model=TinySplitLM().to("meta"), grad_accum=2, updates=2, device="meta", chunk=3, tokens=20)
+    mbs = ln.prepare(TrainBatch(rows=_rows(6, seed=2, teacher=True, pairs=pairs), policy_version=0, pairs=pairs))
+    metrics = ln.run_updates(mbs, ln.global_counts(mbs))
+    assert metrics and all(v.device.type == "meta" for v in metrics.values())
