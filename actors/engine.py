@@ -110,8 +110,16 @@ class VLLMEngine:
         waves = self._waves([len(p) * n for p in prompts])
         out: list[list[Sample]] = []
         for wave in waves:
-            out += self._generate([prompts[i] for i in wave], [i for i in wave], n=n, temperature=temperature,
-                                  top_p=top_p, max_tokens=max_tokens, seed=seed, stop_token_ids=stop_token_ids)
+            out += self._generate(
+                [prompts[i] for i in wave],
+                [i for i in wave],
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                seed=seed,
+                stop_token_ids=stop_token_ids,
+            )
         return out
 
     def _generate(self, prompts, indices, *, n, temperature, top_p, max_tokens, seed, stop_token_ids):
@@ -131,9 +139,7 @@ class VLLMEngine:
             )
             for i in indices
         ]
-        results = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
-        )
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         for res in results:
             group = []
             for c in res.outputs:
@@ -173,8 +179,10 @@ class VLLMEngine:
                 entry = {"logprobs": [float(row[ids[start + t]].logprob) for t, row in enumerate(rows)]}
                 if top_k:
                     # Each row holds the top-k (rank 1..k) plus the actual token when it ranks lower.
-                    best = [sorted((lp.rank, tok, lp.logprob) for tok, lp in row.items() if lp.rank <= top_k)
-                            for row in rows]
+                    best = [
+                        sorted((lp.rank, tok, lp.logprob) for tok, lp in row.items() if lp.rank <= top_k)
+                        for row in rows
+                    ]
                     entry["topk_ids"] = [[tok for _, tok, _ in b] for b in best]
                     entry["topk_logprobs"] = [[float(v) for _, _, v in b] for b in best]
                 out.append(entry)
@@ -228,12 +236,19 @@ class HFEngine:
             ids = torch.tensor([p] * n, device=self.device)
             greedy = temperature == 0
             gen = self.model.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=not greedy,
-                temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
-                max_new_tokens=max_tokens, pad_token_id=pad, eos_token_id=eos,
-                output_scores=True, return_dict_in_generate=True,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=not greedy,
+                temperature=None if greedy else temperature,
+                top_p=None if greedy else top_p,
+                top_k=None,
+                max_new_tokens=max_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                output_scores=True,
+                return_dict_in_generate=True,
             )
-            seqs = gen.sequences[:, len(p):]
+            seqs = gen.sequences[:, len(p) :]
             # scores are the processed (temperature-scaled) logits, like vLLM's processed_logprobs
             logps = torch.stack(gen.scores, 1).float().log_softmax(-1)
             group = []
@@ -256,7 +271,7 @@ class HFEngine:
         lp = self.model(full).logits[0, :-1].float().log_softmax(-1)
         tgt = full[0, 1:]
         vals = lp.gather(-1, tgt[:, None])[:, 0]
-        return vals[len(prompt_ids) - 1:].tolist()
+        return vals[len(prompt_ids) - 1 :].tolist()
 
     def load_weights(self, payload: bytes) -> float:
         from safetensors.torch import load
@@ -285,7 +300,6 @@ def make_engine(kind: str, model: str, **kwargs: Any):
             return HFEngine(model, **kwargs)
         case _:
             raise ValueError(f"unknown engine '{kind}' (valid: vllm, hf)")
-
 
 
 # ------------------------------------------------------------------------------------- serving
@@ -326,19 +340,32 @@ class AsyncVLLMEngine:
     asyncio requests. Weight reload goes through the same worker extension as RL weight sync.
     """
 
-    def __init__(self, model: str, *, dtype: str = "float32", max_model_len: int = 1024,
-                 kv_cache_bytes: int = 256 << 20, seed: int = 0, max_num_seqs: int = 64,
-                 gpu_memory_utilization: float = 0.5):
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 1024,
+        kv_cache_bytes: int = 256 << 20,
+        seed: int = 0,
+        max_num_seqs: int = 64,
+        gpu_memory_utilization: float = 0.5,
+    ):
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         cuda = torch.cuda.is_available()
         kwargs: dict[str, Any] = dict(
-            model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            model=model,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
             enforce_eager=not cuda,  # CPU: compiling costs more start time than it saves on a tiny model
             enable_prefix_caching=True,  # reset after every reload (stale KV otherwise)
-            worker_extension_cls=EXTENSION, max_num_seqs=max_num_seqs, disable_log_stats=True,
+            worker_extension_cls=EXTENSION,
+            max_num_seqs=max_num_seqs,
+            disable_log_stats=True,
             # Worker inside the engine-core process: one child process, not two (CPU vLLM keeps this only
             # with VLLM_ENABLE_V1_MULTIPROCESSING=0, which protege sets on CPU).
             distributed_executor_backend="uni",
@@ -355,24 +382,44 @@ class AsyncVLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.max_model_len = max_model_len
 
-    async def stream(self, prompt_ids: list[int], *, request_id: str, n: int = 1, temperature: float = 1.0,
-                     top_p: float = 1.0, max_tokens: int = 16, stop: list[str] | None = None,
-                     seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                     ignore_eos: bool = False, final_only: bool = False) -> AsyncIterator[list[StreamDelta]]:
+    async def stream(
+        self,
+        prompt_ids: list[int],
+        *,
+        request_id: str,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 16,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        ignore_eos: bool = False,
+        final_only: bool = False,
+    ) -> AsyncIterator[list[StreamDelta]]:
         """Yields each choice's new text as it is generated, or (``final_only``) once, whole, at the end."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop or None, seed=seed,
-            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, ignore_eos=ignore_eos,
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            stop=stop or None,
+            seed=seed,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            ignore_eos=ignore_eos,
             # A caller that does not stream needs no per-token wake-ups.
             output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
         )
         # Closing this generator early (client gone) aborts the request inside vLLM.
-        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
-                                           request_id=request_id):
+        async for out in self.llm.generate(
+            TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id=request_id
+        ):
             yield [StreamDelta(c.index, c.text, len(c.token_ids), c.finish_reason) for c in out.outputs]
 
     async def reload(self, model_dir: str | Path) -> float:

@@ -24,19 +24,44 @@ class StaleWeights(RuntimeError):
 
 
 class RolloutWorker:
-    def __init__(self, model: str, *, engine: str = "vllm", dtype: str = "float32", seed: int = 0,
-                 max_model_len: int = 512, kv_cache_bytes: int = 256 << 20, gpu_memory_utilization: float = 0.3):
+    def __init__(
+        self,
+        model: str,
+        *,
+        engine: str = "vllm",
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int = 512,
+        kv_cache_bytes: int = 256 << 20,
+        gpu_memory_utilization: float = 0.3,
+    ):
         capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         configure_node_defaults()  # this node's hardware decides, before vLLM reads its environment
         self.engine_kind = engine
-        self.engine = make_engine(engine, model, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                                  kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization)
+        self.engine = make_engine(
+            engine,
+            model,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            kv_cache_bytes=kv_cache_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
         self.receiver = WeightReceiver(self.engine, engine)  # object store and GPU (NCCL/IPC) loads
         self.eos_id = self.engine.tokenizer.eos_token_id
 
-    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int | None = None, first_index: int = 0,
-                 expected_version: int | None = None) -> dict[str, Any]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        seed: int | None = None,
+        first_index: int = 0,
+        expected_version: int | None = None,
+    ) -> dict[str, Any]:
         """Returns {"rollouts": [Rollout] group-major, "tokens": int, "seconds": float, "version": int}.
 
         ``expected_version`` guards against generating from the wrong weights: a worker that Ray
@@ -45,8 +70,15 @@ class RolloutWorker:
         if expected_version is not None and expected_version != self.version:
             raise StaleWeights(f"worker holds policy version {self.version}, driver expects {expected_version}")
         t0 = time.perf_counter()
-        groups = self.engine.generate(prompts, n=n, temperature=temperature, top_p=top_p,
-                                      max_tokens=max_tokens, seed=seed, stop_token_ids=[self.eos_id])
+        groups = self.engine.generate(
+            prompts,
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop_token_ids=[self.eos_id],
+        )
         rollouts = [
             Rollout(example_index=first_index + i, prompt_ids=list(p), sample=s, policy_version=self.version)
             for i, (p, group) in enumerate(zip(prompts, groups))

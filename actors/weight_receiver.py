@@ -78,7 +78,8 @@ def _create_transfer_engine(worker, backend: str) -> str:
     if current is not None:
         current.shutdown()
     worker.weight_transfer_engine = WeightTransferEngineFactory.create_engine(
-        WeightTransferConfig(backend=backend), worker.vllm_config, worker.device, worker.model_runner.get_model())
+        WeightTransferConfig(backend=backend), worker.vllm_config, worker.device, worker.model_runner.get_model()
+    )
     return backend
 
 
@@ -103,8 +104,11 @@ class TransferWorkerExtension:
         return _retie(self)
 
 
-_BY_NAME = {"protege_device_uuid": _device_uuid, "protege_wt_create": _create_transfer_engine,
-            "protege_wt_retie": _retie}
+_BY_NAME = {
+    "protege_device_uuid": _device_uuid,
+    "protege_wt_create": _create_transfer_engine,
+    "protege_wt_retie": _retie,
+}
 
 
 def worker_rpc(llm, name: str, *args) -> list:
@@ -132,7 +136,8 @@ def _check_serialization(backend: str) -> None:
             "GPU weight transfer into a vLLM engine core running in its own process needs "
             "VLLM_ALLOW_INSECURE_SERIALIZATION=1 in the rollout worker's environment before the engine starts "
             "(CUDA IPC handles and worker-side functions are pickled; vLLM's own rlhf_ipc.py sets it too), "
-            "or VLLM_ENABLE_V1_MULTIPROCESSING=0")
+            "or VLLM_ENABLE_V1_MULTIPROCESSING=0"
+        )
 
 
 # ------------------------------------------------------------------ the receiver
@@ -172,8 +177,7 @@ class WeightReceiver:
         del named
         self.version = weights.version
         held = numel * getattr(torch, self.engine.dtype).itemsize
-        return {"version": self.version, "seconds": time.perf_counter() - t0, "unpack_s": unpack_s,
-                "bytes": held}
+        return {"version": self.version, "seconds": time.perf_counter() - t0, "unpack_s": unpack_s, "bytes": held}
 
     # -- GPU
     def _vllm(self):

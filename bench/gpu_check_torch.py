@@ -41,6 +41,7 @@ def _import_protege() -> None:
     the subpackages live at the top of the repository, so build the package from symlinks."""
     try:
         import protege.learners  # noqa: F401
+
         return
     except ImportError:
         pass
@@ -75,15 +76,19 @@ def _rows(n: int, resp: int, vocab: int, k: int, seed: int):
     rows = []
     for i in range(n):
         R = rnd.randint(resp // 2, resp)
-        rows.append(TrainRow(
-            prompt_ids=[rnd.randrange(3, vocab) for _ in range(16)], response_ids=[rnd.randrange(3, vocab) for _ in range(R)],
-            advantage=rnd.uniform(-1, 1), gate=float(i % 2 == 0),
-            rollout_logprobs=[-rnd.uniform(0.5, 6) for _ in range(R)],
-            teacher_logprobs=[-rnd.uniform(0.1, 6) for _ in range(R)],
-            teacher_topk_ids=[rnd.sample(range(vocab), k) for _ in range(R)],
-            teacher_topk_logprobs=[sorted((-rnd.uniform(3, 8) for _ in range(k)), reverse=True) for _ in range(R)],
-            teacher_tail_logprobs=[-rnd.uniform(0.05, 0.5) for _ in range(R)],
-        ))
+        rows.append(
+            TrainRow(
+                prompt_ids=[rnd.randrange(3, vocab) for _ in range(16)],
+                response_ids=[rnd.randrange(3, vocab) for _ in range(R)],
+                advantage=rnd.uniform(-1, 1),
+                gate=float(i % 2 == 0),
+                rollout_logprobs=[-rnd.uniform(0.5, 6) for _ in range(R)],
+                teacher_logprobs=[-rnd.uniform(0.1, 6) for _ in range(R)],
+                teacher_topk_ids=[rnd.sample(range(vocab), k) for _ in range(R)],
+                teacher_topk_logprobs=[sorted((-rnd.uniform(3, 8) for _ in range(k)), reverse=True) for _ in range(R)],
+                teacher_tail_logprobs=[-rnd.uniform(0.05, 0.5) for _ in range(R)],
+            )
+        )
     return rows
 
 
@@ -98,8 +103,16 @@ def _model_dir(work: Path, big: bool) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(paths["student"])
-    cfg.update(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=16,
-                    num_key_value_heads=4, head_dim=64))
+    cfg.update(
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=12,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=64,
+        )
+    )
     out = work / "medium"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     AutoTokenizer.from_pretrained(paths["student"]).save_pretrained(out)
@@ -113,8 +126,13 @@ def check_train_steps(model_dir: Path, device, quick: bool) -> list[dict]:
     from protege.core.records import TrainBatch
     from protege.learners.learner import Learner
 
-    algos = {"grpo": S.GRPOSpec(), "opd": S.OPDSpec(), "opd_topk": S.OPDSpec(estimator="topk"),
-             "rlad": S.RLADSpec(alpha=0.5), "kepo_topk_jsd": S.KEPOSpec(divergence="jsd")}
+    algos = {
+        "grpo": S.GRPOSpec(),
+        "opd": S.OPDSpec(),
+        "opd_topk": S.OPDSpec(estimator="topk"),
+        "rlad": S.RLADSpec(alpha=0.5),
+        "kepo_topk_jsd": S.KEPOSpec(divergence="jsd"),
+    }
     steps = 2 if quick else 6
     n_rows, resp = (8, 24) if quick else (32, 256)
     out = []
@@ -124,8 +142,16 @@ def check_train_steps(model_dir: Path, device, quick: bool) -> list[dict]:
                 rec = {"algorithm": name, "zero_stage": zero, "bf16": bf16, "ok": False}
                 try:
                     spec = S.LearnerSpec(zero_stage=zero, bf16=bf16, micro_batch=max(1, n_rows // 2), lr=1e-4)
-                    ln = Learner(rank=0, world_size=1, model_path=str(model_dir), learner_spec=spec, algo=algo,
-                                 temperature=1.0, grad_accum=2, max_response_tokens=resp)
+                    ln = Learner(
+                        rank=0,
+                        world_size=1,
+                        model_path=str(model_dir),
+                        learner_spec=spec,
+                        algo=algo,
+                        temperature=1.0,
+                        grad_accum=2,
+                        max_response_tokens=resp,
+                    )
                     info = ln.setup("127.0.0.1", _free_port())
                     assert ln.device.type == device.type, f"learner picked {ln.device}, expected {device}"
                     before = torch.cat([p.detach().float().flatten()[:4096] for p in ln.engine.module.parameters()])
@@ -143,10 +169,17 @@ def check_train_steps(model_dir: Path, device, quick: bool) -> list[dict]:
                     tokens = sum(len(r.response_ids) for r in rows)
                     steady = sorted(times[1:] or times)[len(times[1:] or times) // 2]
                     rec.update(
-                        ok=bool(torch.isfinite(torch.tensor(m["loss/total"])) and (after - before).abs().max() > 0
-                                and "rollout/logprob_mismatch" in m),
-                        params=info["params"], first_step_s=times[0], step_s=steady, tokens_per_s=tokens / steady,
-                        loss=m["loss/total"], grad_norm=m["learner/grad_norm"],
+                        ok=bool(
+                            torch.isfinite(torch.tensor(m["loss/total"]))
+                            and (after - before).abs().max() > 0
+                            and "rollout/logprob_mismatch" in m
+                        ),
+                        params=info["params"],
+                        first_step_s=times[0],
+                        step_s=steady,
+                        tokens_per_s=tokens / steady,
+                        loss=m["loss/total"],
+                        grad_norm=m["learner/grad_norm"],
                         peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                     )
                     ln.engine.destroy() if hasattr(ln.engine, "destroy") else None
@@ -188,11 +221,17 @@ def check_dense_losses(device) -> list[dict]:
     def run(dev, dtype, algo, divergence, estimator):
         lp, st, sf = leaf(base["lp"], dev, dtype), leaf(base["s_topk"], dev, dtype), leaf(base["s_full"], dev, dtype)
         inp = losses.LossInputs(
-            logprobs=lp, old_logprobs=base["lp"].to(dev, dtype), mask=torch.ones(B, T, device=dev, dtype=dtype),
-            advantages=base["adv"].to(dev, dtype), teacher_logprobs=base["teacher"].to(dev, dtype),
-            student_topk_logprobs=st, teacher_topk_logprobs=base["t_topk"].to(dev, dtype),
-            student_full_logprobs=sf.log_softmax(-1), teacher_full_logprobs=base["t_full"].to(dev, dtype),
-            gate=(torch.arange(B, device=dev) % 2 == 0).to(dtype))
+            logprobs=lp,
+            old_logprobs=base["lp"].to(dev, dtype),
+            mask=torch.ones(B, T, device=dev, dtype=dtype),
+            advantages=base["adv"].to(dev, dtype),
+            teacher_logprobs=base["teacher"].to(dev, dtype),
+            student_topk_logprobs=st,
+            teacher_topk_logprobs=base["t_topk"].to(dev, dtype),
+            student_full_logprobs=sf.log_softmax(-1),
+            teacher_full_logprobs=base["t_full"].to(dev, dtype),
+            gate=(torch.arange(B, device=dev) % 2 == 0).to(dtype),
+        )
         if algo == "kepo":
             loss, _ = losses.kepo_loss(inp, divergence=divergence, estimator=estimator)
         else:
@@ -201,8 +240,13 @@ def check_dense_losses(device) -> list[dict]:
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in (lp, st, sf)]
         return [loss.detach().double().cpu()] + [x.double().cpu() for x in grads]
 
-    cases = [("kepo", "reverse_kl", "sampled"), ("kepo", "forward_kl", "topk_renorm"), ("kepo", "jsd", "topk"),
-             ("opd", "reverse_kl", "topk"), ("opd", "reverse_kl", "full")]
+    cases = [
+        ("kepo", "reverse_kl", "sampled"),
+        ("kepo", "forward_kl", "topk_renorm"),
+        ("kepo", "jsd", "topk"),
+        ("opd", "reverse_kl", "topk"),
+        ("opd", "reverse_kl", "full"),
+    ]
     for algo, divergence, estimator in cases:
         ref = run(torch.device("cpu"), torch.float64, algo, divergence, estimator)
         for dtype in (torch.float32, torch.bfloat16):
@@ -210,8 +254,10 @@ def check_dense_losses(device) -> list[dict]:
             try:
                 got = run(device, dtype, algo, divergence, estimator)
                 tol = 1e-4 if dtype == torch.float32 else 5e-2  # bf16 keeps 8 bits of mantissa
-                errs = [float((a - b).abs().max() / b.abs().max()) if b.abs().max() > 0 else float((a - b).abs().max())
-                        for a, b in zip(got, ref)]
+                errs = [
+                    float((a - b).abs().max() / b.abs().max()) if b.abs().max() > 0 else float((a - b).abs().max())
+                    for a, b in zip(got, ref)
+                ]
                 rec.update(ok=max(errs) < tol, rel_err_loss=errs[0], rel_err_grad=max(errs[1:]), tolerance=tol)
             except Exception as e:
                 rec["error"] = f"{type(e).__name__}: {e}"
@@ -229,12 +275,19 @@ def check_bucketing(model_dir: Path, device, quick: bool) -> list[dict]:
 
     out = []
     for zero in (0, 2):
-        ln = Learner(rank=0, world_size=1, model_path=str(model_dir), learner_spec=S.LearnerSpec(zero_stage=zero),
-                     algo=S.GRPOSpec(), temperature=1.0, grad_accum=1)
+        ln = Learner(
+            rank=0,
+            world_size=1,
+            model_path=str(model_dir),
+            learner_spec=S.LearnerSpec(zero_stage=zero),
+            algo=S.GRPOSpec(),
+            temperature=1.0,
+            grad_accum=1,
+        )
         ln.setup("127.0.0.1", _free_port())
         meta = wire_meta(ln.engine.module, "bfloat16")
         total = sum(torch.Size(s).numel() * 2 for _, s, _ in meta)
-        for bucket_mb in ((1, 64) if not quick else (0.05, 64)):
+        for bucket_mb in (1, 64) if not quick else (0.05, 64):
             rec = {"zero_stage": zero, "wire_dtype": "bfloat16", "bucket_mb": bucket_mb, "ok": False}
             try:
                 plan = plan_buckets(meta, int(bucket_mb * 2**20))
@@ -253,11 +306,16 @@ def check_bucketing(model_dir: Path, device, quick: bool) -> list[dict]:
                     for n in bucket_names:
                         p = params[n].detach().to(torch.bfloat16)
                         size = p.numel() * 2
-                        got = buf[offset:offset + size].view(torch.bfloat16).view(p.shape)
+                        got = buf[offset : offset + size].view(torch.bfloat16).view(p.shape)
                         exact &= bool(torch.equal(got, p))
                         offset += size
-                rec.update(ok=exact and all(b.device.type == device.type for b in packed), buckets=len(plan),
-                           mbytes=total / 1e6, seconds=seconds, gb_per_s=total / seconds / 1e9)
+                rec.update(
+                    ok=exact and all(b.device.type == device.type for b in packed),
+                    buckets=len(plan),
+                    mbytes=total / 1e6,
+                    seconds=seconds,
+                    gb_per_s=total / seconds / 1e9,
+                )
             except Exception as e:
                 rec["error"] = f"{type(e).__name__}: {e}"
             out.append(rec)
@@ -274,8 +332,11 @@ def _grouped(pairs, plan):
 
 def _say(kind: str, rec: dict) -> None:
     keys = [k for k in rec if k not in ("ok", "traceback")]
-    print(f"[{'ok' if rec.get('ok') else 'FAIL'}] {kind}: " + ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ((k, rec[k]) for k in keys)), flush=True)
+    print(
+        f"[{'ok' if rec.get('ok') else 'FAIL'}] {kind}: "
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ((k, rec[k]) for k in keys)),
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check_torch: torch sees no CUDA GPU; use --device cpu to run the same checks on the CPU", file=sys.stderr)
+        print(
+            "gpu_check_torch: torch sees no CUDA GPU; use --device cpu to run the same checks on the CPU",
+            file=sys.stderr,
+        )
         return 2
     os.environ.setdefault("DS_ACCELERATOR", args.device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -302,8 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
-           "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+    }
     for mod in ("transformers", "deepspeed", "pydantic"):
         try:
             env[mod] = __import__(mod).__version__
@@ -322,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     recs += report["dense_losses"]
     report["passed"], report["failed"] = sum(r["ok"] for r in recs), sum(not r["ok"] for r in recs)
     (out_dir / "gpu_check_part1.json").write_text(json.dumps(report, indent=1))
-    print(f"gpu_check_torch: {report['passed']} passed, {report['failed']} failed -> {out_dir / 'gpu_check_part1.json'}")
+    print(
+        f"gpu_check_torch: {report['passed']} passed, {report['failed']} failed -> {out_dir / 'gpu_check_part1.json'}"
+    )
     return 0 if report["failed"] == 0 else 1
 
 

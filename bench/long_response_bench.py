@@ -63,8 +63,15 @@ def worker(cfg: dict) -> dict:
     torch.set_num_threads(1)
     model = _model(cfg["vocab"])
     V = model.config.vocab_size
-    ln = Learner(rank=0, world_size=1, model_path="", learner_spec=S.LearnerSpec(logprob_chunk=cfg["chunk"]),
-                 algo=S.KEPOSpec(estimator="topk"), temperature=1.0, grad_accum=1)
+    ln = Learner(
+        rank=0,
+        world_size=1,
+        model_path="",
+        learner_spec=S.LearnerSpec(logprob_chunk=cfg["chunk"]),
+        algo=S.KEPOSpec(estimator="topk"),
+        temperature=1.0,
+        grad_accum=1,
+    )
     ln.attach(model, device="cpu", pad_id=0)
     g = torch.Generator().manual_seed(0)
 
@@ -72,8 +79,14 @@ def worker(cfg: dict) -> dict:
         prompt = torch.randint(0, V, (32,), generator=g).tolist()
         resp = torch.randint(0, V, (T,), generator=g).tolist()
         ids = torch.randint(0, V, (T, 8), generator=g).tolist()
-        b = collate([TrainRow(prompt_ids=prompt, response_ids=resp, teacher_topk_ids=ids,
-                              teacher_topk_logprobs=[[-1.0] * 8] * T)], 0)
+        b = collate(
+            [
+                TrainRow(
+                    prompt_ids=prompt, response_ids=resp, teacher_topk_ids=ids, teacher_topk_logprobs=[[-1.0] * 8] * T
+                )
+            ],
+            0,
+        )
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         lp, ent, dense = ln._token_logprobs(model, b, want_topk=True)
@@ -85,8 +98,15 @@ def worker(cfg: dict) -> dict:
     load = os.getloadavg()[0]
     seconds = step(cfg["T"])
     peak = _rss_mb()
-    return {**cfg, "V": V, "rss_before_mb": round(before, 1), "rss_peak_mb": round(peak, 1),
-            "step_mb": round(peak - before, 1), "step_s": round(seconds, 3), "load1": round(load, 2)}
+    return {
+        **cfg,
+        "V": V,
+        "rss_before_mb": round(before, 1),
+        "rss_peak_mb": round(peak, 1),
+        "step_mb": round(peak - before, 1),
+        "step_s": round(seconds, 3),
+        "load1": round(load, 2),
+    }
 
 
 def zero3_worker(chunk: int | None) -> dict:
@@ -97,19 +117,33 @@ def zero3_worker(chunk: int | None) -> dict:
     from protege.learners.learner import Learner
 
     spec = S.LearnerSpec(zero_stage=3, optimizer="sgd", lr=0.05, micro_batch=2, logprob_chunk=chunk)
-    ln = Learner(rank=0, world_size=1, model_path=str(STUDENT), learner_spec=spec,
-                 algo=S.KEPOSpec(estimator="topk", divergence="forward_kl"), temperature=0.8, grad_accum=2)
+    ln = Learner(
+        rank=0,
+        world_size=1,
+        model_path=str(STUDENT),
+        learner_spec=spec,
+        algo=S.KEPOSpec(estimator="topk", divergence="forward_kl"),
+        temperature=0.8,
+        grad_accum=2,
+    )
     port = 29500 + (os.getpid() % 1000)
     ln.setup("127.0.0.1", port)
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in range(4):
         R = 20 + 7 * i
-        rows.append(TrainRow(
-            prompt_ids=torch.randint(1, 500, (6,), generator=g).tolist(),
-            response_ids=torch.randint(1, 500, (R,), generator=g).tolist(), advantage=1.0 - 0.5 * i,
-            teacher_logprobs=[-1.0] * R, teacher_topk_ids=torch.randint(0, 512, (R, 4), generator=g).tolist(),
-            teacher_topk_logprobs=[[-1.0, -2.0, -3.0, -4.0]] * R, teacher_tail_logprobs=[-0.5] * R, gate=1.0))
+        rows.append(
+            TrainRow(
+                prompt_ids=torch.randint(1, 500, (6,), generator=g).tolist(),
+                response_ids=torch.randint(1, 500, (R,), generator=g).tolist(),
+                advantage=1.0 - 0.5 * i,
+                teacher_logprobs=[-1.0] * R,
+                teacher_topk_ids=torch.randint(0, 512, (R, 4), generator=g).tolist(),
+                teacher_topk_logprobs=[[-1.0, -2.0, -3.0, -4.0]] * R,
+                teacher_tail_logprobs=[-0.5] * R,
+                gate=1.0,
+            )
+        )
     out = ln.train_step(TrainBatch(rows=rows, policy_version=0))
     state = ln._full_state()
     flat = torch.cat([v.flatten().double() for _, v in sorted(state.items())])
@@ -153,38 +187,59 @@ def main() -> None:
             runs = [_sub(["--zero3-worker", c], Z3_OUT=f"{tmp}/{c}.pt") for c in ("none", "8")]
             w = [torch.load(f"{tmp}/{c}.pt") for c in ("none", "8")]
         moved = float((w[0] - w[1]).abs().max())
-        print(json.dumps({"runs": runs, "weights_max_abs_diff_after_step": moved,
-                          "loss_diff": abs(runs[0]["loss"] - runs[1]["loss"]),
-                          "grad_norm_diff": abs(runs[0]["grad_norm"] - runs[1]["grad_norm"])}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "runs": runs,
+                    "weights_max_abs_diff_after_step": moved,
+                    "loss_diff": abs(runs[0]["loss"] - runs[1]["loss"]),
+                    "grad_norm_diff": abs(runs[0]["grad_norm"] - runs[1]["grad_norm"]),
+                },
+                indent=1,
+            )
+        )
         return
     configs = [{"vocab": None, "T": int(t)} for t in a.lengths.split(",")]
     configs += [{"vocab": a.big_vocab, "T": int(t)} for t in a.big_lengths.split(",")]
     runs = []
     for rnd in range(a.rounds):
         for c in configs:
-            for chunk in ((None, a.chunk) if rnd % 2 == 0 else (a.chunk, None)):  # alternate the order
+            for chunk in (None, a.chunk) if rnd % 2 == 0 else (a.chunk, None):  # alternate the order
                 r = _sub(["--worker", json.dumps({**c, "chunk": chunk})])
                 r["round"] = rnd
                 print(json.dumps(r), flush=True)
                 runs.append(r)
     REPORTS.mkdir(parents=True, exist_ok=True)
-    meta = {"cpus": os.cpu_count(), "torch_threads": 1, "chunk": a.chunk, "note": (
-        "ru_maxrss of a fresh process per run; step_mb = peak RSS − RSS after a warm-up step; one row, "
-        "32 prompt tokens, top-8 teacher ids, float32, CPU; the machine was shared (load1)")}
+    meta = {
+        "cpus": os.cpu_count(),
+        "torch_threads": 1,
+        "chunk": a.chunk,
+        "note": (
+            "ru_maxrss of a fresh process per run; step_mb = peak RSS − RSS after a warm-up step; one row, "
+            "32 prompt tokens, top-8 teacher ids, float32, CPU; the machine was shared (load1)"
+        ),
+    }
     (REPORTS / "long_responses.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
-    lines = ["# Learner log-probs at long responses: today's path vs chunked", "",
-             f"One forward + backward of `Learner._token_logprobs` (sampled log-probs, entropy, top-8), "
-             f"float32 on CPU, one row of 32 prompt + T response tokens, chunk = {a.chunk} positions. "
-             "Memory: `ru_maxrss` of a fresh process per run, minus the RSS after a warm-up step; "
-             "every run is listed by round (the order of the two paths alternates between rounds), with the "
-             "1-minute load average of a shared 2-core machine.", "",
-             "| V | T | round | today MB | chunked MB | today s | chunked s | load |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Learner log-probs at long responses: today's path vs chunked",
+        "",
+        f"One forward + backward of `Learner._token_logprobs` (sampled log-probs, entropy, top-8), "
+        f"float32 on CPU, one row of 32 prompt + T response tokens, chunk = {a.chunk} positions. "
+        "Memory: `ru_maxrss` of a fresh process per run, minus the RSS after a warm-up step; "
+        "every run is listed by round (the order of the two paths alternates between rounds), with the "
+        "1-minute load average of a shared 2-core machine.",
+        "",
+        "| V | T | round | today MB | chunked MB | today s | chunked s | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for rnd in range(a.rounds):
         for c in configs:
             pair = {r["chunk"]: r for r in runs if r["round"] == rnd and r["vocab"] == c["vocab"] and r["T"] == c["T"]}
             t, k = pair[None], pair[a.chunk]
-            lines.append(f"| {t['V']} | {c['T']} | {rnd} | {t['step_mb']} | {k['step_mb']} | {t['step_s']} | "
-                         f"{k['step_s']} | {max(t['load1'], k['load1'])} |")
+            lines.append(
+                f"| {t['V']} | {c['T']} | {rnd} | {t['step_mb']} | {k['step_mb']} | {t['step_s']} | "
+                f"{k['step_s']} | {max(t['load1'], k['load1'])} |"
+            )
     (REPORTS / "long_responses.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

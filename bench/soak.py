@@ -91,8 +91,13 @@ def serve_actors() -> dict[str, list]:
 
     out: dict[str, list] = {"replica": [], "proxy": []}
     for a in ray.util.list_named_actors(all_namespaces=True):
-        role = "replica" if a["name"].startswith("SERVE_REPLICA::") else \
-            "proxy" if a["name"].startswith("SERVE_PROXY_ACTOR") else None
+        role = (
+            "replica"
+            if a["name"].startswith("SERVE_REPLICA::")
+            else "proxy"
+            if a["name"].startswith("SERVE_PROXY_ACTOR")
+            else None
+        )
         if role and a["namespace"] == "serve":
             out[role].append(ray.get_actor(a["name"], namespace="serve"))
     return out
@@ -129,36 +134,51 @@ def summarize(windows: list[dict], clients: int, trimmed: dict) -> dict:
     errors = sum(w["errors"] for w in windows)
     # Second half: from the window nearest the run's midpoint to the last one.
     mid = min(windows, key=lambda w: abs(w["t_min"] - last["t_min"] / 2))
-    half = windows[windows.index(mid):]
+    half = windows[windows.index(mid) :]
     half_min = max(last["t_min"] - mid["t_min"], 1e-9)
     half_slope = slope([(w["t_min"], served(w)) for w in half])
     replica_half_slope = slope([(w["t_min"], w["rss_mb"]["replica"]) for w in half])
     half_requests = sum(w["requests"] for w in half[1:])
     blocks = [w.get("replica_py_blocks") for w in (first, mid, last)]
+
     def r(x):
         return None if x is None else round(x, 2)
 
     return {
-        "minutes": round(last["t_min"], 2), "clients": clients, "requests": total, "errors": errors,
+        "minutes": round(last["t_min"], 2),
+        "clients": clients,
+        "requests": total,
+        "errors": errors,
         "error_rate": round(errors / max(1, total + errors), 5),
-        "p95_ms_first": first["p95_ms"], "p95_ms_last": last["p95_ms"],
+        "p95_ms_first": first["p95_ms"],
+        "p95_ms_last": last["p95_ms"],
         "p95_ms_max": max(w["p95_ms"] for w in windows if w["p95_ms"] is not None),
-        "rss_mb_first": first["rss_mb"], "rss_mb_last": last["rss_mb"],
-        "served_rss_growth_mb": round(growth, 1), "growth_mb_per_min": round(growth / minutes, 2),
+        "rss_mb_first": first["rss_mb"],
+        "rss_mb_last": last["rss_mb"],
+        "served_rss_growth_mb": round(growth, 1),
+        "growth_mb_per_min": round(growth / minutes, 2),
         "replica_growth_mb_per_min": round((last["rss_mb"]["replica"] - first["rss_mb"]["replica"]) / minutes, 2),
         "second_half": {
-            "from_min": mid["t_min"], "to_min": last["t_min"], "windows": len(half), "requests": half_requests,
+            "from_min": mid["t_min"],
+            "to_min": last["t_min"],
+            "windows": len(half),
+            "requests": half_requests,
             "served_rss_growth_mb": round(served(last) - served(mid), 1),
             "growth_mb_per_min": round((served(last) - served(mid)) / half_min, 2),
-            "slope_mb_per_min": r(half_slope), "replica_slope_mb_per_min": r(replica_half_slope),
+            "slope_mb_per_min": r(half_slope),
+            "replica_slope_mb_per_min": r(replica_half_slope),
             "replica_growth_mb_per_1k_requests": round(
-                (last["rss_mb"]["replica"] - mid["rss_mb"]["replica"]) / max(1, half_requests) * 1000, 3),
-            "replica_py_blocks_per_request": None if None in blocks[1:] else
-            round((blocks[2] - blocks[1]) / max(1, half_requests), 3),
+                (last["rss_mb"]["replica"] - mid["rss_mb"]["replica"]) / max(1, half_requests) * 1000, 3
+            ),
+            "replica_py_blocks_per_request": None
+            if None in blocks[1:]
+            else round((blocks[2] - blocks[1]) / max(1, half_requests), 3),
         },
-        "replica_py_blocks_first": blocks[0], "replica_py_blocks_last": blocks[2],
+        "replica_py_blocks_first": blocks[0],
+        "replica_py_blocks_last": blocks[2],
         # After gc.collect() + malloc_trim(0) in each process, before the first window and after the last.
-        "trimmed_rss_mb_start": trimmed.get("start"), "trimmed_rss_mb_end": trimmed.get("end"),
+        "trimmed_rss_mb_start": trimmed.get("start"),
+        "trimmed_rss_mb_end": trimmed.get("end"),
     }
 
 
@@ -168,20 +188,34 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--window", type=float, default=30.0, help="seconds per measurement window")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--max-growth-mb", type=float, default=200.0,
-                    help="most served (replica + proxy) RSS growth from the first window to the last")
-    ap.add_argument("--max-slope-mb-per-min", type=float, default=2.0,
-                    help="most served RSS growth rate over the second half (least squares): a plateau is ~0")
+    ap.add_argument(
+        "--max-growth-mb",
+        type=float,
+        default=200.0,
+        help="most served (replica + proxy) RSS growth from the first window to the last",
+    )
+    ap.add_argument(
+        "--max-slope-mb-per-min",
+        type=float,
+        default=2.0,
+        help="most served RSS growth rate over the second half (least squares): a plateau is ~0",
+    )
     ap.add_argument("--model", default=str(ROOT / "models" / "tiny" / "student"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
-    for k, v in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                 "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    for k, v in {
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }.items():
         os.environ.setdefault(k, v)
     import serve_load
 
-    load_args = argparse.Namespace(model=args.model, clients=args.clients, seconds=args.window,
-                                   max_tokens=args.max_tokens, max_model_len=512)
+    load_args = argparse.Namespace(
+        model=args.model, clients=args.clients, seconds=args.window, max_tokens=args.max_tokens, max_model_len=512
+    )
     url, name = serve_load.start_serve(load_args)
     pids = serve_pids()
     print(f"serve processes: {pids}", flush=True)
@@ -200,9 +234,12 @@ def main(argv=None) -> int:
         heap = inside(actors, trim=False, roles=("replica",))  # no gc, no trim: the series stays untouched
         res["replica_py_blocks"] = heap["replica"]["py_blocks"] if heap else None
         windows.append(res)
-        print(f"{res['t_min']:5.1f} min  {res['requests_per_s']:6.1f} req/s  p50 {res['p50_ms']} ms  "
-              f"p95 {res['p95_ms']} ms  errors {res['errors']}  rss {res['rss_mb']}  "
-              f"replica py blocks {res['replica_py_blocks']}", flush=True)
+        print(
+            f"{res['t_min']:5.1f} min  {res['requests_per_s']:6.1f} req/s  p50 {res['p50_ms']} ms  "
+            f"p95 {res['p95_ms']} ms  errors {res['errors']}  rss {res['rss_mb']}  "
+            f"replica py blocks {res['replica_py_blocks']}",
+            flush=True,
+        )
     end = inside(actors, trim=True)  # after the last window's RSS was recorded
     if end:
         trimmed["end"] = {role: v["rss_mb"] for role, v in end.items()}
@@ -211,8 +248,8 @@ def main(argv=None) -> int:
     checks = {
         f"served_rss_growth_mb <= {args.max_growth_mb}": summary["served_rss_growth_mb"] <= args.max_growth_mb,
         # Needs >= 2 windows in the second half: a run that short cannot tell a plateau from a leak.
-        f"second_half.slope_mb_per_min <= {args.max_slope_mb_per_min}":
-            half_slope is not None and half_slope <= args.max_slope_mb_per_min,
+        f"second_half.slope_mb_per_min <= {args.max_slope_mb_per_min}": half_slope is not None
+        and half_slope <= args.max_slope_mb_per_min,
     }
     summary.update(checks=checks, passed=all(checks.values()))
     out = Path(args.out)

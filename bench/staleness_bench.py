@@ -32,19 +32,40 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TASK = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": ["+"],
-        "allow_negation": False, "allow_parentheses": False}
-ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-       "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-       "VLLM_NO_USAGE_STATS": "1", "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
+TASK = {
+    "min_terms": 2,
+    "max_terms": 2,
+    "min_digits": 1,
+    "max_digits": 2,
+    "operators": ["+"],
+    "allow_negation": False,
+    "allow_parentheses": False,
+}
+ENV = {
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
+}
 
 
 def spec(name: str, out: Path, *, steps: int, seed: int, staleness: int) -> dict:
     return {
-        "name": name, "seed": seed, "steps": steps,
+        "name": name,
+        "seed": seed,
+        "steps": steps,
         "models": {"student": {"path": str(ROOT / "models" / "tiny" / "student")}},
-        "data": {"source": "reasoning_gym", "task": "basic_arithmetic", "task_config": TASK, "size": 2000,
-                 "eval_size": 64},
+        "data": {
+            "source": "reasoning_gym",
+            "task": "basic_arithmetic",
+            "task_config": TASK,
+            "size": 2000,
+            "eval_size": 64,
+        },
         "algorithm": {"type": "grpo", "max_staleness": staleness},
         "rollout": {"samples_per_prompt": 4, "prompts_per_step": 8, "max_new_tokens": 16},
         "learner": {"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 32},
@@ -61,23 +82,33 @@ def run_one(d: dict, out: Path) -> dict:
     t0 = time.perf_counter()
     env = {**os.environ, **ENV}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "protege.cli", "run", str(path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "protege.cli", "run", str(path)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{d['name']} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     rows = [json.loads(x) for x in (out / d["name"] / "metrics.jsonl").read_text().splitlines()]
-    return {"name": d["name"], "seed": d["seed"], "staleness": d["algorithm"]["max_staleness"], "wall_s": wall,
-            "load_before": load, "rows": rows}
+    return {
+        "name": d["name"],
+        "seed": d["seed"],
+        "staleness": d["algorithm"]["max_staleness"],
+        "wall_s": wall,
+        "load_before": load,
+        "rows": rows,
+    }
 
 
 def summarise(run: dict, warmup: int) -> dict:
     steps = [r for r in run["rows"] if r["step"] > warmup and "time/step" in r]
     half = [r for r in run["rows"] if r["step"] > len(run["rows"]) // 2 and "reward/mean" in r]
     evals = [r["eval/accuracy"] for r in run["rows"] if "eval/accuracy" in r]
-    s = {"step_s": statistics.mean(r["time/step"] for r in steps),
-         "reward_second_half": statistics.mean(r["reward/mean"] for r in half),
-         "accuracy_first": evals[0], "accuracy_last": evals[-1]}
+    s = {
+        "step_s": statistics.mean(r["time/step"] for r in steps),
+        "reward_second_half": statistics.mean(r["reward/mean"] for r in half),
+        "accuracy_first": evals[0],
+        "accuracy_last": evals[-1],
+    }
     for k in ("tis/ratio_mean", "tis/truncated_frac", "rollout/version_lag"):
         vals = [r[k] for r in steps if k in r]
         if vals:
@@ -87,20 +118,30 @@ def summarise(run: dict, warmup: int) -> dict:
 
 def render(rep: dict) -> str:
     m = rep["meta"]
-    lines = ["# Staleness 0 vs 1 (GRPO, tiny pair)", "",
-             f"{m['date']} · commit {m['commit']} · {m['steps']} steps × seeds {m['seeds']} · runs alternated · "
-             f"load (1/5/15) start {m['load_start']} end {m['load_end']}", "",
-             "| max_staleness | step s (mean) | reward/mean, 2nd half | held-out acc. start → end | tis ratio | truncated | version lag |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        "# Staleness 0 vs 1 (GRPO, tiny pair)",
+        "",
+        f"{m['date']} · commit {m['commit']} · {m['steps']} steps × seeds {m['seeds']} · runs alternated · "
+        f"load (1/5/15) start {m['load_start']} end {m['load_end']}",
+        "",
+        "| max_staleness | step s (mean) | reward/mean, 2nd half | held-out acc. start → end | tis ratio | truncated | version lag |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
     for s, agg in rep["settings"].items():
-        lines.append(f"| {s} | {agg['step_s']:.3f} | {agg['reward_second_half']:.3f} | "
-                     f"{agg['accuracy_first']:.3f} → {agg['accuracy_last']:.3f} | {agg.get('tis/ratio_mean', float('nan')):.3f} | "
-                     f"{agg.get('tis/truncated_frac', float('nan')):.3f} | {agg.get('rollout/version_lag', 0):.2f} |")
+        lines.append(
+            f"| {s} | {agg['step_s']:.3f} | {agg['reward_second_half']:.3f} | "
+            f"{agg['accuracy_first']:.3f} → {agg['accuracy_last']:.3f} | {agg.get('tis/ratio_mean', float('nan')):.3f} | "
+            f"{agg.get('tis/truncated_frac', float('nan')):.3f} | {agg.get('rollout/version_lag', 0):.2f} |"
+        )
     r = rep["ratios"]
-    lines += ["", f"- step time, staleness 1 / staleness 0: **{r['step_s']:.2f}×** (side by side, alternated)",
-              f"- training reward per step (2nd half), staleness 1 − staleness 0: {r['reward_diff']:+.3f} "
-              f"(per seed: {', '.join(f'{x:+.3f}' for x in r['reward_diff_per_seed'])})",
-              f"- held-out accuracy at the end, staleness 1 − staleness 0: {r['accuracy_diff']:+.3f}", ""]
+    lines += [
+        "",
+        f"- step time, staleness 1 / staleness 0: **{r['step_s']:.2f}×** (side by side, alternated)",
+        f"- training reward per step (2nd half), staleness 1 − staleness 0: {r['reward_diff']:+.3f} "
+        f"(per seed: {', '.join(f'{x:+.3f}' for x in r['reward_diff_per_seed'])})",
+        f"- held-out accuracy at the end, staleness 1 − staleness 0: {r['accuracy_diff']:+.3f}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -128,18 +169,30 @@ def main() -> int:
         settings[str(s)] = {k: statistics.mean(x[k] for x in mine) for k in mine[0] if all(k in x for x in mine)}
     by = {(r["seed"], r["staleness"]): r["summary"] for r in runs}
     per_seed = [by[(s, 1)]["reward_second_half"] - by[(s, 0)]["reward_second_half"] for s in args.seeds]
-    rep = {"meta": {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                             text=True).stdout.strip(),
-                    "steps": args.steps, "seeds": args.seeds, "load_start": [round(x, 2) for x in load0],
-                    "load_end": [round(x, 2) for x in os.getloadavg()]},
-           "settings": settings,
-           "ratios": {"step_s": settings["1"]["step_s"] / settings["0"]["step_s"],
-                      "reward_diff": statistics.mean(per_seed), "reward_diff_per_seed": per_seed,
-                      "accuracy_diff": settings["1"]["accuracy_last"] - settings["0"]["accuracy_last"]},
-           "runs": [{k: v for k, v in r.items() if k != "rows"} | {"curve": [[x["step"], x.get("reward/mean")]
-                                                                         for x in r["rows"] if "reward/mean" in x]}
-                    for r in runs]}
+    rep = {
+        "meta": {
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+            ).stdout.strip(),
+            "steps": args.steps,
+            "seeds": args.seeds,
+            "load_start": [round(x, 2) for x in load0],
+            "load_end": [round(x, 2) for x in os.getloadavg()],
+        },
+        "settings": settings,
+        "ratios": {
+            "step_s": settings["1"]["step_s"] / settings["0"]["step_s"],
+            "reward_diff": statistics.mean(per_seed),
+            "reward_diff_per_seed": per_seed,
+            "accuracy_diff": settings["1"]["accuracy_last"] - settings["0"]["accuracy_last"],
+        },
+        "runs": [
+            {k: v for k, v in r.items() if k != "rows"}
+            | {"curve": [[x["step"], x.get("reward/mean")] for x in r["rows"] if "reward/mean" in x]}
+            for r in runs
+        ],
+    }
     (out / "staleness.json").write_text(json.dumps(rep, indent=1))
     text = render(rep)
     print(text)

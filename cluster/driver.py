@@ -36,15 +36,19 @@ from protege.learners.algorithms import build_rows
 __all__ = ["JobError", "run"]
 
 
-def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
-        quiet: bool = False) -> dict:
+def run(
+    spec, *, resume: bool = False, stop_after: int | None = None, progress: bool = True, quiet: bool = False
+) -> dict:
     """Train as ``spec`` says. ``stop_after`` ends the session after that many steps (tests).
     ``quiet`` (the CLI's default) sends this process's third-party logging and warnings to
     RUN_DIR/logs/driver.log; the actors' output goes to RUN_DIR/logs/ in any case."""
     logs, enc, train_set, eval_set = _before_any_resource(spec, resume=resume, quiet=quiet)
     say = print if progress else (lambda *a, **k: None)
-    say(f"protege: {spec.name}: {spec.algorithm.type} for {spec.steps} steps -> {spec.run_dir}"
-        + (f" (logs: {logs.parent})" if logs else ""), flush=True)
+    say(
+        f"protege: {spec.name}: {spec.algorithm.type} for {spec.steps} steps -> {spec.run_dir}"
+        + (f" (logs: {logs.parent})" if logs else ""),
+        flush=True,
+    )
     t0 = time.perf_counter()
     where = connect()
     try:
@@ -52,18 +56,23 @@ def run(spec, *, resume: bool = False, stop_after: int | None = None, progress: 
     except Exception:
         _point_at_logs(logs)
         raise
-    say(f"protege: {len(roles.rollout)} rollout worker(s), {len(roles.learners)} learner rank(s)"
-        + (", teacher" if roles.teacher is not None else "") + f" ready in {time.perf_counter() - t0:.0f} s "
-        f"(Ray: {where['address']})", flush=True)
-    start = (checkpoints.read_state(c)["step"] if resume and (c := checkpoints.latest(spec.run_location)) else 0)
+    say(
+        f"protege: {len(roles.rollout)} rollout worker(s), {len(roles.learners)} learner rank(s)"
+        + (", teacher" if roles.teacher is not None else "")
+        + f" ready in {time.perf_counter() - t0:.0f} s "
+        f"(Ray: {where['address']})",
+        flush=True,
+    )
+    start = checkpoints.read_state(c)["step"] if resume and (c := checkpoints.latest(spec.run_location)) else 0
     until = spec.steps if stop_after is None else min(spec.steps, start + stop_after)
     faults = Faults()
     try:
         while True:
             _write_actor_table(spec.run_dir, roles)
             try:
-                return _train(Job(spec, roles, enc, faults), train_set, eval_set, resume=resume, until=until,
-                              progress=progress)
+                return _train(
+                    Job(spec, roles, enc, faults), train_set, eval_set, resume=resume, until=until, progress=progress
+                )
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
                 if not _learner_group_broken(roles, err):
                     raise
@@ -102,9 +111,12 @@ def _restart_learners(spec, roles: Roles, faults: Faults, err: Exception) -> Non
         raise JobError(
             f"a learner rank died {deaths} times (fault_tolerance.learner_restarts = "
             f"{spec.fault_tolerance.learner_restarts}); stopping. Last checkpoint: {last or 'none'}; "
-            "continue with `protege run SPEC --resume`.") from err
-    print(f"learner rank died ({err.__class__.__name__}); reloading the learner group from the last checkpoint",
-          file=sys.stderr)
+            "continue with `protege run SPEC --resume`."
+        ) from err
+    print(
+        f"learner rank died ({err.__class__.__name__}); reloading the learner group from the last checkpoint",
+        file=sys.stderr,
+    )
     start_learners(spec, roles)
 
 
@@ -130,7 +142,9 @@ def _train(job: Job, train_set, eval_set, *, resume: bool, until: int, progress:
         if needs.hints and responses.rollouts:
             with timer("hints"):
                 responses, scored, hinted = job.explore_with_hints(responses, scored, step)
-        rows, credit = build_rows(spec.algorithm, responses.rollouts, [s.value for s in scored.scores], G, scored.teacher)
+        rows, credit = build_rows(
+            spec.algorithm, responses.rollouts, [s.value for s in scored.scores], G, scored.teacher
+        )
         with timer("train"):
             learned = job.learner_step(rows, version)
         version, step = version + 1, step + 1
@@ -139,21 +153,38 @@ def _train(job: Job, train_set, eval_set, *, resume: bool, until: int, progress:
             synced = job.sync(version) if needs.generates or evaluate else {}
         if not overlap and step < until:
             batch = job.submit(stream, step, version)
-        m = {**learned, **credit, **hinted, **job.faults.metrics(), **synced, **scored.metrics,
-             **job.rollout_metrics(responses, scored, version, timer.seconds["generate"]), **timer.metrics()}
+        m = {
+            **learned,
+            **credit,
+            **hinted,
+            **job.faults.metrics(),
+            **synced,
+            **scored.metrics,
+            **job.rollout_metrics(responses, scored, version, timer.seconds["generate"]),
+            **timer.metrics(),
+        }
         if evaluate:
             evals = job.evaluate(eval_set, version)
             m.update(evals)
-            bar.line(f"eval   step {step}: accuracy {evals['eval/accuracy']:.3f} on "
-                     f"{min(spec.eval.size, len(eval_set))} held-out prompts")
+            bar.line(
+                f"eval   step {step}: accuracy {evals['eval/accuracy']:.3f} on "
+                f"{min(spec.eval.size, len(eval_set))} held-out prompts"
+            )
         metrics.write(step, m)
         job.log_samples(step, responses, scored)
         if step % spec.checkpoint.interval == 0 or step == spec.steps:
             # The next batch may already be in flight: store the data position before it.
             data = batch.data_before if batch is not None else stream.state_dict()
             bar.line(f"saved  step {step}: {run_state.save(spec, job.roles, data, step, version, evals=dict(evals))}")
-        bar.update(step, {"reward": f"{m.get('reward/mean', 0):.3f}", "acc": f"{evals.get('eval/accuracy', nan):.3f}",
-                          "s/step": f"{m['time/step']:.2f}", "tok/s": f"{m.get('rollout/tokens_per_s', 0):.0f}"})
+        bar.update(
+            step,
+            {
+                "reward": f"{m.get('reward/mean', 0):.3f}",
+                "acc": f"{evals.get('eval/accuracy', nan):.3f}",
+                "s/step": f"{m['time/step']:.2f}",
+                "tok/s": f"{m.get('rollout/tokens_per_s', 0):.0f}",
+            },
+        )
     bar.close()
     return _finish(job, metrics, step, version)
 
@@ -200,9 +231,11 @@ def _write_actor_table(run_dir: Path, roles: Roles) -> None:
     """actors.json: which process is which role (for operators, and for fault-injection tests).
     Every scorer role has its key (null when this job does not run it)."""
     scorer_pids = dict(zip(roles.scorers, ray.get([a.pid.remote() for a in roles.scorers.values()]), strict=True))
-    roles.pids = {"rollout": ray.get([w.pid.remote() for w in roles.rollout]),
-                  "learner": ray.get([ln.pid.remote() for ln in roles.learners]),
-                  **{name: scorer_pids.get(name) for name in SCORERS}}
+    roles.pids = {
+        "rollout": ray.get([w.pid.remote() for w in roles.rollout]),
+        "learner": ray.get([ln.pid.remote() for ln in roles.learners]),
+        **{name: scorer_pids.get(name) for name in SCORERS},
+    }
     (run_dir / "actors.json").write_text(json.dumps(roles.pids))
 
 
@@ -229,7 +262,9 @@ def _check_tokenizers(spec):
     if teacher is not None:
         ok, why = tokenizers_match(tok, load_tokenizer(teacher.path))
         if not ok:
-            raise JobError(f"models.teacher and models.student must share a tokenizer for '{spec.algorithm.type}': {why}")
+            raise JobError(
+                f"models.teacher and models.student must share a tokenizer for '{spec.algorithm.type}': {why}"
+            )
     return tok
 
 

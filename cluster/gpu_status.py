@@ -22,19 +22,37 @@ class Feature:
     how_checked: str
 
 
-FEATURES: dict[str, Feature] = {f.name: f for f in (
-    Feature("learner on CUDA (DeepSpeed over NCCL, ZeRO 0-3, bf16)", CHECKED,
+FEATURES: dict[str, Feature] = {
+    f.name: f
+    for f in (
+        Feature(
+            "learner on CUDA (DeepSpeed over NCCL, ZeRO 0-3, bf16)",
+            CHECKED,
             "the train step on the meta device (every tensor on the learner's device); bench/gpu_check_torch.py "
-            "runs it on a GPU in-process but has not yet been given one"),
-    Feature("vLLM GPU build (rollouts and the teacher)", CHECKED,
-            "the same vLLM API as the CPU build, which runs in every test"),
-    Feature("NCCL weight sync (learner rank 0 -> rollout engines on other GPUs)", CHECKED,
-            "vLLM's NCCL engine driven with its CUDA endpoints stubbed (orchestration, buckets, dead workers)"),
-    Feature("CUDA IPC weight sync (colocated engine and learner rank)", CHECKED,
-            "the same stubbed tests; route planning by GPU UUID"),
-    Feature("colocated placement (rollout worker and learner rank sharing a GPU)", CHECKED,
-            "a local Ray advertising several (fake) GPUs"),
-)}
+            "runs it on a GPU in-process but has not yet been given one",
+        ),
+        Feature(
+            "vLLM GPU build (rollouts and the teacher)",
+            CHECKED,
+            "the same vLLM API as the CPU build, which runs in every test",
+        ),
+        Feature(
+            "NCCL weight sync (learner rank 0 -> rollout engines on other GPUs)",
+            CHECKED,
+            "vLLM's NCCL engine driven with its CUDA endpoints stubbed (orchestration, buckets, dead workers)",
+        ),
+        Feature(
+            "CUDA IPC weight sync (colocated engine and learner rank)",
+            CHECKED,
+            "the same stubbed tests; route planning by GPU UUID",
+        ),
+        Feature(
+            "colocated placement (rollout worker and learner rank sharing a GPU)",
+            CHECKED,
+            "a local Ray advertising several (fake) GPUs",
+        ),
+    )
+}
 
 
 def chosen_gpu_features(spec) -> list[Feature]:
@@ -56,5 +74,6 @@ def chosen_gpu_features(spec) -> list[Feature]:
 
 def gpu_warnings(spec) -> list[str]:
     """One line for each chosen GPU feature that has not run on hardware yet."""
-    return [f"{f.name}: {f.status} ({f.how_checked}); see docs/gpu.md"
-            for f in chosen_gpu_features(spec) if f.status != RAN]
+    return [
+        f"{f.name}: {f.status} ({f.how_checked}); see docs/gpu.md" for f in chosen_gpu_features(spec) if f.status != RAN
+    ]

@@ -52,8 +52,9 @@ def create_app(address: str | None = None, *, token: str | None = None, jobs: Jo
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     # openapi/docs would be the only unauthenticated routes; the schema is JobSpec's, documented elsewhere.
-    app = FastAPI(title="Protégé jobs", dependencies=[Depends(require_token)],
-                  openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="Protégé jobs", dependencies=[Depends(require_token)], openapi_url=None, docs_url=None, redoc_url=None
+    )
 
     @app.exception_handler(JobNotFound)
     async def _not_found(_request, exc: JobNotFound):
@@ -84,8 +85,12 @@ def create_app(address: str | None = None, *, token: str | None = None, jobs: Jo
             job_id = await run_in_threadpool(jobs.submit, spec)
         except UserError as err:  # a path the cluster cannot read and that cannot travel with the job
             return _invalid([(err.field, err.message)])
-        body = {"id": job_id, "name": spec.name, "run_dir": spec.run_location,
-                "warnings": spec_warnings(spec, jobs.project)}
+        body = {
+            "id": job_id,
+            "name": spec.name,
+            "run_dir": spec.run_location,
+            "warnings": spec_warnings(spec, jobs.project),
+        }
         return JSONResponse(body, status_code=201, headers={"Location": f"/v1/jobs/{job_id}"})
 
     @app.get("/v1/jobs")

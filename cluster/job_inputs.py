@@ -40,9 +40,29 @@ UPLOAD_LIMIT = 500 * 2**20
 #: /proc/mounts does not show as a network filesystem (a SAN volume, a bind mount).
 SHARED_PATHS_ENV = "PROTEGE_SHARED_PATHS"
 # Filesystem types whose files other machines see too (an NFS home, Lustre scratch, a bucket mount).
-NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "wekafs",
-              "fuse.gcsfuse", "fuse.s3fs", "fuse.juicefs", "fuse.sshfs", "fuse.rclone", "fuse.mountpoint-s3",
-              "fuse.goofys", "fuse.ceph", "fuse.glusterfs", "fuse.lustre"}
+NETWORK_FS = {
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "ceph",
+    "glusterfs",
+    "wekafs",
+    "fuse.gcsfuse",
+    "fuse.s3fs",
+    "fuse.juicefs",
+    "fuse.sshfs",
+    "fuse.rclone",
+    "fuse.mountpoint-s3",
+    "fuse.goofys",
+    "fuse.ceph",
+    "fuse.glusterfs",
+    "fuse.lustre",
+}
 
 
 @dataclass
@@ -121,8 +141,16 @@ def on_shared_storage(path: Path) -> bool:
     return False
 
 
-def classify(field_: str, value: str, what: str, *, project: Path, remote: bool, cwd: Path | None = None,
-             packed: set[str] | None = None) -> Input:
+def classify(
+    field_: str,
+    value: str,
+    what: str,
+    *,
+    project: Path,
+    remote: bool,
+    cwd: Path | None = None,
+    packed: set[str] | None = None,
+) -> Input:
     """Where ``value`` (a spec path, relative to ``cwd`` as ``protege run`` would read it) comes
     from on the cluster. ``remote``: the head is another machine. ``packed``: the project's files
     the upload holds (relative paths), to tell a data file that already travels."""
@@ -185,12 +213,16 @@ def plan(spec, project: Path, *, remote: bool, excludes: list[str], cwd: Path | 
     from protege.cluster.preflight import UserError
 
     packed = packed_files(project, excludes)
-    inputs = [classify(f, v, w, project=project, remote=remote, cwd=cwd, packed=set(packed))
-              for f, v, w in spec_paths(spec)]
+    inputs = [
+        classify(f, v, w, project=project, remote=remote, cwd=cwd, packed=set(packed)) for f, v, w in spec_paths(spec)
+    ]
     for i in inputs:
         if i.kind == "missing":
-            hint = ("give a model folder, a Hugging Face id (org/name), or a path on storage the cluster shares"
-                    if i.field.startswith("models.") else "give a file that exists here, or one on storage the cluster shares")
+            hint = (
+                "give a model folder, a Hugging Face id (org/name), or a path on storage the cluster shares"
+                if i.field.startswith("models.")
+                else "give a file that exists here, or one on storage the cluster shares"
+            )
             where = "" if Path(i.value).is_absolute() else f" (relative paths start at {cwd or Path.cwd()})"
             raise UserError(i.field, f"'{i.value}' does not exist on this machine{where}; {hint}")
     first: dict[Path, str] = {}
@@ -209,9 +241,14 @@ def plan(spec, project: Path, *, remote: bool, excludes: list[str], cwd: Path | 
     if big is None:  # the project alone: Ray's own error says which files
         return out
     alone = big.size + out.project_bytes <= UPLOAD_LIMIT
-    extra = f" (the job's upload would be {human(out.total_bytes)} with the project and the other inputs)" if alone else ""
-    raise UserError(big.field, f"{big.local} is {human(big.size)}{extra}, larger than Ray's {UPLOAD_LIMIT // 2**20} "
-                    "MiB upload; put it on storage the cluster shares or use a bucket checkpoint.dir")
+    extra = (
+        f" (the job's upload would be {human(out.total_bytes)} with the project and the other inputs)" if alone else ""
+    )
+    raise UserError(
+        big.field,
+        f"{big.local} is {human(big.size)}{extra}, larger than Ray's {UPLOAD_LIMIT // 2**20} "
+        "MiB upload; put it on storage the cluster shares or use a bucket checkpoint.dir",
+    )
 
 
 def rewritten(spec, p: Plan):
@@ -257,6 +294,8 @@ def describe(p: Plan) -> list[str]:
         if i.kind == "upload":
             lines.append(f"{i.field}: {i.value} ({human(i.size)}) travels with the job as {i.staged}")
     if p.route == "bucket":
-        lines.append(f"the job's files ({human(p.total_bytes)}) are past Ray's {UPLOAD_LIMIT // 2**20} MiB upload: "
-                     "they go through the run's bucket (checkpoint.dir)")
+        lines.append(
+            f"the job's files ({human(p.total_bytes)}) are past Ray's {UPLOAD_LIMIT // 2**20} MiB upload: "
+            "they go through the run's bucket (checkpoint.dir)"
+        )
     return lines

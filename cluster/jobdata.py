@@ -14,8 +14,9 @@ def load_job_data(spec) -> tuple[list, list[Example]]:
     preference pairs (offline DPO) trains on PreferenceExamples."""
     d = spec.data
     if spec.algorithm.needs().responses == "preferences":
-        prefs = load_preferences(d.path, prompt_field=d.prompt_field, chosen_field=d.chosen_field,
-                                 rejected_field=d.rejected_field)
+        prefs = load_preferences(
+            d.path, prompt_field=d.prompt_field, chosen_field=d.chosen_field, rejected_field=d.rejected_field
+        )
         if d.eval_size == 0:
             return prefs, []
         train, held = split(prefs, eval_size=d.held_out(len({p.prompt for p in prefs})), seed=d.seed)
@@ -42,7 +43,7 @@ class Encoder:
         rendered = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = self.tok.encode(rendered, add_special_tokens=False)
         # Keep the end (the instruction and the generation prompt) when a question is too long.
-        return ids[-self.max_prompt_tokens:]
+        return ids[-self.max_prompt_tokens :]
 
     def target(self, text: str) -> list[int]:
         """A supervised response: the text then end-of-sequence, as the chat template closes a turn."""

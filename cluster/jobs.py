@@ -54,8 +54,18 @@ from protege.core.checkpoints import list_checkpoints, read_state
 
 # Ray applies these with .gitignore syntax, relative to the working dir's root. "/protege": the
 # installed package must win over the uploaded folder (see the module docstring).
-EXCLUDES = [".venv", ".cache", "runs", "models", ".git", "bench/results", "__pycache__", "*.safetensors", "*.gguf",
-            "/protege"]
+EXCLUDES = [
+    ".venv",
+    ".cache",
+    "runs",
+    "models",
+    ".git",
+    "bench/results",
+    "__pycache__",
+    "*.safetensors",
+    "*.gguf",
+    "/protege",
+]
 SPEC_FILE = "spec.json"
 INPUTS_DIR = job_inputs.INPUTS_DIR
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -110,8 +120,9 @@ def excludes(with_inputs: bool = False) -> list[str]:
     return [*EXCLUDES, f"!/{INPUTS_DIR}/**"] if with_inputs else list(EXCLUDES)
 
 
-def runtime_env(working_dir: str | Path, extra_env: dict[str, str] | None = None, *,
-                with_inputs: bool = False) -> dict[str, Any]:
+def runtime_env(
+    working_dir: str | Path, extra_env: dict[str, str] | None = None, *, with_inputs: bool = False
+) -> dict[str, Any]:
     from protege.core.env import worker_env
 
     env = {**worker_env(), **(extra_env or {}), "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
@@ -152,9 +163,11 @@ def spec_warnings(spec, project: Path) -> list[str]:
     model folders included, travel with the job: cluster/job_inputs.py.)"""
     out = []
     if spec.run_uri is None and not Path(spec.checkpoint.dir).is_absolute():
-        out.append(f"checkpoint.dir '{spec.checkpoint.dir}' is relative: the run lands in the job's working "
-                   "directory on the cluster, which Ray deletes later and this side cannot read; use an "
-                   "absolute path on shared storage or an object-store URI (s3://…)")
+        out.append(
+            f"checkpoint.dir '{spec.checkpoint.dir}' is relative: the run lands in the job's working "
+            "directory on the cluster, which Ray deletes later and this side cannot read; use an "
+            "absolute path on shared storage or an object-store URI (s3://…)"
+        )
     return out
 
 
@@ -171,8 +184,13 @@ def run_progress(run_dir: str | Path | None) -> dict[str, Any]:
     metrics are as of the last checkpoint: they are mirrored when one is saved). Otherwise
     ``readable`` is False and the rest empty.
     """
-    out: dict[str, Any] = {"run_dir": str(run_dir) if run_dir else None, "readable": False, "step": None,
-                           "metrics": None, "checkpoints": []}
+    out: dict[str, Any] = {
+        "run_dir": str(run_dir) if run_dir else None,
+        "readable": False,
+        "step": None,
+        "metrics": None,
+        "checkpoints": [],
+    }
     text = _read_metrics_text(run_dir)
     if text is None:
         return out
@@ -191,8 +209,9 @@ def run_progress(run_dir: str | Path | None) -> dict[str, Any]:
             state = read_state(ckpt)
         except (OSError, json.JSONDecodeError):
             continue  # pruned between the listing and the read
-        out["checkpoints"].append({"step": state.get("step"), "policy_version": state.get("version"),
-                                   "path": str(ckpt)})
+        out["checkpoints"].append(
+            {"step": state.get("step"), "policy_version": state.get("version"), "path": str(ckpt)}
+        )
     return out
 
 
@@ -230,8 +249,15 @@ class JobsClient:
             self._client = JobSubmissionClient(self.address, headers=ray_auth_headers())
         return self._client
 
-    def submit(self, spec, *, python: str | None = None, extra_env: dict[str, str] | None = None,
-               submission_id: str | None = None, inputs: job_inputs.Plan | None = None) -> str:
+    def submit(
+        self,
+        spec,
+        *,
+        python: str | None = None,
+        extra_env: dict[str, str] | None = None,
+        submission_id: str | None = None,
+        inputs: job_inputs.Plan | None = None,
+    ) -> str:
         """Submit a validated JobSpec; returns the job id (``NAME-xxxxxxxx`` unless given).
 
         ``inputs`` (from :func:`plan_inputs`, computed here when not given) says which of the
@@ -239,18 +265,24 @@ class JobsClient:
         job_id = submission_id or f"{spec.name}-{secrets.token_hex(4)}"
         inputs = inputs or plan_inputs(spec, self.project, self.address)
         with tempfile.TemporaryDirectory(prefix="protege-job-") as tmp:
-            wd: str | Path = stage_working_dir(job_inputs.rewritten(spec, inputs), self.project, Path(tmp) / "job",
-                                               links=inputs.links)
+            wd: str | Path = stage_working_dir(
+                job_inputs.rewritten(spec, inputs), self.project, Path(tmp) / "job", links=inputs.links
+            )
             if inputs.route == "bucket":  # too big for Ray's upload: through the run's bucket
-                wd = job_inputs.publish(Path(wd), storage.join(spec.run_uri, "job", f"{job_id}.zip"),
-                                        excludes(bool(inputs.links)))
+                wd = job_inputs.publish(
+                    Path(wd), storage.join(spec.run_uri, "job", f"{job_id}.zip"), excludes(bool(inputs.links))
+                )
             # submit_job packs and uploads the working dir before it returns, so tmp may go after.
             return self.client.submit_job(
                 entrypoint=entrypoint(python or default_python(self.address)),
                 submission_id=job_id,
                 runtime_env=runtime_env(wd, extra_env, with_inputs=bool(inputs.links)),
-                metadata={"protege_name": spec.name, "protege_run_dir": spec.run_location,
-                          "protege_steps": str(spec.steps), "protege_algorithm": spec.algorithm.type},
+                metadata={
+                    "protege_name": spec.name,
+                    "protege_run_dir": spec.run_location,
+                    "protege_steps": str(spec.steps),
+                    "protege_algorithm": spec.algorithm.type,
+                },
             )
 
     def list(self) -> list[dict[str, Any]]:
@@ -261,8 +293,12 @@ class JobsClient:
     def status(self, job_id: str) -> dict[str, Any]:
         """Ray's state of the job plus its run's step, latest metrics and checkpoints (see run_progress)."""
         d = self._info(job_id)
-        return {**self._brief(d), "message": d.message, "entrypoint": d.entrypoint,
-                **run_progress((d.metadata or {}).get("protege_run_dir"))}
+        return {
+            **self._brief(d),
+            "message": d.message,
+            "entrypoint": d.entrypoint,
+            **run_progress((d.metadata or {}).get("protege_run_dir")),
+        }
 
     def state(self, job_id: str) -> str:
         return str(self._info(job_id).status.value)
@@ -310,9 +346,15 @@ class JobsClient:
     @staticmethod
     def _brief(d) -> dict[str, Any]:
         meta = d.metadata or {}
-        return {"id": d.submission_id, "name": meta.get("protege_name"), "state": str(d.status.value),
-                "algorithm": meta.get("protege_algorithm"), "steps": int(meta.get("protege_steps", 0)) or None,
-                "start_time": d.start_time, "end_time": d.end_time}
+        return {
+            "id": d.submission_id,
+            "name": meta.get("protege_name"),
+            "state": str(d.status.value),
+            "algorithm": meta.get("protege_algorithm"),
+            "steps": int(meta.get("protege_steps", 0)) or None,
+            "start_time": d.start_time,
+            "end_time": d.end_time,
+        }
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -336,9 +378,22 @@ def format_status(s: dict[str, Any]) -> str:
 
 def shell_env_hint() -> str:
     """Shown when the job server answers 401: where Ray looks for the token."""
-    return ("the Ray job server wants a token: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH, or put it in "
-            "~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
+    return (
+        "the Ray job server wants a token: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH, or put it in "
+        "~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
+    )
 
 
-__all__ = ["EXCLUDES", "JobNotFound", "JobsClient", "entrypoint", "format_status", "project_root", "ray_auth_headers",
-           "run_progress", "runtime_env", "spec_warnings", "stage_working_dir"]
+__all__ = [
+    "EXCLUDES",
+    "JobNotFound",
+    "JobsClient",
+    "entrypoint",
+    "format_status",
+    "project_root",
+    "ray_auth_headers",
+    "run_progress",
+    "runtime_env",
+    "spec_warnings",
+    "stage_working_dir",
+]

@@ -54,8 +54,13 @@ def connect() -> dict[str, Any]:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=verbose(), logging_level=_ray_log_level())
         return {"address": address, "embedded": False}
-    ray.init(num_cpus=os.cpu_count(), runtime_env=env, include_dashboard=False, log_to_driver=verbose(),
-             logging_level=_ray_log_level())
+    ray.init(
+        num_cpus=os.cpu_count(),
+        runtime_env=env,
+        include_dashboard=False,
+        log_to_driver=verbose(),
+        logging_level=_ray_log_level(),
+    )
     return {"address": "local", "embedded": True}
 
 
@@ -129,7 +134,9 @@ def must_wait_for_rollout(spec) -> bool:
 def _opts(pg, index: int, bundle: dict[str, float], **extra) -> dict:
     resources = {k: v for k, v in bundle.items() if k not in {"CPU", "GPU"}}
     return dict(
-        num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), resources=resources or None,
+        num_cpus=bundle.get("CPU", 0),
+        num_gpus=bundle.get("GPU", 0),
+        resources=resources or None,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
         **extra,
     )
@@ -158,7 +165,8 @@ def _reward_args(spec) -> tuple[tuple, dict]:
     # (reward_model) come from their own scorer.
     functions = reward_functions(spec.rewards)
     return ([r.name for r in spec.rewards if r.name in functions],), dict(
-        timeout_s=spec.fault_tolerance.reward_timeout_s, functions=functions)
+        timeout_s=spec.fault_tolerance.reward_timeout_s, functions=functions
+    )
 
 
 def _reward_model_args(spec) -> tuple[tuple, dict]:
@@ -169,10 +177,16 @@ def _reward_model_args(spec) -> tuple[tuple, dict]:
 def _teacher_args(spec) -> tuple[tuple, dict]:
     t, ask = spec.models.teacher, spec.teacher_request()
     return (t.path,), dict(
-        top_k=ask.top_k, full=ask.full, dtype=t.dtype, temperature=spec.rollout.temperature,
-        engine=spec.rollout.engine, max_model_len=spec.max_model_len,
-        kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)), gpu_memory_utilization=gpu_memory_share(spec, "teacher"),
-        score_engine=spec.teacher_score_engine(), max_logprobs=ask.top_k,
+        top_k=ask.top_k,
+        full=ask.full,
+        dtype=t.dtype,
+        temperature=spec.rollout.temperature,
+        engine=spec.rollout.engine,
+        max_model_len=spec.max_model_len,
+        kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
+        gpu_memory_utilization=gpu_memory_share(spec, "teacher"),
+        score_engine=spec.teacher_score_engine(),
+        max_logprobs=ask.top_k,
     )
 
 
@@ -199,10 +213,18 @@ def start_roles(spec) -> Roles:
     restart = dict(max_restarts=ft.actor_restarts)
     for i in range(spec.rollout.workers):
         roles.rollout.append(
-            RolloutActor.options(**_opts(groups["rollout"], i, reqs["rollout"].bundle), **restart, max_task_retries=0,
-                                 runtime_env=actor_runtime_env(spec, f"rollout-{i}", rollout_runtime_env(spec))).remote(
-                student.path, engine=spec.rollout.engine, dtype=student.dtype, seed=spec.seed + i,
-                max_model_len=max_len, kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
+            RolloutActor.options(
+                **_opts(groups["rollout"], i, reqs["rollout"].bundle),
+                **restart,
+                max_task_retries=0,
+                runtime_env=actor_runtime_env(spec, f"rollout-{i}", rollout_runtime_env(spec)),
+            ).remote(
+                student.path,
+                engine=spec.rollout.engine,
+                dtype=student.dtype,
+                seed=spec.seed + i,
+                max_model_len=max_len,
+                kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
                 gpu_memory_utilization=gpu_memory_share(spec, "rollout"),
             )
         )
@@ -210,17 +232,25 @@ def start_roles(spec) -> Roles:
         if name not in groups:  # this job has no such scorer (cluster/placement.py role_requests)
             continue
         args, kwargs = arguments(spec)
-        roles.scorers[name] = actor.options(**_opts(groups[name], 0, reqs[name].bundle), **restart,
-                                            max_task_retries=ft.actor_restarts,
-                                            runtime_env=actor_runtime_env(spec, name)).remote(*args, **kwargs)
+        roles.scorers[name] = actor.options(
+            **_opts(groups[name], 0, reqs[name].bundle),
+            **restart,
+            max_task_retries=ft.actor_restarts,
+            runtime_env=actor_runtime_env(spec, name),
+        ).remote(*args, **kwargs)
     # Fixed micro-batch count per rank, so every rank runs the same number of forward/backward
     # calls each step (DeepSpeed collectives) whatever the batch's real size.
     # grad_accum is per mini-batch: DeepSpeed steps the optimizer once per mini-batch.
     # With a token budget the count is sized for the longest sequence a step can hold.
     per_rank = math.ceil(spec.rows_per_step() / spec.learner.ranks)
     roles.grad_accum = micro_batch_count(
-        per_rank, micro_batch=spec.learner.micro_batch, mini_batches=spec.learner.mini_batches,
-        tokens=spec.learner.micro_batch_tokens, max_len=max_len, group=2 if spec.algorithm.needs().pairs else 1)
+        per_rank,
+        micro_batch=spec.learner.micro_batch,
+        mini_batches=spec.learner.mini_batches,
+        tokens=spec.learner.micro_batch_tokens,
+        max_len=max_len,
+        group=2 if spec.algorithm.needs().pairs else 1,
+    )
     if must_wait_for_rollout(spec):
         gather([w.pid.remote() for w in roles.rollout])  # answers once __init__ (the engine) is done
     start_learners(spec, roles, reqs["learner"].bundle)
@@ -241,13 +271,24 @@ def start_learners(spec, roles: Roles, bundle: dict[str, float] | None = None) -
     pg = roles.groups["learner"]
     for rank in range(spec.learner.ranks):
         roles.learners.append(
-            LearnerActor.options(**_opts(pg, rank, bundle), runtime_env=actor_runtime_env(spec, f"learner-{rank}")).remote(
-                rank=rank, world_size=spec.learner.ranks, model_path=spec.models.student.path, learner_spec=spec.learner,
-                algo=algo, temperature=spec.rollout.temperature, grad_accum=roles.grad_accum,
-                seed=spec.seed, needs_ref=algo.needs().reference, max_response_tokens=spec.rollout.max_new_tokens,
+            LearnerActor.options(
+                **_opts(pg, rank, bundle), runtime_env=actor_runtime_env(spec, f"learner-{rank}")
+            ).remote(
+                rank=rank,
+                world_size=spec.learner.ranks,
+                model_path=spec.models.student.path,
+                learner_spec=spec.learner,
+                algo=algo,
+                temperature=spec.rollout.temperature,
+                grad_accum=roles.grad_accum,
+                seed=spec.seed,
+                needs_ref=algo.needs().reference,
+                max_response_tokens=spec.rollout.max_new_tokens,
             )
         )
-    addr, port = ray.get(_rendezvous.options(
-        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-    ).remote())
+    addr, port = ray.get(
+        _rendezvous.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+        ).remote()
+    )
     ray.get([ln.setup.remote(addr, port) for ln in roles.learners])

@@ -83,8 +83,14 @@ def curves_figure(rows: list[dict], title: str = ""):
     handles, labels = left.get_legend_handles_labels()
     if acc:
         ax2 = left.twinx()
-        ax2.plot([p[0] for p in acc], [p[1] for p in acc], color="tab:orange", marker="o", linewidth=1.5,
-                 label="eval/accuracy (greedy)")
+        ax2.plot(
+            [p[0] for p in acc],
+            [p[1] for p in acc],
+            color="tab:orange",
+            marker="o",
+            linewidth=1.5,
+            label="eval/accuracy (greedy)",
+        )
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("held-out accuracy")
         h2, l2 = ax2.get_legend_handles_labels()

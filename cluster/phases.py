@@ -131,11 +131,18 @@ class Job:
         seed = self.spec.seed * 1_000_003 + step * 1009  # per step: reproducible, and a resumed run samples the same
         jobs = []
         for i, w in enumerate(workers):
-            part = prompts[i * chunk:(i + 1) * chunk]
+            part = prompts[i * chunk : (i + 1) * chunk]
             if part:
-                kwargs = dict(prompts=part, n=ro.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
-                              max_tokens=ro.max_new_tokens, seed=seed + i * chunk, first_index=i * chunk,
-                              expected_version=version)
+                kwargs = dict(
+                    prompts=part,
+                    n=ro.samples_per_prompt,
+                    temperature=ro.temperature,
+                    top_p=ro.top_p,
+                    max_tokens=ro.max_new_tokens,
+                    seed=seed + i * chunk,
+                    first_index=i * chunk,
+                    expected_version=version,
+                )
                 jobs.append(GenJob(i, kwargs, w.generate.remote(**kwargs)))
         return jobs
 
@@ -144,8 +151,12 @@ class Job:
         its (chosen, rejected) pairs, or the teacher's generations (needs().responses)."""
         if self.needs.generates:
             gen = self.collect(batch.jobs, version)
-            return Responses([r for g in gen for r in g["rollouts"]], batch.examples, sum(g["tokens"] for g in gen),
-                             engine_s=max((g["seconds"] for g in gen), default=0.0))
+            return Responses(
+                [r for g in gen for r in g["rollouts"]],
+                batch.examples,
+                sum(g["tokens"] for g in gen),
+                engine_s=max((g["seconds"] for g in gen), default=0.0),
+            )
         enc, examples = self.enc, batch.examples
         prompts = [enc.prompt(e.prompt) for e in examples]
         if self.needs.responses == "preferences":
@@ -155,9 +166,18 @@ class Job:
             items = [(i, r, "") for i, r in enumerate(ids)]
         else:  # "answers"
             items = [(i, enc.answer_target(e.answer), e.answer) for i, e in enumerate(examples)]
-        return Responses([Rollout(example_index=i, prompt_ids=prompts[i], policy_version=-1,
-                                  sample=Sample(response_ids=r, logprobs=None, text=text, finish_reason="stop"))
-                          for i, r, text in items], examples)
+        return Responses(
+            [
+                Rollout(
+                    example_index=i,
+                    prompt_ids=prompts[i],
+                    policy_version=-1,
+                    sample=Sample(response_ids=r, logprobs=None, text=text, finish_reason="stop"),
+                )
+                for i, r, text in items
+            ],
+            examples,
+        )
 
     def collect(self, jobs: list[GenJob], version: int) -> list[dict]:
         """Wait for each worker's share; a worker that died (or came back with stale weights) is
@@ -191,8 +211,12 @@ class Job:
         algo, G, ro = self.spec.algorithm, self.spec.rollout.samples_per_prompt, self.spec.rollout
         rollouts = responses.rollouts
         failed = hints.failed_groups([s.value for s in scored.scores], G, algo.gate_threshold)
-        m = {"kepo/hints_requested": float(len(failed)), "kepo/hints_valid": 0.0,
-             "kepo/hint_samples_accepted": 0.0, "kepo/injected": 0.0}
+        m = {
+            "kepo/hints_requested": float(len(failed)),
+            "kepo/hints_valid": 0.0,
+            "kepo/hint_samples_accepted": 0.0,
+            "kepo/injected": 0.0,
+        }
         if not failed:
             return responses, scored, m
         question = {g: responses.examples[rollouts[g * G].example_index] for g in failed}
@@ -203,14 +227,32 @@ class Job:
         if not valid:
             return responses, scored, m
         hinted = [self.enc.prompt(question[g].prompt, hint=h) for g, h in valid]
-        tries = ray.get(self.roles.rollout[0].generate.remote(
-            hinted, n=algo.hint_attempts, temperature=ro.temperature, top_p=ro.top_p, max_tokens=ro.max_new_tokens,
-            seed=step * 7919))["rollouts"]
-        tried = self.scorers.without(TEACHER).score(
-            tries, [question[valid[i // algo.hint_attempts][0]] for i in range(len(tries))]).scores
-        merged = hints.merge_hinted(rollouts, scored.scores, valid, tries, tried, group_size=G,
-                                    attempts=algo.hint_attempts, replace=algo.hint_replace,
-                                    threshold=algo.gate_threshold)
+        tries = ray.get(
+            self.roles.rollout[0].generate.remote(
+                hinted,
+                n=algo.hint_attempts,
+                temperature=ro.temperature,
+                top_p=ro.top_p,
+                max_tokens=ro.max_new_tokens,
+                seed=step * 7919,
+            )
+        )["rollouts"]
+        tried = (
+            self.scorers.without(TEACHER)
+            .score(tries, [question[valid[i // algo.hint_attempts][0]] for i in range(len(tries))])
+            .scores
+        )
+        merged = hints.merge_hinted(
+            rollouts,
+            scored.scores,
+            valid,
+            tries,
+            tried,
+            group_size=G,
+            attempts=algo.hint_attempts,
+            replace=algo.hint_replace,
+            threshold=algo.gate_threshold,
+        )
         m["kepo/hint_samples_accepted"], m["kepo/injected"] = float(merged.accepted), float(len(merged.changed))
         teacher = scored.teacher
         if merged.changed and teacher is not None:  # the teacher on the injected responses, hint-free prompt
@@ -219,8 +261,11 @@ class Job:
             teacher = list(teacher)
             for i, t in zip(merged.changed, fresh, strict=True):
                 teacher[i] = t
-        return (Responses(merged.rollouts, responses.examples, responses.generated_tokens),
-                Scored(merged.scores, teacher, scored.metrics), m)
+        return (
+            Responses(merged.rollouts, responses.examples, responses.generated_tokens),
+            Scored(merged.scores, teacher, scored.metrics),
+            m,
+        )
 
     def count_scorer_restarts(self) -> None:
         """Ray restarts a dead scorer actor (rewards, reward model, teacher) and retries the lost call
@@ -231,8 +276,10 @@ class Job:
         for role, pid in pids.items():
             if pid != roles.pids.get(role):
                 self.faults.count(role)
-                print(f"{role} scorer was restarted (pid {roles.pids.get(role)} -> {pid}); its lost call was retried",
-                      file=sys.stderr)
+                print(
+                    f"{role} scorer was restarted (pid {roles.pids.get(role)} -> {pid}); its lost call was retried",
+                    file=sys.stderr,
+                )
                 roles.pids[role], changed = pid, True
         if changed:
             (self.spec.run_dir / "actors.json").write_text(json.dumps(roles.pids))
@@ -248,8 +295,12 @@ class Job:
                 r.ref_seq_logprob = v
         pairs = self.needs.pairs
         shards = shard_rows(rows, len(self.roles.learners), group=2 if pairs else 1)
-        out = gather([ln.train_step.remote(TrainBatch(rows=shard, policy_version=version, pairs=pairs))
-                      for ln, shard in zip(self.roles.learners, shards, strict=True)])
+        out = gather(
+            [
+                ln.train_step.remote(TrainBatch(rows=shard, policy_version=version, pairs=pairs))
+                for ln, shard in zip(self.roles.learners, shards, strict=True)
+            ]
+        )
         return out[0]  # ranks agree on the loss; rank 0 speaks for the group
 
     # --------------------------------------------------------------------- sync
@@ -274,14 +325,23 @@ class Job:
         """Greedy accuracy on the fixed held-out set, with rollout worker 0 at the current version."""
         spec, examples = self.spec, eval_set[: self.spec.eval.size]
         t0 = time.perf_counter()
-        kwargs = dict(prompts=[self.enc.prompt(e.prompt) for e in examples], n=1, temperature=0.0, top_p=1.0,
-                      max_tokens=spec.rollout.max_new_tokens, expected_version=version)
+        kwargs = dict(
+            prompts=[self.enc.prompt(e.prompt) for e in examples],
+            n=1,
+            temperature=0.0,
+            top_p=1.0,
+            max_tokens=spec.rollout.max_new_tokens,
+            expected_version=version,
+        )
         job = GenJob(0, kwargs, self.roles.rollout[0].generate.remote(**kwargs))
         rollouts = self.collect([job], version)[0]["rollouts"]
         scores = self.scorers.without(TEACHER).score(rollouts, examples).scores
-        return {"eval/accuracy": accuracy(spec, scores), "eval/reward": float(np.mean([s.value for s in scores])),
-                "eval/response_len": float(np.mean([len(r.sample.response_ids) for r in rollouts])),
-                "eval/seconds": time.perf_counter() - t0}
+        return {
+            "eval/accuracy": accuracy(spec, scores),
+            "eval/reward": float(np.mean([s.value for s in scores])),
+            "eval/response_len": float(np.mean([len(r.sample.response_ids) for r in rollouts])),
+            "eval/seconds": time.perf_counter() - t0,
+        }
 
     def rollout_metrics(self, responses: Responses, scored: Scored, version: int, generate_s: float) -> dict:
         """reward/* and rollout/* of the student's samples (nothing for responses it did not generate)."""
@@ -293,11 +353,15 @@ class Job:
         for s in scores:
             for kind, n in s.errors.items():
                 by_kind[f"reward/errors/{kind}"] = by_kind.get(f"reward/errors/{kind}", 0.0) + n
-        components = {f"reward/component/{name}": float(np.mean([s.components.get(name, 0.0) for s in scores]))
-                      for name in (scores[0].components if len(self.spec.rewards) > 1 else ())}
+        components = {
+            f"reward/component/{name}": float(np.mean([s.components.get(name, 0.0) for s in scores]))
+            for name in (scores[0].components if len(self.spec.rewards) > 1 else ())
+        }
         return {
-            **by_kind, **components,
-            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            **by_kind,
+            **components,
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()),
             "reward/accuracy": accuracy(self.spec, scores),
             "reward/errors": float(sum(sum(s.errors.values()) for s in scores)),
             "rollout/response_len": float(np.mean([len(r.sample.response_ids) for r in rollouts])),
@@ -316,9 +380,20 @@ class Job:
         with open(Path(self.spec.run_dir) / "samples.jsonl", "a") as f:
             for r, s in list(zip(responses.rollouts, scored.scores, strict=True))[:k]:
                 ex = responses.examples[r.example_index]
-                f.write(json.dumps({"step": step, "question": ex.prompt, "answer": ex.answer, "response": r.sample.text,
-                                    "reward": s.value, "components": s.components,
-                                    "version": r.policy_version}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "question": ex.prompt,
+                            "answer": ex.answer,
+                            "response": r.sample.text,
+                            "reward": s.value,
+                            "components": s.components,
+                            "version": r.policy_version,
+                        }
+                    )
+                    + "\n"
+                )
 
 
 def accuracy(spec, scores) -> float:

@@ -110,8 +110,10 @@ def reserve(requests: list[RoleRequest], timeout_s: float) -> dict[str, object]:
     role → its placement group (colocated roles map to the same one; actor i of a role goes in
     bundle i). All or nothing: on failure every group is removed."""
     members = _by_group(requests)
-    pgs = {name: placement_group(bundles, strategy="PACK", name=f"protege-{name}")
-           for name, bundles in placement_bundles(requests).items()}
+    pgs = {
+        name: placement_group(bundles, strategy="PACK", name=f"protege-{name}")
+        for name, bundles in placement_bundles(requests).items()
+    }
     pending = []
     for name, qs in members.items():
         ready, _ = ray.wait([pgs[name].ready()], timeout=timeout_s)
@@ -128,11 +130,18 @@ def _unplaced_message(pending: list[RoleRequest], timeout_s: float) -> str:
     avail = ray.available_resources()
     total = ray.cluster_resources()
     # Placement-group bookkeeping resources (CPU_group_..., bundle_group_...) mean nothing to users.
-    have = ", ".join(f"{k}: {total[k]:g} ({avail.get(k, 0):g} free)" for k in sorted(total)
-                     if "_group_" not in k and not k.startswith(("node:", "memory", "object_store", "accelerator_type")))
+    have = ", ".join(
+        f"{k}: {total[k]:g} ({avail.get(k, 0):g} free)"
+        for k in sorted(total)
+        if "_group_" not in k and not k.startswith(("node:", "memory", "object_store", "accelerator_type"))
+    )
     asks = "; ".join(q.describe() for q in pending)
     shared = sorted({q.group for q in pending if q.group != q.role})
-    together = "".join(f" ({' and '.join(q.role for q in pending if q.group == g)} share one bundle per pair, "
-                       "one GPU each)" for g in shared)
-    return (f"cannot place the job within {timeout_s:g}s: {asks}{together}. The cluster has {have}. "
-            "Lower resources.* in the spec, or add nodes (an autoscaling cluster adds them when it can).")
+    together = "".join(
+        f" ({' and '.join(q.role for q in pending if q.group == g)} share one bundle per pair, one GPU each)"
+        for g in shared
+    )
+    return (
+        f"cannot place the job within {timeout_s:g}s: {asks}{together}. The cluster has {have}. "
+        "Lower resources.* in the spec, or add nodes (an autoscaling cluster adds them when it can)."
+    )

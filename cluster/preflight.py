@@ -57,8 +57,11 @@ def check_model(field: str, path: str, revision: str | None = None) -> None:
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             inner = sorted(str(p.parent) for p in folder.glob("*/config.json"))
-            hint = (f"; did you mean {' or '.join(inner[:3])}{' or ...' if len(inner) > 3 else ''}?" if inner
-                    else "; point it at the folder that holds config.json")
+            hint = (
+                f"; did you mean {' or '.join(inner[:3])}{' or ...' if len(inner) > 3 else ''}?"
+                if inner
+                else "; point it at the folder that holds config.json"
+            )
             raise UserError(field, f"'{path}' is not a model folder (no config.json){hint}")
         if not has_weights(folder):
             raise UserError(field, f"'{path}' has config.json but no weights (*.safetensors, *.bin)")
@@ -66,12 +69,18 @@ def check_model(field: str, path: str, revision: str | None = None) -> None:
     if folder.exists():
         raise UserError(field, f"'{path}' is a file; give the model's folder (the one with config.json)")
     if not is_hub_id(path):
-        raise UserError(field, f"folder '{path}' does not exist (relative paths start at {Path.cwd()}); "
-                        "give a model folder or a Hugging Face id (org/name)")
+        raise UserError(
+            field,
+            f"folder '{path}' does not exist (relative paths start at {Path.cwd()}); "
+            "give a model folder or a Hugging Face id (org/name)",
+        )
     if model_config_file(path, revision) is not None or not hub_offline():
         return  # cached, or the hub will be asked (users load by id): a wrong id fails there
-    raise UserError(field, f"'{path}' is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE "
-                    f"is set; give a model folder, or download it first (huggingface-cli download {path})")
+    raise UserError(
+        field,
+        f"'{path}' is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE "
+        f"is set; give a model folder, or download it first (huggingface-cli download {path})",
+    )
 
 
 def check_models(spec) -> None:
@@ -96,10 +105,13 @@ def check_tokenizers(spec) -> None:
             raise UserError(field, f"cannot load a tokenizer from '{ref.path}': {_first_line(err)}") from None
     ok, why = tokenizers_match(toks["models.student.path"], toks["models.teacher.path"])
     if not ok:
-        raise UserError("models.teacher.path", f"the teacher's tokenizer differs from the student's "
-                        f"(student vs teacher: {why}); "
-                        f"'{spec.algorithm.type}' compares them token by token: use a teacher and student from "
-                        "one family (protege models prune makes a student from a teacher)")
+        raise UserError(
+            "models.teacher.path",
+            f"the teacher's tokenizer differs from the student's "
+            f"(student vs teacher: {why}); "
+            f"'{spec.algorithm.type}' compares them token by token: use a teacher and student from "
+            "one family (protege models prune makes a student from a teacher)",
+        )
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -147,10 +159,13 @@ def check_kv_cache(spec) -> None:
     if need > have:
         gb = math.ceil(need / (1 << 30) * 1e4) / 1e4  # rounded up: the suggestion must suffice
         prompt = spec.rollout.max_prompt_tokens
-        raise UserError("rollout.kv_cache_gb", f"{spec.rollout.kv_cache_gb} GB cannot hold one sequence of "
-                        f"{spec.max_model_len} tokens ({prompt} prompt + {spec.max_model_len - prompt - 64} "
-                        f"response + 64 template); set it to at least {gb}, or lower rollout.max_prompt_tokens "
-                        "/ max_new_tokens")
+        raise UserError(
+            "rollout.kv_cache_gb",
+            f"{spec.rollout.kv_cache_gb} GB cannot hold one sequence of "
+            f"{spec.max_model_len} tokens ({prompt} prompt + {spec.max_model_len - prompt - 64} "
+            f"response + 64 template); set it to at least {gb}, or lower rollout.max_prompt_tokens "
+            "/ max_new_tokens",
+        )
 
 
 # --------------------------------------------------------------------------- data
@@ -177,8 +192,10 @@ def check_task(spec) -> None:
     except DataError as err:
         raise UserError("data.task_config", str(err)) from None
     except Exception as err:  # the generator's own complaint about this config, whatever its type
-        raise UserError("data.task_config", f"reasoning-gym task {d.task!r} cannot generate with "
-                        f"{d.task_config}: {_first_line(err)}") from None
+        raise UserError(
+            "data.task_config",
+            f"reasoning-gym task {d.task!r} cannot generate with {d.task_config}: {_first_line(err)}",
+        ) from None
 
 
 def _examples(spec) -> list:
@@ -193,13 +210,21 @@ def _examples(spec) -> list:
         except DataError as err:
             raise UserError("data.task_config", str(err)) from None
         except Exception as err:  # an entry past the first failed to generate with this config
-            raise UserError("data.task_config", f"reasoning-gym task {d.task!r} cannot generate with "
-                            f"{d.task_config}: {_first_line(err)}") from None
+            raise UserError(
+                "data.task_config",
+                f"reasoning-gym task {d.task!r} cannot generate with {d.task_config}: {_first_line(err)}",
+            ) from None
     from protege.core.data import load_file, load_preferences
 
     if spec.algorithm.needs().responses == "preferences":
-        return _data_error("data.path", load_preferences, d.path, prompt_field=d.prompt_field,
-                           chosen_field=d.chosen_field, rejected_field=d.rejected_field)
+        return _data_error(
+            "data.path",
+            load_preferences,
+            d.path,
+            prompt_field=d.prompt_field,
+            chosen_field=d.chosen_field,
+            rejected_field=d.rejected_field,
+        )
     return _data_error("data.path", load_file, d.path, prompt_field=d.prompt_field, answer_field=d.answer_field)
 
 
@@ -215,8 +240,11 @@ def check_data(spec) -> int:
     distinct = len({ex.prompt for ex in _examples(spec)})
     d = spec.data
     if d.held_out(distinct) >= distinct:
-        raise UserError("data.eval_size", f"holding out {d.eval_size} of the {distinct} distinct questions "
-                        f"{_where(spec)} leaves none to train on; set it below {distinct} (0 turns evaluation off)")
+        raise UserError(
+            "data.eval_size",
+            f"holding out {d.eval_size} of the {distinct} distinct questions "
+            f"{_where(spec)} leaves none to train on; set it below {distinct} (0 turns evaluation off)",
+        )
     return distinct
 
 
@@ -231,9 +259,12 @@ def fit_data(spec, distinct: int) -> None:
     spec.fit_data(distinct)
     d, ev = spec.data, spec.eval
     if 0 < d.eval_size < ev.size:
-        raise UserError("eval.size", f"{ev.size} is more than the {d.eval_size} questions held out of the {distinct} "
-                        f"distinct ones {_where(spec)} (data.eval_size unset holds out at most half); lower it, "
-                        "or set data.eval_size")
+        raise UserError(
+            "eval.size",
+            f"{ev.size} is more than the {d.eval_size} questions held out of the {distinct} "
+            f"distinct ones {_where(spec)} (data.eval_size unset holds out at most half); lower it, "
+            "or set data.eval_size",
+        )
 
 
 # --------------------------------------------------------------------------- Ray, ports
@@ -264,8 +295,9 @@ def _ray_host_port(address: str) -> tuple[str, int]:
     except ValueError:
         port = None
     if not parts.hostname or port is None:
-        raise UserError("RAY_ADDRESS", f"'{address}' is not HOST:PORT (the head's GCS port, usually 6379), "
-                        "ray://HOST:10001 or auto")
+        raise UserError(
+            "RAY_ADDRESS", f"'{address}' is not HOST:PORT (the head's GCS port, usually 6379), ray://HOST:10001 or auto"
+        )
     return parts.hostname, port
 
 
@@ -278,8 +310,11 @@ def _auto_address() -> str:
     except ConnectionError:
         found = None
     if not found:
-        raise UserError("RAY_ADDRESS", "'auto' found no running Ray cluster on this machine; start one "
-                        "(ray start --head) or unset RAY_ADDRESS to run on a Ray started in-process")
+        raise UserError(
+            "RAY_ADDRESS",
+            "'auto' found no running Ray cluster on this machine; start one "
+            "(ray start --head) or unset RAY_ADDRESS to run on a Ray started in-process",
+        )
     return found
 
 
@@ -297,15 +332,19 @@ def check_ray_address(timeout_s: float = 5.0) -> None:
         if _reach(resolve_ip_for_localhost(host), port, min(timeout_s, 1.0)) is None:  # local: answers at once
             return
     if why:
-        raise UserError("RAY_ADDRESS", f"cannot reach {address} ({why}); start the cluster (ray start --head) "
-                        "or check the address, or unset RAY_ADDRESS to run on a Ray started in-process")
+        raise UserError(
+            "RAY_ADDRESS",
+            f"cannot reach {address} ({why}); start the cluster (ray start --head) "
+            "or check the address, or unset RAY_ADDRESS to run on a Ray started in-process",
+        )
 
 
 def serving_here() -> bool:
     """Ray Serve listens on this machine only with an in-process Ray (no RAY_ADDRESS, not inside a
     Ray job): on a cluster the port may rightly be held already, by Serve itself."""
-    return (os.environ.get("RAY_ADDRESS", "").strip() in ("", "local")
-            and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    return os.environ.get("RAY_ADDRESS", "").strip() in ("", "local") and not os.environ.get(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR"
+    )
 
 
 def check_port(host: str, port: int, port_field: str = "serve.port", host_field: str = "serve.host") -> None:
@@ -313,20 +352,25 @@ def check_port(host: str, port: int, port_field: str = "serve.port", host_field:
     try:
         family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror:
-        raise UserError(host_field, f"unknown host '{host}'; listen on 127.0.0.1, 0.0.0.0 or an address "
-                        "of this machine") from None
+        raise UserError(
+            host_field, f"unknown host '{host}'; listen on 127.0.0.1, 0.0.0.0 or an address of this machine"
+        ) from None
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to use
         try:
             s.bind(addr)
         except OSError as err:
             if err.errno == errno.EADDRNOTAVAIL:
-                raise UserError(host_field, f"{host} is not an address of this machine; listen on 127.0.0.1, "
-                                "0.0.0.0 or one of its addresses") from None
+                raise UserError(
+                    host_field,
+                    f"{host} is not an address of this machine; listen on 127.0.0.1, 0.0.0.0 or one of its addresses",
+                ) from None
             why = {errno.EADDRINUSE: "is in use", errno.EACCES: "needs privileges (ports below 1024)"}.get(
-                err.errno, f"cannot be bound ({err.strerror or err})")
-            raise UserError(port_field, f"{host}:{port} {why}; choose another port (--port / serve.port) "
-                            "or stop what holds it") from None
+                err.errno, f"cannot be bound ({err.strerror or err})"
+            )
+            raise UserError(
+                port_field, f"{host}:{port} {why}; choose another port (--port / serve.port) or stop what holds it"
+            ) from None
 
 
 # --------------------------------------------------------------------------- bucket
@@ -366,8 +410,11 @@ def check_bucket(spec, *, write: bool = True) -> None:
         else:
             storage.exists(uri)
     except _store_errors() as err:
-        raise UserError("checkpoint.dir", f"cannot {'write to' if write else 'read'} {uri}: {_first_line(err)}; "
-                        "give this machine credentials for the bucket, or use a local path") from None
+        raise UserError(
+            "checkpoint.dir",
+            f"cannot {'write to' if write else 'read'} {uri}: {_first_line(err)}; "
+            "give this machine credentials for the bucket, or use a local path",
+        ) from None
 
 
 # --------------------------------------------------------------------------- per command

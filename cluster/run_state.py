@@ -20,8 +20,14 @@ NOT_MIRRORED = ("checkpoints", "actors.json")
 
 
 def save(spec, roles: Roles, data_state: dict, step: int, version: int, evals: dict | None = None):
-    state = {"step": step, "version": version, "data": data_state, "rng": get_rng(), "time": time.time(),
-             "metrics": evals or {}}  # the newest eval metrics: checkpoint.keep_best ranks by them
+    state = {
+        "step": step,
+        "version": version,
+        "data": data_state,
+        "rng": get_rng(),
+        "time": time.time(),
+        "metrics": evals or {},
+    }  # the newest eval metrics: checkpoint.keep_best ranks by them
     keep, best = spec.checkpoint.keep, spec.checkpoint.keep_best
     try:
         tmp = checkpoints.tmp_dir(spec.run_dir, step)
@@ -41,9 +47,11 @@ def save(spec, roles: Roles, data_state: dict, step: int, version: int, evals: d
             raise
         cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
         last = checkpoints.latest(spec.run_location)
-        raise JobError(f"could not write the checkpoint of step {step} under {spec.run_location}: {cause}. "
-                       f"The previous checkpoint is intact: {last or 'none yet'}. Free space (or fix access "
-                       "to the bucket) and run `protege run SPEC --resume`.") from err
+        raise JobError(
+            f"could not write the checkpoint of step {step} under {spec.run_location}: {cause}. "
+            f"The previous checkpoint is intact: {last or 'none yet'}. Free space (or fix access "
+            "to the bucket) and run `protege run SPEC --resume`."
+        ) from err
 
 
 def _one_learner_per_node(roles: Roles) -> list:
@@ -69,8 +77,11 @@ def open_remote_run(spec, resume: bool) -> None:
 
 
 def get_rng() -> dict:
-    return {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
-            "torch": torch.get_rng_state().tolist()}
+    return {
+        "python": _jsonable(random.getstate()),
+        "numpy": _jsonable(np.random.get_state()),
+        "torch": torch.get_rng_state().tolist(),
+    }
 
 
 def set_rng(state: dict) -> None:
@@ -96,9 +107,22 @@ def summary(spec, step: int, version: int, plot) -> dict:
 
     rows = read_metrics(spec.run_dir / "metrics.jsonl")
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
-    return {"run_dir": spec.run_location, "steps": step, "policy_version": version,
-            "eval_accuracy_first": evals[0][1] if evals else None, "eval_accuracy_last": evals[-1][1] if evals else None,
-            "eval_curve": evals, "checkpoint": str(checkpoints.latest(spec.run_location) or ""), "plot": str(plot or ""),
-            **({"best_checkpoint": str(checkpoints.best(checkpoints.list_checkpoints(spec.run_location),
-                                                        spec.checkpoint.keep_best) or "")}
-               if spec.checkpoint.keep_best else {})}
+    return {
+        "run_dir": spec.run_location,
+        "steps": step,
+        "policy_version": version,
+        "eval_accuracy_first": evals[0][1] if evals else None,
+        "eval_accuracy_last": evals[-1][1] if evals else None,
+        "eval_curve": evals,
+        "checkpoint": str(checkpoints.latest(spec.run_location) or ""),
+        "plot": str(plot or ""),
+        **(
+            {
+                "best_checkpoint": str(
+                    checkpoints.best(checkpoints.list_checkpoints(spec.run_location), spec.checkpoint.keep_best) or ""
+                )
+            }
+            if spec.checkpoint.keep_best
+            else {}
+        ),
+    }

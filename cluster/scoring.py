@@ -71,8 +71,10 @@ def combine(records: Mapping[str, list[ScoreRecord]], weights: Mapping[str, floa
                 if reward in components:
                     raise ValueError(f"reward {reward!r} scored twice (again by scorer {name!r})")
                 if reward not in weights:
-                    raise ValueError(f"scorer {name!r} returned reward {reward!r}, which rewards: does not weight "
-                                     f"(weighted: {', '.join(weights) or 'none'})")
+                    raise ValueError(
+                        f"scorer {name!r} returned reward {reward!r}, which rewards: does not weight "
+                        f"(weighted: {', '.join(weights) or 'none'})"
+                    )
                 components[reward] = float(raw)
                 value += weights[reward] * float(raw)
             for kind, count in rec.errors.items():
@@ -84,8 +86,10 @@ def combine(records: Mapping[str, list[ScoreRecord]], weights: Mapping[str, floa
 def teacher_metrics(records: list[ScoreRecord], tokens: int) -> dict[str, float]:
     """What the teacher's signal costs: bytes per response token it moves, and its seconds
     (the scorer's share of the step is time/score beside the other phases)."""
-    return {"teacher/bytes_per_token": sum(r.teacher.nbytes() for r in records) / max(1, tokens),
-            "teacher/seconds": sum(r.seconds for r in records)}
+    return {
+        "teacher/bytes_per_token": sum(r.teacher.nbytes() for r in records) / max(1, tokens),
+        "teacher/seconds": sum(r.seconds for r in records),
+    }
 
 
 def assemble(records: Mapping[str, list[ScoreRecord]], weights: Mapping[str, float], n: int, tokens: int) -> Scored:
@@ -132,8 +136,9 @@ class Scorers:
             return Pending(refs={}, n=len(rollouts), tokens=tokens)
         # Put once, shared by every scorer's call (Ray resolves top-level ref arguments).
         args = (ray.put(list(rollouts)), ray.put(list(examples)))
-        return Pending(refs={n: h.score.remote(*args) for n, h in self.handles.items()}, n=len(rollouts),
-                       tokens=tokens, args=args)
+        return Pending(
+            refs={n: h.score.remote(*args) for n, h in self.handles.items()}, n=len(rollouts), tokens=tokens, args=args
+        )
 
     def collect(self, pending: Pending) -> Scored:
         """Wait once for every submitted call; the combined scores, teacher payloads and metrics."""
@@ -146,4 +151,3 @@ class Scorers:
     def score(self, rollouts: list, examples: list) -> Scored:
         """``collect(submit(...))``: for callers with nothing to overlap."""
         return self.collect(self.submit(rollouts, examples))
-

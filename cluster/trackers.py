@@ -41,8 +41,11 @@ def check_loggers(spec) -> None:
         return
     if missing := missing_packages(spec.metrics.loggers):
         pkgs = " ".join("mlflow-skinny" if m == "mlflow" else m for m in missing)
-        raise UserError("metrics.loggers", f"{', '.join(repr(m) for m in missing)} needs a package that is not "
-                        f"installed here: pip install 'protege[trackers]' (or {pkgs}), or remove it from the list")
+        raise UserError(
+            "metrics.loggers",
+            f"{', '.join(repr(m) for m in missing)} needs a package that is not "
+            f"installed here: pip install 'protege[trackers]' (or {pkgs}), or remove it from the list",
+        )
 
 
 class TensorBoard:
@@ -65,8 +68,16 @@ class Wandb:
         import wandb
 
         # resume="allow" with the saved id: a resumed job appends to its own run.
-        self._run = wandb.init(project=settings.project, entity=settings.entity, name=name, dir=str(run_dir),
-                               config=config, id=run_id, resume="allow" if run_id else None, reinit="create_new")
+        self._run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            name=name,
+            dir=str(run_dir),
+            config=config,
+            id=run_id,
+            resume="allow" if run_id else None,
+            reinit="create_new",
+        )
         self.id = self._run.id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -93,7 +104,7 @@ class Mlflow:
             run_id = self._client.create_run(exp_id, run_name=name).info.run_id
             params = [Param(k, str(v)[:500]) for k, v in _flatten(config).items()]
             for i in range(0, len(params), 100):  # log_batch takes at most 100 params
-                self._client.log_batch(run_id, params=params[i:i + 100])
+                self._client.log_batch(run_id, params=params[i : i + 100])
             self._client.log_text(run_id, json.dumps(config, indent=2), "spec.json")
         self.id = run_id
 
@@ -131,8 +142,9 @@ def open_trackers(run_dir: Path, spec=None, *, resume: bool = False) -> list:
             continue
         settings = spec.metrics
         config = spec.model_dump(mode="json")
-        tracker = (Wandb if name == "wandb" else Mlflow)(run_dir, settings, settings.run_name or spec.name, config,
-                                                         ids.get(name))
+        tracker = (Wandb if name == "wandb" else Mlflow)(
+            run_dir, settings, settings.run_name or spec.name, config, ids.get(name)
+        )
         ids[name] = tracker.id
         out.append(tracker)
     if ids:

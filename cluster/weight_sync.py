@@ -94,8 +94,16 @@ class ObjectStoreSync:
     - ``sync/mbytes``: MB on the wire; ``sync/mb_per_s``: ``SyncResult.bytes`` / ``sync/seconds``.
     """
 
-    def __init__(self, learners: list, workers: list, *, zero_stage: int, dtype: str,
-                 wire_dtype: str | None = None, bucket_mb: float = DEFAULT_BUCKET_MB):
+    def __init__(
+        self,
+        learners: list,
+        workers: list,
+        *,
+        zero_stage: int,
+        dtype: str,
+        wire_dtype: str | None = None,
+        bucket_mb: float = DEFAULT_BUCKET_MB,
+    ):
         self.learners = learners
         self.workers = workers
         self.zero_stage = zero_stage
@@ -131,19 +139,26 @@ class ObjectStoreSync:
             raise RuntimeError(f"weight sync to version {version} failed on {len(bad)} worker(s): {bad}")
         seconds = time.perf_counter() - t0
         load_s = max((r["seconds"] for r in results), default=0.0)
-        held = max((int(r.get("bytes", 0)) for r in results), default=0) or \
-            int(summary["numel"]) * getattr(torch, dtype_name(self.dtype)).itemsize
-        return SyncResult(version=version, bytes=held, seconds=seconds, failed=failed,
-                          metrics={
-                              "sync/seconds": seconds,
-                              "sync/export_s": t_export,
-                              "sync/pack_s": float(summary["pack_s"]),
-                              "sync/transfer_s": max(0.0, seconds - t_export - load_s),
-                              "sync/unpack_s": max((float(r.get("unpack_s", 0.0)) for r in results), default=0.0),
-                              "sync/load_s": load_s,
-                              "sync/mbytes": summary["wire_bytes"] / 1e6,
-                              "sync/mb_per_s": held / 1e6 / max(seconds, 1e-9),
-                          })
+        held = (
+            max((int(r.get("bytes", 0)) for r in results), default=0)
+            or int(summary["numel"]) * getattr(torch, dtype_name(self.dtype)).itemsize
+        )
+        return SyncResult(
+            version=version,
+            bytes=held,
+            seconds=seconds,
+            failed=failed,
+            metrics={
+                "sync/seconds": seconds,
+                "sync/export_s": t_export,
+                "sync/pack_s": float(summary["pack_s"]),
+                "sync/transfer_s": max(0.0, seconds - t_export - load_s),
+                "sync/unpack_s": max((float(r.get("unpack_s", 0.0)) for r in results), default=0.0),
+                "sync/load_s": load_s,
+                "sync/mbytes": summary["wire_bytes"] / 1e6,
+                "sync/mb_per_s": held / 1e6 / max(seconds, 1e-9),
+            },
+        )
 
 
 # --------------------------------------------------------------------------------- GPU transfer
@@ -177,8 +192,10 @@ def plan_routes(learner_uuids: list[str | None], worker_uuids: list[list[str | N
         if all(u in ranks for u in mine):
             routes.append({"kind": "ipc", "ranks": sorted({ranks.index(u) for u in mine})})
         elif ranks[0] in mine:
-            raise NoGpuTransfer(f"rollout worker {i} shares learner rank 0's GPU with only part of its engine: "
-                                "neither CUDA IPC nor NCCL can reach all of it")
+            raise NoGpuTransfer(
+                f"rollout worker {i} shares learner rank 0's GPU with only part of its engine: "
+                "neither CUDA IPC nor NCCL can reach all of it"
+            )
         else:
             routes.append({"kind": "nccl", "world_size": 1 + len(mine)})
     return routes
@@ -190,8 +207,16 @@ class NcclWeightSync:
     ``pid`` / ``wt_probe`` / ``wt_shutdown`` (actors/weight_receiver.py); learner rank 0 drives
     the workers' ``wt_*`` loads itself."""
 
-    def __init__(self, learners: list, workers: list, *, zero_stage: int, dtype: str,
-                 bucket_mb: float = DEFAULT_BUCKET_MB, timeout_s: float = 900.0):
+    def __init__(
+        self,
+        learners: list,
+        workers: list,
+        *,
+        zero_stage: int,
+        dtype: str,
+        bucket_mb: float = DEFAULT_BUCKET_MB,
+        timeout_s: float = 900.0,
+    ):
         self.learners = learners
         self.workers = workers
         self.zero_stage = zero_stage  # every rank always takes part; kept for the interface
@@ -216,8 +241,9 @@ class NcclWeightSync:
     def _probe(self, indices: list[int] | None) -> list[int]:
         """Probe ``indices`` (default: every worker not probed yet) into ``routes``; returns the dead."""
         if self._learner_uuids is None:
-            self._learner_uuids = self._wait([ln.nccl_device_uuid.remote() for ln in self.learners],
-                                             "learner GPU probe")
+            self._learner_uuids = self._wait(
+                [ln.nccl_device_uuid.remote() for ln in self.learners], "learner GPU probe"
+            )
         if self.routes is None:
             self.routes = [None] * len(self.workers)
         todo = [i for i, r in enumerate(self.routes) if r is None] if indices is None else list(indices)
@@ -259,10 +285,19 @@ class NcclWeightSync:
         if nccl:
             address, ports = ray.get(self.learners[0].nccl_rendezvous.remote(len(nccl)), timeout=self.timeout_s)
             connect = [(i, address, port) for i, port in zip(nccl, ports)]
-        inits = self._wait([ln.nccl_init.remote(workers=self.workers if rank == 0 else None, routes=routes,
-                                                connect=connect if rank == 0 else [], dtype=self.dtype,
-                                                bucket_mb=self.bucket_mb)
-                            for rank, ln in enumerate(self.learners)], "NCCL group setup")
+        inits = self._wait(
+            [
+                ln.nccl_init.remote(
+                    workers=self.workers if rank == 0 else None,
+                    routes=routes,
+                    connect=connect if rank == 0 else [],
+                    dtype=self.dtype,
+                    bucket_mb=self.bucket_mb,
+                )
+                for rank, ln in enumerate(self.learners)
+            ],
+            "NCCL group setup",
+        )
         # Rank 0 lists the workers that died before their group opened; they get one after their restart.
         gone = [int(i) for i in (inits[0] or {}).get("failed", [])]
         dead += gone
@@ -285,7 +320,8 @@ class NcclWeightSync:
             if not done:
                 raise WeightSyncTimeout(
                     f"{what} did not finish within {self.timeout_s:g}s (a rollout worker that died during an NCCL "
-                    "broadcast leaves learner rank 0 waiting; the learner group has to be restarted)")
+                    "broadcast leaves learner rank 0 waiting; the learner group has to be restarted)"
+                )
             ray.get(done)
         return ray.get(list(refs))
 
@@ -306,21 +342,28 @@ class NcclWeightSync:
         bad = {i: r["version"] for i, r in got.items() if r["version"] != version}
         missing = [i for i in live if i not in got and i not in lost]
         if bad or missing:
-            raise RuntimeError(f"weight sync to version {version} failed: workers at other versions {bad}, "
-                               f"workers that never confirmed {missing}")
+            raise RuntimeError(
+                f"weight sync to version {version} failed: workers at other versions {bad}, "
+                f"workers that never confirmed {missing}"
+            )
         routes = self.routes or []
         seconds = time.perf_counter() - t0
-        return SyncResult(version=version, bytes=int(r0["bytes"]), seconds=seconds,
-                          failed=[targets.index(i) for i in lost], metrics={
-                              "sync/seconds": seconds,
-                              "sync/setup_s": setup_s,
-                              "sync/send_s": float(r0["send_s"]),
-                              "sync/load_s": max((float(r["seconds"]) for r in got.values()), default=0.0),
-                              "sync/mbytes": int(r0["bytes"]) / 1e6,
-                              "sync/buckets": float(r0["buckets"]),
-                              "sync/ipc_workers": float(sum(routes[i]["kind"] == "ipc" for i in live)),
-                              "sync/nccl_workers": float(sum(routes[i]["kind"] == "nccl" for i in live)),
-                          })
+        return SyncResult(
+            version=version,
+            bytes=int(r0["bytes"]),
+            seconds=seconds,
+            failed=[targets.index(i) for i in lost],
+            metrics={
+                "sync/seconds": seconds,
+                "sync/setup_s": setup_s,
+                "sync/send_s": float(r0["send_s"]),
+                "sync/load_s": max((float(r["seconds"]) for r in got.values()), default=0.0),
+                "sync/mbytes": int(r0["bytes"]) / 1e6,
+                "sync/buckets": float(r0["buckets"]),
+                "sync/ipc_workers": float(sum(routes[i]["kind"] == "ipc" for i in live)),
+                "sync/nccl_workers": float(sum(routes[i]["kind"] == "nccl" for i in live)),
+            },
+        )
 
     def close(self) -> None:
         """Tear the groups down (best effort; killing the actors does it too)."""
@@ -350,15 +393,26 @@ def pick_weight_sync(spec, roles, *, mode: str | None = None) -> WeightSync:
     if mode not in MODES:
         raise ValueError(f"weight_sync must be one of {MODES} (got {mode!r})")
     dtype = spec.models.student.dtype
-    fallback = ObjectStoreSync(roles.learners, roles.rollout, zero_stage=spec.learner.zero_stage, dtype=dtype,
-                               wire_dtype=spec.learner.weight_sync_dtype, bucket_mb=spec.learner.weight_sync_bucket_mb)
+    fallback = ObjectStoreSync(
+        roles.learners,
+        roles.rollout,
+        zero_stage=spec.learner.zero_stage,
+        dtype=dtype,
+        wire_dtype=spec.learner.weight_sync_dtype,
+        bucket_mb=spec.learner.weight_sync_bucket_mb,
+    )
     if mode == "object_store":
         return fallback
     reason = _why_not_gpu(spec, roles)
     sync = None
     if reason is None:
-        sync = NcclWeightSync(roles.learners, roles.rollout, zero_stage=spec.learner.zero_stage, dtype=dtype,
-                              bucket_mb=spec.learner.weight_sync_bucket_mb)
+        sync = NcclWeightSync(
+            roles.learners,
+            roles.rollout,
+            zero_stage=spec.learner.zero_stage,
+            dtype=dtype,
+            bucket_mb=spec.learner.weight_sync_bucket_mb,
+        )
         try:
             sync.probe()  # asks each worker's vLLM engine for its GPU: "CUDA is available" for real
         except (NoGpuTransfer, RuntimeError, ray.exceptions.RayError) as err:

@@ -67,7 +67,9 @@ def quiet_driver(run_dir: Path) -> Path | None:
     handler._protege = True  # a second run in the same process (the demo) replaces it
     root = logging.getLogger()
     for h in list(root.handlers):
-        if getattr(h, "_protege", False) or (isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)):
+        if getattr(h, "_protege", False) or (
+            isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ):
             root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -99,8 +101,7 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=self.stream,
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=self.stream, dynamic_ncols=True)
 
     def update(self, step: int, fields: dict[str, str]) -> None:
         self.step = step

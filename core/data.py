@@ -43,9 +43,7 @@ class PreferenceExample:
 # reasoning-gym
 
 
-def load_reasoning_gym(
-    task: str, *, size: int, seed: int, config: dict[str, Any] | None = None
-) -> list[Example]:
+def load_reasoning_gym(task: str, *, size: int, seed: int, config: dict[str, Any] | None = None) -> list[Example]:
     """Generate `size` examples of a reasoning-gym task (deterministic in `seed`).
 
     `meta` is {"source": "reasoning_gym", "task", "config", "entry"}; `entry` is the generated
@@ -301,8 +299,10 @@ def split(examples: list[Any], *, eval_size: int, seed: int) -> tuple[list[Any],
     for i, k in enumerate(keys):
         first.setdefault(k, i)
     if not 0 <= eval_size < len(first):
-        raise DataError(f"eval_size must be >= 0 and < the number of distinct questions ({len(first)}"
-                        f"{f' in {len(examples)} examples' if len(first) != len(examples) else ''}), got {eval_size}")
+        raise DataError(
+            f"eval_size must be >= 0 and < the number of distinct questions ({len(first)}"
+            f"{f' in {len(examples)} examples' if len(first) != len(examples) else ''}), got {eval_size}"
+        )
     order = list(first.values())
     random.Random(seed).shuffle(order)
     held_out = set(order[:eval_size])
@@ -367,7 +367,9 @@ class PromptStream:
                     f"but {mine[key]!r} here (was it saved for other data or another seed?)"
                 )
         if not 0 <= state["position"] <= len(self._examples) or state["epoch"] < 0:
-            raise DataError(f"PromptStream state has an invalid cursor: epoch {state['epoch']}, position {state['position']}")
+            raise DataError(
+                f"PromptStream state has an invalid cursor: epoch {state['epoch']}, position {state['position']}"
+            )
         self._epoch, self._position = state["epoch"], state["position"]
         self._order = self._epoch_order(self._epoch)
 

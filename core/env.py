@@ -28,9 +28,16 @@ CPU_NODE_DEFAULTS = {
 # What worker_env() passes to actors when the user set it: the node defaults above (a user's choice
 # applies everywhere), the quiet defaults, and paths/modes that mean the same on every node.
 WORKER_KEYS = [
-    "TOKENIZERS_PARALLELISM", "VLLM_NO_USAGE_STATS", *CPU_NODE_DEFAULTS, "HF_HUB_OFFLINE",
-    "TORCH_EXTENSIONS_DIR", "HF_HOME", "VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY",
-    "HF_HUB_DISABLE_PROGRESS_BARS", "VLLM_ALLOW_INSECURE_SERIALIZATION",
+    "TOKENIZERS_PARALLELISM",
+    "VLLM_NO_USAGE_STATS",
+    *CPU_NODE_DEFAULTS,
+    "HF_HUB_OFFLINE",
+    "TORCH_EXTENSIONS_DIR",
+    "HF_HOME",
+    "VLLM_LOGGING_LEVEL",
+    "TRANSFORMERS_VERBOSITY",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "VLLM_ALLOW_INSECURE_SERIALIZATION",
 ]
 
 # Keys this process set as node defaults itself (not the user): worker_env() keeps them off a cluster.
@@ -81,8 +88,7 @@ def worker_env(local: bool | None = None) -> dict[str, str]:
     """
     if local is None:
         local = not os.environ.get("RAY_ADDRESS")
-    return {k: os.environ[k] for k in WORKER_KEYS
-            if k in os.environ and (local or k not in _node_defaulted)}
+    return {k: os.environ[k] for k in WORKER_KEYS if k in os.environ and (local or k not in _node_defaulted)}
 
 
 def free_ports(count: int = 1) -> tuple[str, list[int]]:

@@ -27,15 +27,18 @@ def failed_groups(rewards: list[float], group_size: int, threshold: float) -> li
     >>> failed_groups([0, 0, 1, 0, 0, 0], 2, 1.0)
     [0, 2]
     """
-    return [g for g in range(len(rewards) // group_size)
-            if max(rewards[g * group_size:(g + 1) * group_size]) < threshold]
+    return [
+        g for g in range(len(rewards) // group_size) if max(rewards[g * group_size : (g + 1) * group_size]) < threshold
+    ]
 
 
 def hint_request(question: str, answer: str) -> str:
     """What the teacher is asked. It sees the reference answer, and must not state it."""
-    return (f"Question: {question}\nReference answer: {answer}\n"
-            "Write one short hint that helps solve the question without stating the answer, "
-            "inside <hint></hint>.")
+    return (
+        f"Question: {question}\nReference answer: {answer}\n"
+        "Write one short hint that helps solve the question without stating the answer, "
+        "inside <hint></hint>."
+    )
 
 
 def extract_hint(text: str) -> str | None:
@@ -58,8 +61,12 @@ def inject(group: list[Rollout], accepted: list[Rollout], m: int) -> tuple[list[
     out = list(group)
     for i in range(k):
         src = accepted[i]
-        out[i] = Rollout(example_index=group[i].example_index, prompt_ids=group[i].prompt_ids,
-                         sample=src.sample, policy_version=src.policy_version)
+        out[i] = Rollout(
+            example_index=group[i].example_index,
+            prompt_ids=group[i].prompt_ids,
+            sample=src.sample,
+            policy_version=src.policy_version,
+        )
     return out, k
 
 
@@ -82,21 +89,32 @@ class Merged:
     accepted: int  # hinted attempts that passed the gate (rejection sampling)
 
 
-def merge_hinted(rollouts: list[Rollout], scores: list[Any], hinted: list[tuple[int, str]], tries: list[Rollout],
-                 tried: list[Any], *, group_size: int, attempts: int, replace: int, threshold: float) -> Merged:
+def merge_hinted(
+    rollouts: list[Rollout],
+    scores: list[Any],
+    hinted: list[tuple[int, str]],
+    tries: list[Rollout],
+    tried: list[Any],
+    *,
+    group_size: int,
+    attempts: int,
+    replace: int,
+    threshold: float,
+) -> Merged:
     """Inject the accepted hinted attempts into their groups. ``tries`` hold ``attempts`` responses
     per entry of ``hinted`` (in its order) and ``tried`` their scores (anything with ``.value``);
     a try is accepted when its value reaches the gate threshold, and up to ``replace`` accepted
     ones replace the first members of the group, with their scores."""
     if len(tries) != len(hinted) * attempts or len(tried) != len(tries):
-        raise ValueError(f"{len(hinted)} hinted groups × {attempts} attempts, got {len(tries)} tries "
-                         f"and {len(tried)} scores")
+        raise ValueError(
+            f"{len(hinted)} hinted groups × {attempts} attempts, got {len(tries)} tries and {len(tried)} scores"
+        )
     rollouts, scores, changed, accepted = list(rollouts), list(scores), [], 0
     for j, (g, _) in enumerate(hinted):
         ok = [i for i in range(j * attempts, (j + 1) * attempts) if tried[i].value >= threshold]
         accepted += len(ok)
         lo = g * group_size
-        rollouts[lo:lo + group_size], k = inject(rollouts[lo:lo + group_size], [tries[i] for i in ok], replace)
+        rollouts[lo : lo + group_size], k = inject(rollouts[lo : lo + group_size], [tries[i] for i in ok], replace)
         for i in range(k):
             scores[lo + i] = tried[ok[i]]
             changed.append(lo + i)

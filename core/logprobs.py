@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 
-def response_logprobs(logits: Tensor, resp_pos: Tensor, targets: Tensor, temperature: float = 1.0
-                      ) -> tuple[Tensor, Tensor]:
+def response_logprobs(
+    logits: Tensor, resp_pos: Tensor, targets: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """(sampled [B, T], rows [B, T, V]): log π(y_t) of the response tokens and the whole
     log-softmax rows they were read from, at ``temperature`` (the sampling distribution's).
 
@@ -83,8 +84,9 @@ def pack(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Ten
     return {"input_ids": input_ids, "attention_mask": attn, "resp_pos": resp_pos, "targets": targets}
 
 
-def _chunk_rows(head, h: Tensor, targets: Tensor, ids: Tensor | None, temperature: float, full: bool
-                ) -> tuple[Tensor, ...]:
+def _chunk_rows(
+    head, h: Tensor, targets: Tensor, ids: Tensor | None, temperature: float, full: bool
+) -> tuple[Tensor, ...]:
     """One chunk of positions: lm_head, the temperature, log_softmax and the gathers, for
     h [N, H] → sampled [N], entropy [N], (top-k [N, K]), (full rows [N, V]). The same operations
     in the same order as ``response_logprobs`` + ``entropy`` + ``logprobs_at``."""
@@ -98,8 +100,15 @@ def _chunk_rows(head, h: Tensor, targets: Tensor, ids: Tensor | None, temperatur
 
 
 def chunked_response_logprobs(
-    hidden: Tensor, head, resp_pos: Tensor, targets: Tensor, temperature: float = 1.0, *, chunk: int,
-    topk_ids: Tensor | None = None, full: bool = False,
+    hidden: Tensor,
+    head,
+    resp_pos: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    *,
+    chunk: int,
+    topk_ids: Tensor | None = None,
+    full: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(sampled [B, T], entropy [B, T], top-k [B, T, K] or None, full rows [B, T, V] or None) from
     the model's last hidden states ``hidden`` [B, L, H] and its output layer ``head`` (the lm_head
@@ -184,6 +193,7 @@ def hidden_and_head(model, input_ids: Tensor, attention_mask: Tensor) -> tuple[T
             raise ValueError(
                 f"{type(inner).__name__}: lm_head(last hidden state) differs from the model's logits (a "
                 "transform after the head, e.g. logit soft-capping or scaling); chunked log-probs cannot "
-                "be used for this model: set learner.logprob_chunk to null")
+                "be used for this model: set learner.logprob_chunk to null"
+            )
         _SPLIT_CHECKED.add(inner)
     return hidden, head

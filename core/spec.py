@@ -54,19 +54,25 @@ class ModelRef(_Strict):
 class TeacherRef(ModelRef):
     """The teacher: a model plus how its scores are computed."""
 
-    score_engine: Literal["auto", "vllm", "hf"] = Field(default="auto", description=(
-        "vllm: the teacher's log-probs (and top-k) of the student's responses from vLLM's prompt log-probs, "
-        "batched like the rollout engine (and tensor-parallel where vLLM is); hf: a transformers forward, which "
-        "also gives full rows and any sampling temperature; auto: vllm when rollout.engine is vllm, the "
-        "rollout temperature is 1 and no full rows are asked for, else hf"))
+    score_engine: Literal["auto", "vllm", "hf"] = Field(
+        default="auto",
+        description=(
+            "vllm: the teacher's log-probs (and top-k) of the student's responses from vLLM's prompt log-probs, "
+            "batched like the rollout engine (and tensor-parallel where vLLM is); hf: a transformers forward, which "
+            "also gives full rows and any sampling temperature; auto: vllm when rollout.engine is vllm, the "
+            "rollout temperature is 1 and no full rows are asked for, else hf"
+        ),
+    )
 
 
 class ModelsSpec(_Strict):
     student: ModelRef
     teacher: TeacherRef | None = None
     reward_model: ModelRef | None = Field(
-        default=None, description=("sequence-classification reward model with one output (optional); "
-                                   "used by the reward named 'reward_model'")
+        default=None,
+        description=(
+            "sequence-classification reward model with one output (optional); used by the reward named 'reward_model'"
+        ),
     )
 
 
@@ -89,6 +95,7 @@ class DataSpec(_Strict):
 
         check(v)
         return v
+
     size: int = Field(default=512, ge=1, description="examples generated for a reasoning-gym task")
     seed: int = 0
     path: str | None = Field(default=None, description="JSONL/Parquet file (source: file)")
@@ -97,10 +104,15 @@ class DataSpec(_Strict):
     # Preference data for offline DPO (prompt, chosen, rejected).
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
-    eval_size: int = Field(default=32, ge=0, description=(
-        "held-out questions for greedy evaluation (every copy of one leaves training); unset: 32, at "
-        "most half of the distinct questions (of data.size generated, or of a file's rows), or eval.size "
-        "when that is larger"))
+    eval_size: int = Field(
+        default=32,
+        ge=0,
+        description=(
+            "held-out questions for greedy evaluation (every copy of one leaves training); unset: 32, at "
+            "most half of the distinct questions (of data.size generated, or of a file's rows), or eval.size "
+            "when that is larger"
+        ),
+    )
     system_prompt: str | None = None
 
     @model_validator(mode="after")
@@ -191,9 +203,14 @@ class _PolicyGradient(_Strict):
     max_staleness: int = Field(
         default=0, ge=0, le=4, description="0 strictly on-policy; 1 overlaps generation of t+1 with training of t"
     )
-    tis_cap: float | None = Field(default=None, gt=0, description=(
-        "truncated importance sampling against the rollout engine's log-probs, min(π_old/π_rollout, cap) per "
-        "token; unset: 2.0 when max_staleness ≥ 1, off when 0"))
+    tis_cap: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "truncated importance sampling against the rollout engine's log-probs, min(π_old/π_rollout, cap) per "
+            "token; unset: 2.0 when max_staleness ≥ 1, off when 0"
+        ),
+    )
 
     def effective_tis_cap(self) -> float | None:
         return self.tis_cap if self.tis_cap is not None else (2.0 if self.max_staleness >= 1 else None)
@@ -232,8 +249,10 @@ class KEPOSpec(_PolicyGradient):
     gate_threshold: float = Field(default=1.0, description="τ: distil responses whose accuracy reward ≥ τ")
     divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
     estimator: Literal["auto", "sampled", "topk", "topk_renorm", "full"] = Field(
-        default="auto", description="what of the teacher's distribution the distillation term sees; auto: the "
-        "sampled token for reverse_kl, the top-k renormalised over k for forward_kl / jsd")
+        default="auto",
+        description="what of the teacher's distribution the distillation term sees; auto: the "
+        "sampled token for reverse_kl, the top-k renormalised over k for forward_kl / jsd",
+    )
     top_k: int = Field(default=16, ge=1, le=1024, description="teacher top-k rows (estimators topk, topk_renorm)")
     jsd_beta: float = Field(default=0.5, gt=0, lt=1)
     hints: bool = Field(default=True, description="knowledge-enhanced exploration on all-zero groups")
@@ -248,12 +267,22 @@ class KEPOSpec(_PolicyGradient):
         return self
 
     def teacher_request(self) -> TeacherRequest:
-        est = self.estimator if self.estimator != "auto" else ("sampled" if self.divergence == "reverse_kl" else "topk_renorm")
+        est = (
+            self.estimator
+            if self.estimator != "auto"
+            else ("sampled" if self.divergence == "reverse_kl" else "topk_renorm")
+        )
         return TeacherRequest.for_estimator(est, self.top_k)
 
     def needs(self) -> Needs:
-        return Needs(groups=True, reference=self.kl_coef > 0, teacher=self.teacher_request(), teacher_model=True,
-                     hints=self.hints, extra_tokens=self.hint_max_tokens if self.hints else 0)
+        return Needs(
+            groups=True,
+            reference=self.kl_coef > 0,
+            teacher=self.teacher_request(),
+            teacher_model=True,
+            hints=self.hints,
+            extra_tokens=self.hint_max_tokens if self.hints else 0,
+        )
 
 
 class OPDSpec(_Strict):
@@ -261,8 +290,10 @@ class OPDSpec(_Strict):
 
     type: Literal["opd"] = "opd"
     estimator: Literal["sampled", "topk", "full"] = Field(
-        default="sampled", description="sampled: the sampled token's log-prob (one number per token); topk: the "
-        "teacher's top_k plus a tail bucket; full: whole vocabulary rows (exact; small vocabularies)")
+        default="sampled",
+        description="sampled: the sampled token's log-prob (one number per token); topk: the "
+        "teacher's top_k plus a tail bucket; full: whole vocabulary rows (exact; small vocabularies)",
+    )
     top_k: int = Field(default=32, ge=1, le=1024, description="teacher top-k rows for estimator topk")
     grpo_coef: float = Field(default=0.0, ge=0, description="> 0 adds the GRPO loss with this weight")
     opd_coef: float = Field(default=1.0, gt=0)
@@ -294,9 +325,16 @@ class DPOSpec(_Strict):
 
     def needs(self) -> Needs:
         online = self.mode == "online"
-        return Needs(responses="student" if online else "preferences", rewards=online, groups=online, pairs=True,
-                     reference=self.reference == "initial", teacher_reference=self.reference == "teacher",
-                     teacher_model=self.reference == "teacher", teacher_for="reference 'teacher'")
+        return Needs(
+            responses="student" if online else "preferences",
+            rewards=online,
+            groups=online,
+            pairs=True,
+            reference=self.reference == "initial",
+            teacher_reference=self.reference == "teacher",
+            teacher_model=self.reference == "teacher",
+            teacher_for="reference 'teacher'",
+        )
 
 
 class SFTSpec(_Strict):
@@ -308,8 +346,12 @@ class SFTSpec(_Strict):
 
     def needs(self) -> Needs:
         teacher = self.targets == "teacher"
-        return Needs(responses="teacher" if teacher else "answers", rewards=False, teacher_model=teacher,
-                     teacher_for="targets 'teacher'")
+        return Needs(
+            responses="teacher" if teacher else "answers",
+            rewards=False,
+            teacher_model=teacher,
+            teacher_for="targets 'teacher'",
+        )
 
 
 class DistillSpec(_Strict):
@@ -322,8 +364,10 @@ class DistillSpec(_Strict):
     type: Literal["distill"] = "distill"
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     estimator: Literal["topk", "topk_renorm", "full"] = Field(
-        default="topk", description="topk: the teacher's top_k plus a tail bucket; topk_renorm: both renormalised "
-        "over the k ids; full: whole vocabulary rows")
+        default="topk",
+        description="topk: the teacher's top_k plus a tail bucket; topk_renorm: both renormalised "
+        "over the k ids; full: whole vocabulary rows",
+    )
     top_k: int = Field(default=32, ge=1, le=1024)
     jsd_beta: float = Field(default=0.5, gt=0, lt=1)
     max_staleness: int = Field(default=0, ge=0, le=4)
@@ -353,10 +397,16 @@ class RolloutSpec(_Strict):
     workers: int = Field(default=1, ge=1)
     engine: Literal["vllm", "hf"] = "vllm"
     kv_cache_gb: float = Field(default=0.25, gt=0, description="KV cache per worker (vLLM on CPU)")
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=0.95, description=(
-        "vLLM on GPU: share of its GPU's memory a rollout worker (and the teacher's engine) may take. "
-        "Default: 0.85 when the role has whole GPUs (disaggregated), 0.3 when it shares one "
-        "(resources.*.gpus < 1, colocated with a learner rank that needs the rest)"))
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=0.95,
+        description=(
+            "vLLM on GPU: share of its GPU's memory a rollout worker (and the teacher's engine) may take. "
+            "Default: 0.85 when the role has whole GPUs (disaggregated), 0.3 when it shares one "
+            "(resources.*.gpus < 1, colocated with a learner rank that needs the rest)"
+        ),
+    )
 
 
 class LearnerSpec(_Strict):
@@ -366,47 +416,75 @@ class LearnerSpec(_Strict):
     lr: float = Field(default=1e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
-    micro_batch: int = Field(default=8, ge=1, description=(
-        "sequences per rank per forward (unused when micro_batch_tokens is set)"))
-    micro_batch_tokens: int | None = Field(default=None, ge=1, description=(
-        "token budget of a micro-batch instead of micro_batch: rows × the longest (prompt + response) in it, "
-        "padding included. Sets the micro-batch count per rank from the longest sequence a step can hold (max_prompt_tokens + "
-        "max_new_tokens + 64), the same on every rank; rows are then sorted by length and packed into that "
-        "many micro-batches with the fewest padded tokens in the largest one (DPO pairs stay together). Rows "
-        "longer than planned go over the budget rather than change the count (learner/micro_batch_tokens_max "
-        "reports the largest); unset: micro_batch sequences per forward, in arrival order"))
-    logprob_chunk: int | None = Field(default=None, ge=1, description=(
-        "response positions per chunk of the learner's log-prob computation: lm_head + log_softmax + gathers "
-        "run on that many positions at a time under activation checkpointing, so memory grows with response "
-        "length × (hidden + top-k), not × vocabulary (the same values and gradients). For long responses or "
-        "large vocabularies, e.g. 1024; costs one more lm_head pass in the backward. Unset: whole-batch "
-        "log-softmax rows [B, T, V] (fastest for short responses)"))
+    micro_batch: int = Field(
+        default=8, ge=1, description=("sequences per rank per forward (unused when micro_batch_tokens is set)")
+    )
+    micro_batch_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "token budget of a micro-batch instead of micro_batch: rows × the longest (prompt + response) in it, "
+            "padding included. Sets the micro-batch count per rank from the longest sequence a step can hold (max_prompt_tokens + "
+            "max_new_tokens + 64), the same on every rank; rows are then sorted by length and packed into that "
+            "many micro-batches with the fewest padded tokens in the largest one (DPO pairs stay together). Rows "
+            "longer than planned go over the budget rather than change the count (learner/micro_batch_tokens_max "
+            "reports the largest); unset: micro_batch sequences per forward, in arrival order"
+        ),
+    )
+    logprob_chunk: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "response positions per chunk of the learner's log-prob computation: lm_head + log_softmax + gathers "
+            "run on that many positions at a time under activation checkpointing, so memory grows with response "
+            "length × (hidden + top-k), not × vocabulary (the same values and gradients). For long responses or "
+            "large vocabularies, e.g. 1024; costs one more lm_head pass in the backward. Unset: whole-batch "
+            "log-softmax rows [B, T, V] (fastest for short responses)"
+        ),
+    )
     grad_clip: float = Field(default=1.0, gt=0)
     bf16: bool = False
     updates_per_step: int = Field(default=1, ge=1, description="passes over each rollout batch")
-    mini_batches: int = Field(default=1, ge=1, description=(
-        "optimizer steps per pass: the rollout batch is split into this many mini-batches (PPO), "
-        "π_old stays the batch's starting policy; optimizer steps per batch = updates_per_step × mini_batches"))
+    mini_batches: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "optimizer steps per pass: the rollout batch is split into this many mini-batches (PPO), "
+            "π_old stays the batch's starting policy; optimizer steps per batch = updates_per_step × mini_batches"
+        ),
+    )
     weight_sync: Literal["auto", "object_store", "nccl"] = Field(
         default="object_store",
         description="object_store: safetensors blob via Ray (CPU and GPU, tested); nccl / auto: vLLM's "
-        "NCCL/IPC weight transfer on GPUs (written, not yet verified on hardware)")
-    weight_sync_bucket_mb: float = Field(default=512, gt=0, description=(
-        "bucket size: NCCL/IPC buffers, and the flat buffers the object store carries"))
-    weight_sync_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description=(
-        "object store: the dtype weights travel in. auto: each parameter's own (the training dtype); "
-        "bfloat16/float16 halve the bytes of a float32 learner (the rollout engine casts on load)"))
+        "NCCL/IPC weight transfer on GPUs (written, not yet verified on hardware)",
+    )
+    weight_sync_bucket_mb: float = Field(
+        default=512, gt=0, description=("bucket size: NCCL/IPC buffers, and the flat buffers the object store carries")
+    )
+    weight_sync_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description=(
+            "object store: the dtype weights travel in. auto: each parameter's own (the training dtype); "
+            "bfloat16/float16 halve the bytes of a float32 learner (the rollout engine casts on load)"
+        ),
+    )
 
 
 BUILTIN_REWARDS = ("exact_match", "format", "math_verify", "reasoning_gym", "reward_model")
 
 
 class RewardSpec(_Strict):
-    name: str = Field(description=f"a built-in reward ({', '.join(BUILTIN_REWARDS)}), or your label for `function`",
-                      pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-    function: str | None = Field(default=None, description=(
-        "your own reward: 'package.module:function' or 'path/to/file.py:function', called as "
-        "f(completion, reference, meta) -> float (rewards/README: timeouts and errors score 0)"))
+    name: str = Field(
+        description=f"a built-in reward ({', '.join(BUILTIN_REWARDS)}), or your label for `function`",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+    )
+    function: str | None = Field(
+        default=None,
+        description=(
+            "your own reward: 'package.module:function' or 'path/to/file.py:function', called as "
+            "f(completion, reference, meta) -> float (rewards/README: timeouts and errors score 0)"
+        ),
+    )
     weight: float = 1.0
 
     @field_validator("function")
@@ -427,26 +505,40 @@ class RewardSpec(_Strict):
     @model_validator(mode="after")
     def _known(self) -> "RewardSpec":
         if self.function is None and self.name not in BUILTIN_REWARDS:
-            raise ValueError(f"name: unknown reward '{self.name}'; built-in rewards are {', '.join(BUILTIN_REWARDS)}, "
-                             "or give `function: module:callable` for your own")
+            raise ValueError(
+                f"name: unknown reward '{self.name}'; built-in rewards are {', '.join(BUILTIN_REWARDS)}, "
+                "or give `function: module:callable` for your own"
+            )
         if self.function is not None and self.name in BUILTIN_REWARDS:
             raise ValueError(f"name: '{self.name}' is a built-in reward; give your function another name")
         return self
 
 
 class CheckpointSpec(_Strict):
-    dir: str = Field(default="runs/{name}", description=(
-        "run directory (checkpoints, metrics, samples); '{name}' expands to the job name. A local or "
-        "shared-volume path, or an object-store URI (s3://bucket/runs/{name}, gs://…, any fsspec "
-        "URL; s3/gcs need `pip install 'protege[s3]'` / `'protege[gcs]'`)"))
-    local_dir: str = Field(default="runs/{name}", description=(
-        "with a URI `dir`: local staging folder for metrics and checkpoints before upload; ignored "
-        "for a local `dir`"))
+    dir: str = Field(
+        default="runs/{name}",
+        description=(
+            "run directory (checkpoints, metrics, samples); '{name}' expands to the job name. A local or "
+            "shared-volume path, or an object-store URI (s3://bucket/runs/{name}, gs://…, any fsspec "
+            "URL; s3/gcs need `pip install 'protege[s3]'` / `'protege[gcs]'`)"
+        ),
+    )
+    local_dir: str = Field(
+        default="runs/{name}",
+        description=(
+            "with a URI `dir`: local staging folder for metrics and checkpoints before upload; ignored "
+            "for a local `dir`"
+        ),
+    )
     interval: int = Field(default=10, ge=1, description="save every N steps")
     keep: int = Field(default=2, ge=1, description="keep the last K checkpoints")
-    keep_best: str | None = Field(default=None, description=(
-        "also keep the checkpoint with the highest value of this eval metric (e.g. eval/accuracy), as of the "
-        "newest evaluation at or before it: save on eval steps (interval a multiple of eval.interval)"))
+    keep_best: str | None = Field(
+        default=None,
+        description=(
+            "also keep the checkpoint with the highest value of this eval metric (e.g. eval/accuracy), as of the "
+            "newest evaluation at or before it: save on eval steps (interval a multiple of eval.interval)"
+        ),
+    )
 
     @field_validator("keep_best")
     @classmethod
@@ -475,8 +567,11 @@ class CheckpointSpec(_Strict):
 
 class EvalSpec(_Strict):
     interval: int = Field(default=5, ge=1)
-    size: int = Field(default=32, ge=1, description=(
-        "held-out prompts, greedy decoding; unset: 32, or data.eval_size when that is smaller"))
+    size: int = Field(
+        default=32,
+        ge=1,
+        description=("held-out prompts, greedy decoding; unset: 32, or data.eval_size when that is smaller"),
+    )
 
 
 class AutoscaleSpec(_Strict):
@@ -485,8 +580,12 @@ class AutoscaleSpec(_Strict):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=2, ge=1, description="unset: 2, or min_replicas when that is larger")
     target_ongoing_requests: float = Field(default=4, gt=0, description="requests in flight per replica to aim for")
-    upscale_delay_s: float = Field(default=30, ge=0, description="load must stay above target this long to add a replica")
-    downscale_delay_s: float = Field(default=600, ge=0, description="load must stay below target this long to remove one")
+    upscale_delay_s: float = Field(
+        default=30, ge=0, description="load must stay above target this long to add a replica"
+    )
+    downscale_delay_s: float = Field(
+        default=600, ge=0, description="load must stay below target this long to remove one"
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscaleSpec":
@@ -507,8 +606,10 @@ class ServeSpec(_Strict):
     max_n: int = Field(default=8, ge=1, description="most choices (n) per request")
     # Its own choice, not rollout.engine's: rollouts may need the HF fallback where serving wants vLLM.
     engine: Literal["vllm", "hf"] = Field(
-        default="vllm", description="vllm: vLLM's own OpenAI serving layer on AsyncLLM; hf: transformers, "
-        "one request at a time, behind the same serving layer (no guided decoding)")
+        default="vllm",
+        description="vllm: vLLM's own OpenAI serving layer on AsyncLLM; hf: transformers, "
+        "one request at a time, behind the same serving layer (no guided decoding)",
+    )
     autoscale: AutoscaleSpec = Field(default_factory=AutoscaleSpec)
 
 
@@ -524,8 +625,10 @@ class ResourcesSpec(_Strict):
     learner: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.5))
     teacher: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.25))
     reward: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.25))
-    reward_model: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.25),
-                                        description="the models.reward_model scorer (give it a GPU for a large model)")
+    reward_model: RoleResources = Field(
+        default_factory=lambda: RoleResources(cpus=0.25),
+        description="the models.reward_model scorer (give it a GPU for a large model)",
+    )
     placement_timeout_s: float = Field(default=30, gt=0, description="fail fast when roles cannot be placed")
 
 
@@ -533,14 +636,19 @@ class MetricsSpec(_Strict):
     """Trackers that get each step's metrics besides RUN_DIR/metrics.jsonl (always written; cluster/trackers.py)."""
 
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"], description=(
+        default_factory=lambda: ["tensorboard"],
+        description=(
             "any of tensorboard (RUN_DIR/tb), wandb, mlflow; wandb / mlflow need `pip install 'protege[trackers]'` "
-            "and their own credentials (WANDB_API_KEY, WANDB_MODE=offline; MLFLOW_TRACKING_URI); [] for none"))
+            "and their own credentials (WANDB_API_KEY, WANDB_MODE=offline; MLFLOW_TRACKING_URI); [] for none"
+        ),
+    )
     project: str = Field(default="protege", min_length=1, description="W&B project / MLflow experiment")
     run_name: str | None = Field(default=None, description="the tracker run's name; unset: the job name")
     entity: str | None = Field(default=None, description="W&B entity (team); unset: the key's default")
-    tracking_uri: str | None = Field(default=None, description=(
-        "MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else a file store in RUN_DIR/mlruns"))
+    tracking_uri: str | None = Field(
+        default=None,
+        description=("MLflow tracking URI; unset: $MLFLOW_TRACKING_URI, else a file store in RUN_DIR/mlruns"),
+    )
 
     @field_validator("loggers")
     @classmethod
@@ -570,9 +678,13 @@ class JobSpec(_Strict):
     algorithm: AlgorithmSpec = Field(default_factory=GRPOSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     learner: LearnerSpec = Field(default_factory=LearnerSpec)
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="reasoning_gym")], description=(
-        "unset: the data's verifier (reasoning_gym for a task, exact_match for a file), plus "
-        "reward_model when models.reward_model is set"))
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="reasoning_gym")],
+        description=(
+            "unset: the data's verifier (reasoning_gym for a task, exact_match for a file), plus "
+            "reward_model when models.reward_model is set"
+        ),
+    )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
@@ -589,11 +701,14 @@ class JobSpec(_Strict):
             raise ValueError(f"models.teacher: algorithm '{algo.type}'{setting} needs a teacher model")
         rows = self.rows_per_step() // self.learner.ranks
         if self.learner.mini_batches > max(1, rows):
-            raise ValueError(f"learner.mini_batches: {self.learner.mini_batches} mini-batches need at least as many "
-                             f"rows per learner rank, and a step has {rows}")
+            raise ValueError(
+                f"learner.mini_batches: {self.learner.mini_batches} mini-batches need at least as many "
+                f"rows per learner rank, and a step has {rows}"
+            )
         if needs.responses == "preferences" and self.data.source != "file":
-            raise ValueError(f"data.source: offline {algo.type} reads (prompt, chosen, rejected) rows from a file: "
-                             "set it to 'file'")
+            raise ValueError(
+                f"data.source: offline {algo.type} reads (prompt, chosen, rejected) rows from a file: set it to 'file'"
+            )
         if needs.groups and self.rollout.samples_per_prompt < 2:
             raise ValueError(
                 f"rollout.samples_per_prompt: must be at least 2, algorithm '{algo.type}' compares samples within a group"
@@ -601,19 +716,28 @@ class JobSpec(_Strict):
         if needs.hints and algo.hint_replace > self.rollout.samples_per_prompt:
             raise ValueError("algorithm.hint_replace: cannot exceed rollout.samples_per_prompt")
         if self.eval.size > self.data.eval_size and self.data.eval_size > 0:
-            raise ValueError(f"eval.size: cannot exceed data.eval_size ({self.data.eval_size}); lower it, "
-                             "or raise data.eval_size")
+            raise ValueError(
+                f"eval.size: cannot exceed data.eval_size ({self.data.eval_size}); lower it, or raise data.eval_size"
+            )
         names = [r.name for r in self.rewards]
         if "reward_model" in names and self.models.reward_model is None:
-            raise ValueError("models.reward_model: the reward 'reward_model' needs a reward model "
-                             "(a sequence-classification model with one output)")
+            raise ValueError(
+                "models.reward_model: the reward 'reward_model' needs a reward model "
+                "(a sequence-classification model with one output)"
+            )
         if self.models.reward_model is not None and "reward_model" not in names:
-            raise ValueError("rewards: models.reward_model is set but no reward uses it; add "
-                             "{name: reward_model, weight: …} to rewards")
+            raise ValueError(
+                "rewards: models.reward_model is set but no reward uses it; add "
+                "{name: reward_model, weight: …} to rewards"
+            )
         if twice := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"rewards: each reward needs its own name (metrics are keyed by it); repeated: {', '.join(twice)}")
+            raise ValueError(
+                f"rewards: each reward needs its own name (metrics are keyed by it); repeated: {', '.join(twice)}"
+            )
         if any(r.name == "reasoning_gym" for r in self.rewards) and self.data.source != "reasoning_gym":
-            raise ValueError("rewards: the 'reasoning_gym' reward scores reasoning-gym tasks; data.source is not reasoning_gym")
+            raise ValueError(
+                "rewards: the 'reasoning_gym' reward scores reasoning-gym tasks; data.source is not reasoning_gym"
+            )
         if not self.rewards and needs.rewards:
             raise ValueError(f"rewards: algorithm '{algo.type}' needs at least one reward")
         return self
@@ -623,8 +747,12 @@ class JobSpec(_Strict):
         refused for a field its author did not write (an explicit conflict is still an error)."""
         data, ev = self.data, self.eval
         # `eval.size: 64` alone: hold out that many (when the generated set is large enough).
-        if ("eval_size" not in data.model_fields_set and "size" in ev.model_fields_set
-                and ev.size > data.eval_size and (data.source != "reasoning_gym" or ev.size < data.size)):
+        if (
+            "eval_size" not in data.model_fields_set
+            and "size" in ev.model_fields_set
+            and ev.size > data.eval_size
+            and (data.source != "reasoning_gym" or ev.size < data.size)
+        ):
             _derive(data, "eval_size", ev.size)
         # `data.eval_size: 4` alone: evaluate on those 4 (0 turns evaluation off; size is unused).
         if "size" not in ev.model_fields_set and data.eval_size > 0:
@@ -728,14 +856,14 @@ def format_validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
         msg = err["msg"]
         for prefix in ("Value error, ", "Assertion failed, "):
             if msg.startswith(prefix):
-                msg = msg[len(prefix):]
+                msg = msg[len(prefix) :]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         # Cross-field validators start their message with the field they blame: "eval.size: ...".
         m = _FIELD_PREFIX.match(msg)
         if m and err["type"] == "value_error":
             loc = [*loc, m.group(1)]
-            msg = msg[m.end():]
+            msg = msg[m.end() :]
         out.append((".".join(loc) or "(spec)", msg))
     return out
 

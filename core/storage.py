@@ -64,8 +64,11 @@ def upload_tree(local: str | Path, uri: str, *, exclude: tuple[str, ...] = ()) -
     marker is not uploaded here: ``checkpoints.commit_remote`` writes it after this returns.)"""
     fs, root = filesystem(uri)
     local = Path(local)
-    files = sorted(p for p in local.rglob("*") if p.is_file() and p.relative_to(local).parts[0] not in exclude
-                   and not p.name.startswith("."))
+    files = sorted(
+        p
+        for p in local.rglob("*")
+        if p.is_file() and p.relative_to(local).parts[0] not in exclude and not p.name.startswith(".")
+    )
     total = 0
     made: set[str] = set()
     for f in files:
@@ -86,7 +89,7 @@ def download_tree(uri: str, local: str | Path) -> Path:
     local.mkdir(parents=True, exist_ok=True)
     prefix = root.rstrip("/") + "/"
     for src in fs.find(root):
-        rel = src[len(prefix):] if src.startswith(prefix) else Path(src).name
+        rel = src[len(prefix) :] if src.startswith(prefix) else Path(src).name
         dest = local / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(src, str(dest))
@@ -169,8 +172,9 @@ def local_copy(uri: str, *, kind: str = "models", group: str | None = None, keep
         shutil.rmtree(part, ignore_errors=True)
         raise
     if keep is not None:
-        done = sorted((p for p in home.iterdir() if (p / ".complete").is_file()),
-                      key=lambda p: (p / ".complete").stat().st_mtime)
+        done = sorted(
+            (p for p in home.iterdir() if (p / ".complete").is_file()), key=lambda p: (p / ".complete").stat().st_mtime
+        )
         for old in done[:-keep]:
             if old != dest:
                 (old / ".complete").unlink(missing_ok=True)  # first: a half-deleted copy is never reused

@@ -79,9 +79,8 @@ def safetensors_data_bytes(payload: bytes) -> int:
     if len(payload) < 8:
         raise ValueError("not a safetensors payload (shorter than its 8-byte header length)")
     (header_len,) = struct.unpack("<Q", payload[:8])
-    header = json.loads(payload[8:8 + header_len])
-    return sum(end - start for key, t in header.items() if key != "__metadata__"
-               for start, end in [t["data_offsets"]])
+    header = json.loads(payload[8 : 8 + header_len])
+    return sum(end - start for key, t in header.items() if key != "__metadata__" for start, end in [t["data_offsets"]])
 
 
 # ------------------------------------------------------------------ packed weights (object store)
@@ -95,7 +94,9 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def plan_packed(meta: Sequence[tuple[str, Sequence[int], str]], bucket_bytes: int) -> tuple[list[PackedEntry], list[int]]:
+def plan_packed(
+    meta: Sequence[tuple[str, Sequence[int], str]], bucket_bytes: int
+) -> tuple[list[PackedEntry], list[int]]:
     """Where each parameter of ``meta`` lies in the flat buffers of a :class:`PackedWeights`:
     parameters grouped by wire dtype (one run of buffers per dtype, so a buffer has one dtype),
     each group cut into buffers of at most ``bucket_bytes`` of tensor data by :func:`plan_buckets`
@@ -125,5 +126,5 @@ def tensor_views(layout: Sequence[PackedEntry], buffers: Sequence[torch.Tensor])
     out = []
     for name, shape, dtype, b, off in layout:
         n = param_bytes(shape, dtype)
-        out.append((name, buffers[b][off:off + n].view(getattr(torch, dtype)).view(shape)))
+        out.append((name, buffers[b][off : off + n].view(getattr(torch, dtype)).view(shape)))
     return out

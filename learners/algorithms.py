@@ -36,17 +36,31 @@ def build_rows(
     teacher = teacher if teacher is not None else [None] * len(responses)
     match algo.type:
         case "grpo" | "rlad":
-            return _group_rows(responses, rewards, group_size, teacher, std_norm=algo.adv_std_norm,
-                               dynamic_sampling=algo.dynamic_sampling)
+            return _group_rows(
+                responses,
+                rewards,
+                group_size,
+                teacher,
+                std_norm=algo.adv_std_norm,
+                dynamic_sampling=algo.dynamic_sampling,
+            )
         case "kepo":  # the quality gate opens the distillation term on responses that reach τ
             gates = [1.0 if r >= algo.gate_threshold else 0.0 for r in rewards]
-            rows, metrics = _group_rows(responses, rewards, group_size, teacher, std_norm=algo.adv_std_norm,
-                                        dynamic_sampling=algo.dynamic_sampling, gates=gates)
+            rows, metrics = _group_rows(
+                responses,
+                rewards,
+                group_size,
+                teacher,
+                std_norm=algo.adv_std_norm,
+                dynamic_sampling=algo.dynamic_sampling,
+                gates=gates,
+            )
             metrics["kepo/gate_open_frac"] = sum(row.gate for row in rows) / max(1, len(rows))
             return rows, metrics
         case "opd":  # advantages only feed the GRPO part, when grpo_coef > 0
-            return _group_rows(responses, rewards, group_size, teacher, std_norm=algo.adv_std_norm,
-                               zero_advantages=algo.grpo_coef == 0)
+            return _group_rows(
+                responses, rewards, group_size, teacher, std_norm=algo.adv_std_norm, zero_advantages=algo.grpo_coef == 0
+            )
         case "dpo" if algo.mode == "offline":  # the data's pairs, already (chosen, rejected) in order
             return [_row(ro, 0.0, t, 0.0) for ro, t in zip(responses, teacher, strict=True)], metrics
         case "dpo":
@@ -64,8 +78,17 @@ def build_rows(
             raise ValueError(f"no credit assignment for algorithm '{algo.type}'")
 
 
-def _group_rows(responses, rewards, group_size: int, teacher, *, std_norm: bool, dynamic_sampling: bool = False,
-                gates: list[float] | None = None, zero_advantages: bool = False):
+def _group_rows(
+    responses,
+    rewards,
+    group_size: int,
+    teacher,
+    *,
+    std_norm: bool,
+    dynamic_sampling: bool = False,
+    gates: list[float] | None = None,
+    zero_advantages: bool = False,
+):
     """The GRPO family's credit: group-normalised advantages, optionally DAPO's dynamic sampling
     (groups whose rewards are all equal dropped), per-row gates."""
     metrics: dict[str, float] = {}
@@ -78,8 +101,11 @@ def _group_rows(responses, rewards, group_size: int, teacher, *, std_norm: bool,
         keep = dynamic_sampling_mask(r, group_size)
         metrics["rollout/kept_frac"] = float(keep.float().mean())
     gates = gates if gates is not None else [0.0] * len(responses)
-    rows = [_row(ro, float(adv[i]), t, gates[i])
-            for i, (ro, t) in enumerate(zip(responses, teacher, strict=True)) if keep[i]]
+    rows = [
+        _row(ro, float(adv[i]), t, gates[i])
+        for i, (ro, t) in enumerate(zip(responses, teacher, strict=True))
+        if keep[i]
+    ]
     return rows, metrics
 
 
@@ -103,40 +129,77 @@ def compute_loss(algo: Any, inp: losses.LossInputs, max_len: int | None = None) 
     match algo.type:
         case "grpo":
             return losses.grpo_loss(
-                inp, eps_low=algo.eps_low, eps_high=algo.eps_high, loss_agg=algo.loss_agg, max_len=max_len,
-                kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, tis_cap=algo.effective_tis_cap(),
+                inp,
+                eps_low=algo.eps_low,
+                eps_high=algo.eps_high,
+                loss_agg=algo.loss_agg,
+                max_len=max_len,
+                kl_coef=algo.kl_coef,
+                kl_estimator=algo.kl_estimator,
+                tis_cap=algo.effective_tis_cap(),
             )
         case "rlad":
             return losses.rlad_loss(
-                inp, alpha=algo.alpha, clamp=algo.clamp, eps_low=algo.eps_low, eps_high=algo.eps_high,
-                loss_agg=algo.loss_agg, max_len=max_len, kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
+                inp,
+                alpha=algo.alpha,
+                clamp=algo.clamp,
+                eps_low=algo.eps_low,
+                eps_high=algo.eps_high,
+                loss_agg=algo.loss_agg,
+                max_len=max_len,
+                kl_coef=algo.kl_coef,
+                kl_estimator=algo.kl_estimator,
                 tis_cap=algo.effective_tis_cap(),
             )
         case "kepo":
             return losses.kepo_loss(
-                inp, distill_coef=algo.distill_coef, divergence=algo.divergence, jsd_beta=algo.jsd_beta,
-                eps_low=algo.eps_low, eps_high=algo.eps_high, loss_agg=algo.loss_agg, max_len=max_len,
-                kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, estimator=algo.estimator,
+                inp,
+                distill_coef=algo.distill_coef,
+                divergence=algo.divergence,
+                jsd_beta=algo.jsd_beta,
+                eps_low=algo.eps_low,
+                eps_high=algo.eps_high,
+                loss_agg=algo.loss_agg,
+                max_len=max_len,
+                kl_coef=algo.kl_coef,
+                kl_estimator=algo.kl_estimator,
+                estimator=algo.estimator,
                 tis_cap=algo.effective_tis_cap(),
             )
         case "opd":
             if algo.grpo_coef > 0:
                 return losses.grpo_opd_loss(
-                    inp, opd_coef=algo.opd_coef / algo.grpo_coef, eps_low=algo.eps_low, eps_high=algo.eps_high,
-                    loss_agg=algo.loss_agg, max_len=max_len, estimator=algo.estimator, tis_cap=algo.effective_tis_cap(),
+                    inp,
+                    opd_coef=algo.opd_coef / algo.grpo_coef,
+                    eps_low=algo.eps_low,
+                    eps_high=algo.eps_high,
+                    loss_agg=algo.loss_agg,
+                    max_len=max_len,
+                    estimator=algo.estimator,
+                    tis_cap=algo.effective_tis_cap(),
                 ).scaled(algo.grpo_coef)
-            return losses.opd_loss(inp, coef=algo.opd_coef, loss_agg=algo.loss_agg, max_len=max_len,
-                                   estimator=algo.estimator, tis_cap=algo.effective_tis_cap())
+            return losses.opd_loss(
+                inp,
+                coef=algo.opd_coef,
+                loss_agg=algo.loss_agg,
+                max_len=max_len,
+                estimator=algo.estimator,
+                tis_cap=algo.effective_tis_cap(),
+            )
         case "dpo":  # rows are (chosen, rejected) pairs; the reference's sequence log-probs given or summed here
             seq = losses.sequence_logprobs(inp.logprobs, inp.mask)
-            ref = (inp.ref_seq_logprobs if inp.ref_seq_logprobs is not None
-                   else losses.sequence_logprobs(inp.ref_logprobs, inp.mask))
+            ref = (
+                inp.ref_seq_logprobs
+                if inp.ref_seq_logprobs is not None
+                else losses.sequence_logprobs(inp.ref_logprobs, inp.mask)
+            )
             weight = inp.weight[0::2] if inp.weight is not None else None  # padding pairs carry weight 0
             return losses.dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], beta=algo.beta, weight=weight)
         case "sft":
             return losses.sft_loss(inp.logprobs, inp.mask)
         case "distill":
-            return losses.distill_loss(inp, divergence=algo.divergence, estimator=algo.estimator,
-                                       jsd_beta=algo.jsd_beta)
+            return losses.distill_loss(
+                inp, divergence=algo.divergence, estimator=algo.estimator, jsd_beta=algo.jsd_beta
+            )
         case _:
             raise ValueError(f"no loss for algorithm '{algo.type}'")

@@ -32,16 +32,30 @@ def shard_rows(rows: list[TrainRow], world_size: int, *, group: int = 1) -> list
 
 def _padding(row: TrainRow) -> TrainRow:
     return TrainRow(
-        prompt_ids=row.prompt_ids, response_ids=row.response_ids, advantage=0.0,
-        teacher_logprobs=row.teacher_logprobs, teacher_topk_ids=row.teacher_topk_ids,
-        teacher_topk_logprobs=row.teacher_topk_logprobs, teacher_tail_logprobs=row.teacher_tail_logprobs,
-        teacher_full_logprobs=row.teacher_full_logprobs, gate=0.0,
-        ref_seq_logprob=row.ref_seq_logprob, rollout_logprobs=row.rollout_logprobs, weight=0.0,
+        prompt_ids=row.prompt_ids,
+        response_ids=row.response_ids,
+        advantage=0.0,
+        teacher_logprobs=row.teacher_logprobs,
+        teacher_topk_ids=row.teacher_topk_ids,
+        teacher_topk_logprobs=row.teacher_topk_logprobs,
+        teacher_tail_logprobs=row.teacher_tail_logprobs,
+        teacher_full_logprobs=row.teacher_full_logprobs,
+        gate=0.0,
+        ref_seq_logprob=row.ref_seq_logprob,
+        rollout_logprobs=row.rollout_logprobs,
+        weight=0.0,
     )
 
 
-def micro_batch_count(rows_per_rank: int, *, micro_batch: int, mini_batches: int = 1, tokens: int | None = None,
-                      max_len: int | None = None, group: int = 1) -> int:
+def micro_batch_count(
+    rows_per_rank: int,
+    *,
+    micro_batch: int,
+    mini_batches: int = 1,
+    tokens: int | None = None,
+    max_len: int | None = None,
+    group: int = 1,
+) -> int:
     """Micro-batches per mini-batch (DeepSpeed's ``grad_accum``), fixed at launch so every rank
     runs the same number of forward/backward calls whatever a step's rows (its collectives).
     With a token budget ``tokens``, a micro-batch holds as many units (``group`` rows) of the
@@ -58,8 +72,9 @@ def padded_tokens(rows: list[TrainRow]) -> int:
     return len(rows) * max((len(r.prompt_ids) + len(r.response_ids) for r in rows), default=0)
 
 
-def micro_batches(rows: list[TrainRow], n: int, *, group: int = 1, tokens: int | None = None,
-                  blocks: int = 1) -> list[list[TrainRow]]:
+def micro_batches(
+    rows: list[TrainRow], n: int, *, group: int = 1, tokens: int | None = None, blocks: int = 1
+) -> list[list[TrainRow]]:
     """Exactly ``n`` micro-batches (some may repeat a zero-weight padding row when rows are few).
 
     ``tokens`` unset: contiguous runs of rows in arrival order. ``tokens`` set (a token budget,
@@ -170,7 +185,11 @@ def collate(rows: list[TrainRow], pad_id: int) -> dict[str, torch.Tensor]:
         if v and _has(r.teacher_full_logprobs):
             full[i, :R] = _rows_of(r.teacher_full_logprobs, R)
     out = {
-        "input_ids": input_ids, "attention_mask": attn, "resp_pos": resp_pos, "targets": targets, "mask": mask,
+        "input_ids": input_ids,
+        "attention_mask": attn,
+        "resp_pos": resp_pos,
+        "targets": targets,
+        "mask": mask,
         "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32),
         "gate": torch.tensor([r.gate if r.weight > 0 else 0.0 for r in rows], dtype=torch.float32),
         "weight": torch.tensor([r.weight for r in rows], dtype=torch.float32),

@@ -39,7 +39,11 @@ from protege.core.records import TrainBatch, TrainRow
 from protege.core.console import capture_actor_output
 from protege.core.env import configure_node_defaults
 from protege.core.logprobs import (
-    chunked_response_logprobs, entropy as token_entropy, hidden_and_head, logprobs_at, response_logprobs,
+    chunked_response_logprobs,
+    entropy as token_entropy,
+    hidden_and_head,
+    logprobs_at,
+    response_logprobs,
 )
 from protege.learners import algorithms, losses
 from protege.learners.batching import collate, micro_batches, padded_tokens, to_device
@@ -95,8 +99,12 @@ class Learner:
     # ------------------------------------------------------------------ setup
     def setup(self, master_addr: str, master_port: int) -> dict:
         os.environ.update(
-            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-            WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
         )
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,8 +116,12 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         ds_config = build_ds_config(
-            zero_stage=self.spec.zero_stage, micro_batch=self.spec.micro_batch, grad_accum=self.grad_accum,
-            world_size=self.world_size, grad_clip=self.spec.grad_clip, bf16=self.spec.bf16,
+            zero_stage=self.spec.zero_stage,
+            micro_batch=self.spec.micro_batch,
+            grad_accum=self.grad_accum,
+            world_size=self.world_size,
+            grad_clip=self.spec.grad_clip,
+            bf16=self.spec.bf16,
         )
         self.ref = None
         if self.needs_ref:
@@ -143,7 +155,13 @@ class Learner:
         """The training state the step uses. ``engine`` is DeepSpeed's (forward, ``backward``
         scaling by 1/grad_accum, ``step`` at the accumulation boundary); tests attach a plain
         module with the same three calls to run the step on other devices (``meta``)."""
-        self.engine, self.device, self.pad_id, self.ref, self.scheduler = engine, torch.device(device), pad_id, ref, scheduler
+        self.engine, self.device, self.pad_id, self.ref, self.scheduler = (
+            engine,
+            torch.device(device),
+            pad_id,
+            ref,
+            scheduler,
+        )
         model = getattr(engine, "module", engine)
         self.old_from_training_forward = not has_active_dropout(model)
 
@@ -181,7 +199,8 @@ class Learner:
             full = want_topk and "teacher_full_logprobs" in b
             ids = b["teacher_topk_ids"] if want_topk and "teacher_topk_ids" in b else None
             lp, entropy, topk, rows = chunked_response_logprobs(
-                hidden, head, b["resp_pos"], b["targets"], self.temperature, chunk=chunk, topk_ids=ids, full=full)
+                hidden, head, b["resp_pos"], b["targets"], self.temperature, chunk=chunk, topk_ids=ids, full=full
+            )
             dense = {k: v for k, v in (("topk", topk), ("full", rows)) if v is not None}
             return lp, entropy.detach(), dense
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -220,8 +239,13 @@ class Learner:
         forward cannot stand in for it (dropout; every mini-batch after the first, which trains
         after an optimizer step)."""
         group = 2 if batch.pairs else 1
-        parts = micro_batches(batch.rows, self.grad_accum * self.mini_batches, group=group,
-                              tokens=self.spec.micro_batch_tokens, blocks=self.mini_batches)
+        parts = micro_batches(
+            batch.rows,
+            self.grad_accum * self.mini_batches,
+            group=group,
+            tokens=self.spec.micro_batch_tokens,
+            blocks=self.mini_batches,
+        )
         self.micro_batch_tokens_max = max(padded_tokens(mb) for mb in parts)
         mbs = [to_device(collate(mb, self.pad_id), self.device) for mb in parts]
         need_old = [not (self.old_from_training_forward and i < self.grad_accum) for i in range(len(mbs))]
@@ -244,16 +268,20 @@ class Learner:
         per_mini: list[dict[str, torch.Tensor]] = [{} for _ in range(self.mini_batches)]
         for i, b in enumerate(mbs):
             zeros = torch.zeros_like(b["mask"])
-            dense = {side: torch.zeros_like(b[f"teacher_{side}_logprobs"])
-                     for side in ("topk", "full") if f"teacher_{side}_logprobs" in b}
+            dense = {
+                side: torch.zeros_like(b[f"teacher_{side}_logprobs"])
+                for side in ("topk", "full")
+                if f"teacher_{side}_logprobs" in b
+            }
             local = per_mini[i // self.grad_accum]
             for name, c in self._loss(b, zeros, dense, old=zeros).counts().items():
                 local[name] = local.get(name, 0) + c
         names = sorted(per_mini[0])
         if not names:
             return per_mini
-        flat = torch.stack([torch.as_tensor(d.get(n, 0.0), device=self.device, dtype=torch.float32)
-                            for d in per_mini for n in names])
+        flat = torch.stack(
+            [torch.as_tensor(d.get(n, 0.0), device=self.device, dtype=torch.float32) for d in per_mini for n in names]
+        )
         flat = self.all_reduce_sum(flat).view(len(per_mini), len(names))
         return [dict(zip(names, row.unbind())) for row in flat]
 
@@ -295,7 +323,8 @@ class Learner:
             # Train/infer mismatch: |log π_old(learner) − log π(engine)| on the sampled tokens.
             # Large values mean the engine did not generate from the weights the learner has.
             metrics["rollout/logprob_mismatch"] = (
-                ((b["old_logprobs"] - b["rollout_logprobs"]).abs() * mask).sum() / mask.sum().clamp(min=1))
+                (b["old_logprobs"] - b["rollout_logprobs"]).abs() * mask
+            ).sum() / mask.sum().clamp(min=1)
         out = self._loss(b, lp, dense, old=b["old_logprobs"])
         loss = out.normalised(counts)
         # DeepSpeed divides by grad_accum and averages over ranks; undo both (module docstring).

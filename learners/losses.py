@@ -77,10 +77,13 @@ class LossInputs:
             if t is not None and t.shape != shape:
                 raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}.")
         if self.advantages.shape not in (shape[:1], shape):
-            raise ValueError(
-                f"advantages must be [B] or [B, T] = {tuple(shape)}, got {tuple(self.advantages.shape)}."
-            )
-        for name in ("student_topk_logprobs", "teacher_topk_logprobs", "student_full_logprobs", "teacher_full_logprobs"):
+            raise ValueError(f"advantages must be [B] or [B, T] = {tuple(shape)}, got {tuple(self.advantages.shape)}.")
+        for name in (
+            "student_topk_logprobs",
+            "teacher_topk_logprobs",
+            "student_full_logprobs",
+            "teacher_full_logprobs",
+        ):
             t = getattr(self, name)
             if t is not None and (t.dim() != 3 or t.shape[:2] != shape):
                 raise ValueError(f"{name} must be [B, T, K] with [B, T] = {tuple(shape)}.")
@@ -97,9 +100,20 @@ class LossInputs:
         self.mask = self.mask.to(self.logprobs.dtype)
 
 
-_CONSTANTS = ("old_logprobs", "mask", "advantages", "ref_logprobs", "teacher_logprobs", "teacher_topk_logprobs",
-              "teacher_tail_logprobs", "teacher_full_logprobs", "gate", "behaviour_logprobs", "ref_seq_logprobs",
-              "weight")
+_CONSTANTS = (
+    "old_logprobs",
+    "mask",
+    "advantages",
+    "ref_logprobs",
+    "teacher_logprobs",
+    "teacher_topk_logprobs",
+    "teacher_tail_logprobs",
+    "teacher_full_logprobs",
+    "gate",
+    "behaviour_logprobs",
+    "ref_seq_logprobs",
+    "weight",
+)
 
 
 @dataclass(frozen=True)
@@ -289,12 +303,23 @@ def tis_weights(inp: LossInputs, cap: float | None) -> tuple[Tensor | None, Metr
         raise ValueError(f"tis cap must be positive, got {cap}.")
     raw = _ratio(inp.old_logprobs - inp.behaviour_logprobs)
     m = inp.mask
-    return raw.clamp(max=cap), {"tis/ratio_mean": _masked_mean(raw, m), "tis/truncated_frac": _masked_mean(raw > cap, m)}
+    return raw.clamp(max=cap), {
+        "tis/ratio_mean": _masked_mean(raw, m),
+        "tis/truncated_frac": _masked_mean(raw > cap, m),
+    }
 
 
 def _pg_loss(
-    inp: LossInputs, log_ratio: Tensor, *, eps_low: float, eps_high: float, loss_agg: str,
-    max_len: int | None, kl_coef: float, kl_estimator: str, tis_cap: float | None = None,
+    inp: LossInputs,
+    log_ratio: Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    loss_agg: str,
+    max_len: int | None,
+    kl_coef: float,
+    kl_estimator: str,
+    tis_cap: float | None = None,
 ) -> LossOut:
     """The clipped policy-gradient loss shared by GRPO and RLAD; they differ only in log ρ."""
     if kl_estimator not in KL_ESTIMATORS:
@@ -330,8 +355,15 @@ def _pg_loss(
 
 
 def grpo_loss(
-    inp: LossInputs, *, eps_low: float = 0.2, eps_high: float = 0.28, loss_agg: str = "token-mean",
-    max_len: int | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3", tis_cap: float | None = None,
+    inp: LossInputs,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    loss_agg: str = "token-mean",
+    max_len: int | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    tis_cap: float | None = None,
 ) -> LossOut:
     """GRPO: PPO-clipped ratio ρ = πθ/π_old times a group-relative advantage, plus an optional
     KL-to-reference loss term. DeepSeekMath (arXiv 2402.03300) Eq. for J_GRPO.
@@ -350,15 +382,30 @@ def grpo_loss(
       for rollouts one step stale; off (None) by default here.
     """
     return _pg_loss(
-        inp, inp.logprobs - inp.old_logprobs, eps_low=eps_low, eps_high=eps_high,
-        loss_agg=loss_agg, max_len=max_len, kl_coef=kl_coef, kl_estimator=kl_estimator, tis_cap=tis_cap,
+        inp,
+        inp.logprobs - inp.old_logprobs,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        loss_agg=loss_agg,
+        max_len=max_len,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        tis_cap=tis_cap,
     )
 
 
 def rlad_loss(
-    inp: LossInputs, *, alpha: float = 0.5, clamp: float = 1.0, eps_low: float = 0.2,
-    eps_high: float = 0.28, loss_agg: str = "token-mean", max_len: int | None = None,
-    kl_coef: float = 0.0, kl_estimator: str = "k3", tis_cap: float | None = None,
+    inp: LossInputs,
+    *,
+    alpha: float = 0.5,
+    clamp: float = 1.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    loss_agg: str = "token-mean",
+    max_len: int | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    tis_cap: float | None = None,
 ) -> LossOut:
     """RLAD / TRRD (arXiv 2602.22495): GRPO with the trust-region ratio anchored to a mix of
     π_old and the teacher, per sampled token:
@@ -396,8 +443,15 @@ def rlad_loss(
         teacher_lr = (inp.logprobs - teacher).clamp(-clamp, clamp)
         log_ratio = alpha * (inp.logprobs - inp.old_logprobs) + (1.0 - alpha) * teacher_lr
     out = _pg_loss(
-        inp, log_ratio, eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg,
-        max_len=max_len, kl_coef=kl_coef, kl_estimator=kl_estimator, tis_cap=tis_cap,
+        inp,
+        log_ratio,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        loss_agg=loss_agg,
+        max_len=max_len,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        tis_cap=tis_cap,
     )
     metrics = out.metrics
     if teacher is None:
@@ -482,10 +536,19 @@ def _distill_per_token(inp: LossInputs, divergence: str, jsd_beta: float, estima
 
 
 def kepo_loss(
-    inp: LossInputs, *, distill_coef: float = 1.0, divergence: str = "reverse_kl",
-    jsd_beta: float = 0.5, eps_low: float = 0.2, eps_high: float = 0.28,
-    loss_agg: str = "token-mean", max_len: int | None = None, kl_coef: float = 0.0,
-    kl_estimator: str = "k3", estimator: str = "auto", tis_cap: float | None = None,
+    inp: LossInputs,
+    *,
+    distill_coef: float = 1.0,
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    loss_agg: str = "token-mean",
+    max_len: int | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    estimator: str = "auto",
+    tis_cap: float | None = None,
 ) -> LossOut:
     """KEPO (arXiv 2602.00400; code github.com/Corleno/KEPO): GRPO plus quality-gated
     distillation. Only responses with ``inp.gate`` = 1 (reward ≥ τ, decided by the caller)
@@ -515,8 +578,14 @@ def kepo_loss(
     if inp.gate is None:
         raise ValueError("kepo_loss needs gate in LossInputs ([B], 1 = reward >= tau).")
     out = grpo_loss(
-        inp, eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, max_len=max_len,
-        kl_coef=kl_coef, kl_estimator=kl_estimator, tis_cap=tis_cap,
+        inp,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        loss_agg=loss_agg,
+        max_len=max_len,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        tis_cap=tis_cap,
     )
     gate = inp.gate.to(inp.mask.dtype)
     per_token = _distill_per_token(inp, divergence, jsd_beta, estimator)
@@ -529,8 +598,13 @@ def kepo_loss(
 
 
 def opd_loss(
-    inp: LossInputs, *, coef: float = 1.0, loss_agg: str = "token-mean", max_len: int | None = None,
-    estimator: str = "sampled", tis_cap: float | None = None,
+    inp: LossInputs,
+    *,
+    coef: float = 1.0,
+    loss_agg: str = "token-mean",
+    max_len: int | None = None,
+    estimator: str = "sampled",
+    tis_cap: float | None = None,
 ) -> LossOut:
     """On-policy distillation: per-token reverse KL to the teacher on the student's samples,
     estimated from the sampled token. The per-token advantage is A_t = sg(log π_T − log π_old)
@@ -570,14 +644,28 @@ def opd_loss(
 
 
 def grpo_opd_loss(
-    inp: LossInputs, *, opd_coef: float, eps_low: float = 0.2, eps_high: float = 0.28,
-    loss_agg: str = "token-mean", max_len: int | None = None, kl_coef: float = 0.0,
-    kl_estimator: str = "k3", estimator: str = "sampled", tis_cap: float | None = None,
+    inp: LossInputs,
+    *,
+    opd_coef: float,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    loss_agg: str = "token-mean",
+    max_len: int | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    estimator: str = "sampled",
+    tis_cap: float | None = None,
 ) -> LossOut:
     """grpo_loss + opd_loss(coef=opd_coef), with both metric sets."""
     g = grpo_loss(
-        inp, eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, max_len=max_len,
-        kl_coef=kl_coef, kl_estimator=kl_estimator, tis_cap=tis_cap,
+        inp,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        loss_agg=loss_agg,
+        max_len=max_len,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        tis_cap=tis_cap,
     )
     o = opd_loss(inp, coef=opd_coef, loss_agg=loss_agg, max_len=max_len, estimator=estimator, tis_cap=tis_cap)
     return LossOut({**g.terms, **o.terms}, {**g.metrics, **o.metrics})
@@ -622,7 +710,11 @@ def dpo_loss(
 
 
 def distill_loss(
-    inp: LossInputs, *, divergence: str = "forward_kl", estimator: str = "topk", jsd_beta: float = 0.5,
+    inp: LossInputs,
+    *,
+    divergence: str = "forward_kl",
+    estimator: str = "topk",
+    jsd_beta: float = 0.5,
     loss_agg: str = "token-mean",
 ) -> LossOut:
     """Offline distillation (supervised KD: Hinton et al., arXiv 1503.02531; GKD's token-level

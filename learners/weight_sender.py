@@ -50,8 +50,16 @@ import torch
 
 from protege.core.env import free_ports
 from protege.core.records import PackedWeights
-from protege.core.weights import (DEFAULT_BUCKET_MB, dtype_name, meta_bytes, param_bytes, plan_buckets, plan_packed,
-                                  tensor_views, wire_meta)
+from protege.core.weights import (
+    DEFAULT_BUCKET_MB,
+    dtype_name,
+    meta_bytes,
+    param_bytes,
+    plan_buckets,
+    plan_packed,
+    tensor_views,
+    wire_meta,
+)
 
 PACKED_NUM_BUFFERS = 2  # vLLM's default double buffering
 
@@ -87,8 +95,9 @@ class WeightSender:
         self._packed: tuple[tuple[int, ...], list[torch.Tensor]] | None = None  # rank 0's flat buffers, reused
 
     # -- object store, packed
-    def pack(self, wire_dtype: str | None = None,
-             bucket_mb: float = DEFAULT_BUCKET_MB) -> tuple[dict[str, Any], PackedWeights | None]:
+    def pack(
+        self, wire_dtype: str | None = None, bucket_mb: float = DEFAULT_BUCKET_MB
+    ) -> tuple[dict[str, Any], PackedWeights | None]:
         """The full weights as :class:`PackedWeights` on rank 0 (None elsewhere), each parameter in
         ``wire_dtype`` (None: its own, the training dtype), and a small summary for the driver:
         ``{"pack_s", "wire_bytes", "numel"}``. Under ZeRO-3 every rank must call this together."""
@@ -97,8 +106,10 @@ class WeightSender:
         if not (zero3 or sender):
             return {}, None
         params = dict(self.module().named_parameters())  # deduplicates tied weights (lm_head ↔ embed)
-        meta = [(n, [int(s) for s in getattr(p, "ds_shape", p.shape)], dtype_name(wire_dtype or p.dtype))
-                for n, p in params.items()]
+        meta = [
+            (n, [int(s) for s in getattr(p, "ds_shape", p.shape)], dtype_name(wire_dtype or p.dtype))
+            for n, p in params.items()
+        ]
         layout, sizes = plan_packed(meta, int(bucket_mb * (1 << 20)))
         buffers = self._buffers(sizes) if sender else []
         views = dict(tensor_views(layout, buffers)) if sender else {}
@@ -172,8 +183,15 @@ class WeightSender:
         return wire_meta(self.module(), dtype)
 
     # -- GPU setup
-    def init(self, *, workers: list | None, routes: list[dict], connect: list[tuple[int, str, int]],
-             dtype: str, bucket_mb: float = DEFAULT_BUCKET_MB) -> dict[str, Any]:
+    def init(
+        self,
+        *,
+        workers: list | None,
+        routes: list[dict],
+        connect: list[tuple[int, str, int]],
+        dtype: str,
+        bucket_mb: float = DEFAULT_BUCKET_MB,
+    ) -> dict[str, Any]:
         """Record the routes (all ranks) and, on rank 0, open an NCCL group with each worker in
         ``connect`` (``(worker index, address, port)``). A worker connected before (it restarted)
         gets a new group; the old communicator is aborted (vLLM's ``destroy`` aborts without
@@ -193,8 +211,12 @@ class WeightSender:
                 self._drop(idx)
                 try:
                     self.engines[idx] = connect_nccl(
-                        self.workers[idx], address=address, port=port,
-                        world_size=int(routes[idx].get("world_size", 2)), bucket_bytes=self.bucket_bytes)
+                        self.workers[idx],
+                        address=address,
+                        port=port,
+                        world_size=int(routes[idx].get("world_size", 2)),
+                        bucket_bytes=self.bucket_bytes,
+                    )
                 except WorkerGone:
                     failed.append(idx)  # the driver re-syncs it after its restart
         connected = [c[0] for c in connect if c[0] not in failed] if self.rank == 0 else []
@@ -225,8 +247,13 @@ class WeightSender:
             # Every rank materialises: the engine colocated with rank r maps rank r's buffer.
             src = bucket_source(meta, lambda: self._bucket_pairs(plan, dtype, materialize=True))
             largest = max((param_bytes(s, d) for _, s, d in meta), default=1)
-            client = send_ipc({i: workers[i] for i in ipc} if sender else {}, src, rank=self.rank, version=version,
-                              buffer_bytes=max(bucket, largest))
+            client = send_ipc(
+                {i: workers[i] for i in ipc} if sender else {},
+                src,
+                rank=self.rank,
+                version=version,
+                buffer_bytes=max(bucket, largest),
+            )
             if sender:
                 failed += client.failed
                 results.update(client.results)
@@ -236,8 +263,14 @@ class WeightSender:
             if sender:
                 failed += [i for i in nccl if i not in engines]  # never connected: the driver reconnects it
             src = bucket_source(meta, lambda: self._bucket_pairs(plan, dtype, materialize=sender))
-            client = send_nccl(engines, {i: workers[i] for i in engines} if sender else {}, src,
-                               is_sender=sender, version=version, bucket_bytes=bucket)
+            client = send_nccl(
+                engines,
+                {i: workers[i] for i in engines} if sender else {},
+                src,
+                is_sender=sender,
+                version=version,
+                bucket_bytes=bucket,
+            )
             if sender:
                 failed += client.failed
                 results.update(client.results)
@@ -245,8 +278,14 @@ class WeightSender:
             return None
         for i in failed:
             self._drop(i)  # its group is unusable; reconnected after the restart
-        return {"version": version, "failed": sorted(set(failed)), "workers": results,
-                "bytes": meta_bytes(meta), "buckets": len(plan), "send_s": time.perf_counter() - t0}
+        return {
+            "version": version,
+            "failed": sorted(set(failed)),
+            "workers": results,
+            "bytes": meta_bytes(meta),
+            "buckets": len(plan),
+            "send_s": time.perf_counter() - t0,
+        }
 
     def close(self) -> None:
         for i in list(self.engines):
@@ -264,7 +303,9 @@ class WeightSender:
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
-    def _bucket_pairs(self, plan: list[list[str]], dtype: str, *, materialize: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    def _bucket_pairs(
+        self, plan: list[list[str]], dtype: str, *, materialize: bool
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` in plan order, one ZeRO-3 gather per bucket on every rank.
 
         ``materialize``: yield a cast copy that outlives the gather (the sender, and every rank
@@ -305,8 +346,11 @@ def _bucket_source_cls():
         """A ``WeightSource`` over ``(name, full shape, wire dtype)`` metadata and a factory of
         ``(name, tensor)`` iterators (a fresh pass per call, as vLLM requires)."""
 
-        def __init__(self, meta: Sequence[tuple[str, Sequence[int], str]],
-                     pairs: Callable[[], Iterator[tuple[str, torch.Tensor]]]):
+        def __init__(
+            self,
+            meta: Sequence[tuple[str, Sequence[int], str]],
+            pairs: Callable[[], Iterator[tuple[str, torch.Tensor]]],
+        ):
             self._meta = [ParamMeta(n, getattr(torch, d), tuple(int(s) for s in shape)) for n, shape, d in meta]
             self._pairs = pairs
 
@@ -319,8 +363,9 @@ def _bucket_source_cls():
     return BucketSource
 
 
-def bucket_source(meta: Sequence[tuple[str, Sequence[int], str]],
-                  pairs: Callable[[], Iterator[tuple[str, torch.Tensor]]]):
+def bucket_source(
+    meta: Sequence[tuple[str, Sequence[int], str]], pairs: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+):
     """vLLM's ``WeightSource`` over ``meta`` and ``pairs`` (the class is built at the first call,
     so that importing this module does not import vLLM)."""
     return _bucket_source_cls()(meta, pairs)
@@ -417,12 +462,19 @@ def connect_nccl(worker, *, address: str, port: int, world_size: int, bucket_byt
     client = RolloutClient({0: worker}, backend="nccl")
     if client.ping():
         raise WorkerGone("rollout worker is dead; its weight-transfer NCCL group was not opened")
-    info = NCCLTrainerInitInfo(rank=0, master_address=address, master_port=port, world_size=world_size,
-                               packed=True, packed_buffer_size_bytes=bucket_bytes,
-                               packed_num_buffers=PACKED_NUM_BUFFERS)
+    info = NCCLTrainerInitInfo(
+        rank=0,
+        master_address=address,
+        master_port=port,
+        world_size=world_size,
+        packed=True,
+        packed_buffer_size_bytes=bucket_bytes,
+        packed_num_buffers=PACKED_NUM_BUFFERS,
+    )
     try:
-        engine = WeightTransferTrainerFactory.trainer_init(info, client=client,
-                                                           source=bucket_source([], lambda: iter(())))
+        engine = WeightTransferTrainerFactory.trainer_init(
+            info, client=client, source=bucket_source([], lambda: iter(()))
+        )
     except Exception as err:
         if client.failed:  # rank 0 gave up waiting because its peer had died
             raise WorkerGone("rollout worker died while joining the weight-transfer NCCL group") from err
@@ -440,8 +492,9 @@ def _shutdown(engine) -> None:
         pass
 
 
-def send_nccl(engines: dict[int, Any], workers: dict[int, Any], source, *, is_sender: bool,
-              version: int, bucket_bytes: int) -> RolloutClient | None:
+def send_nccl(
+    engines: dict[int, Any], workers: dict[int, Any], source, *, is_sender: bool, version: int, bucket_bytes: int
+) -> RolloutClient | None:
     """One ``send_weights`` round over every engine in ``engines`` (sender) or the gather-only walk
     of ``source`` (other ranks). ``bucket_bytes`` must be the value the groups were opened with."""
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
@@ -450,22 +503,31 @@ def send_nccl(engines: dict[int, Any], workers: dict[int, Any], source, *, is_se
         NCCLTrainerWeightTransferEngine(client=_NoClient(), source=source, is_sender=False).send_weights()
         return None
     client = RolloutClient(workers, backend="nccl", version=version)
-    agg = NCCLTrainerWeightTransferEngine(client=client, source=source, is_sender=True, packed=True,
-                                          packed_buffer_size_bytes=bucket_bytes, packed_num_buffers=PACKED_NUM_BUFFERS)
+    agg = NCCLTrainerWeightTransferEngine(
+        client=client,
+        source=source,
+        is_sender=True,
+        packed=True,
+        packed_buffer_size_bytes=bucket_bytes,
+        packed_num_buffers=PACKED_NUM_BUFFERS,
+    )
     agg.model_update_group = FanOutGroup({i: e.model_update_group for i, e in engines.items()}, client)
     agg.send_weights()
     return client
 
 
-def send_ipc(workers: dict[int, Any], source, *, rank: int, version: int,
-             buffer_bytes: int) -> RolloutClient | _NoClient:
+def send_ipc(
+    workers: dict[int, Any], source, *, rank: int, version: int, buffer_bytes: int
+) -> RolloutClient | _NoClient:
     """One packed CUDA-IPC round. Called on every learner rank (vLLM all-gathers the handles over
     the default process group, so the engine colocated with rank r finds rank r's buffer);
     rank 0 drives the workers. ``buffer_bytes`` must hold the largest parameter."""
     from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
     from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
 
-    client: RolloutClient | _NoClient = RolloutClient(workers, backend="ipc", version=version) if rank == 0 else _NoClient()
+    client: RolloutClient | _NoClient = (
+        RolloutClient(workers, backend="ipc", version=version) if rank == 0 else _NoClient()
+    )
     info = IPCTrainerInitInfo(rank=rank, packed=True, packed_buffer_size_bytes=buffer_bytes)
     # trainer_init ships {"packed": True} to the workers (wt_init), which also creates the
     # engine in a worker that restarted since the last sync.

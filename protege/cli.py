@@ -66,8 +66,10 @@ def cmd_run(args) -> int:
 
     result = run(spec, resume=args.resume, quiet=True)
     acc = [("n/a" if result[k] is None else f"{result[k]:.3f}") for k in ("eval_accuracy_first", "eval_accuracy_last")]
-    print(f"done: {result['steps']} steps; held-out accuracy {acc[0]} -> {acc[1]}\n  checkpoint {result['checkpoint']}/model\n  metrics    "
-          f"{result['run_dir']}/metrics.jsonl (summary.json, TensorBoard tb/)\n  plot       {result['plot']}")
+    print(
+        f"done: {result['steps']} steps; held-out accuracy {acc[0]} -> {acc[1]}\n  checkpoint {result['checkpoint']}/model\n  metrics    "
+        f"{result['run_dir']}/metrics.jsonl (summary.json, TensorBoard tb/)\n  plot       {result['plot']}"
+    )
     if spec.serve.enabled:
         from protege.serve.api import ServeArgs
         from protege.serve.cli import serve_forever
@@ -111,24 +113,38 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n  protege validate examples/grpo_tiny.yaml\n  protege run examples/grpo_tiny.yaml\n"
         "  protege models tiny models/tiny\n  protege demo",
     )
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="also show third-party output (vLLM, Ray, DeepSpeed, transformers) on the console; by "
-                   "default it goes to RUN_DIR/logs/")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show third-party output (vLLM, Ray, DeepSpeed, transformers) on the console; by "
+        "default it goes to RUN_DIR/logs/",
+    )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    v = sub.add_parser("validate", help="check a job spec and print it with every default filled in",
-                       description="Exit 0 and print the resolved spec, or exit 2 listing every error "
-                       "as 'field.path: message'.")
+    v = sub.add_parser(
+        "validate",
+        help="check a job spec and print it with every default filled in",
+        description="Exit 0 and print the resolved spec, or exit 2 listing every error as 'field.path: message'.",
+    )
     v.add_argument("spec", help="job spec, YAML or JSON")
     v.add_argument("--json", action="store_true", help="print JSON instead of YAML")
-    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field, e.g. --set steps=5 (repeatable)")
+    v.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set steps=5 (repeatable)",
+    )
     v.set_defaults(fn=cmd_validate)
 
-    r = sub.add_parser("run", help="train a student as the spec says",
-                       description="Connects to the Ray cluster at $RAY_ADDRESS, or starts a local Ray "
-                       "in-process. Writes metrics.jsonl, TensorBoard events, checkpoints and a reward "
-                       "plot under checkpoint.dir.")
+    r = sub.add_parser(
+        "run",
+        help="train a student as the spec says",
+        description="Connects to the Ray cluster at $RAY_ADDRESS, or starts a local Ray "
+        "in-process. Writes metrics.jsonl, TensorBoard events, checkpoints and a reward "
+        "plot under checkpoint.dir.",
+    )
     r.add_argument("spec")
     r.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run dir")
     r.add_argument("--dry-run", action="store_true", help="validate and print the resolved spec only")
@@ -186,8 +202,12 @@ def _preflight_serve(args) -> None:
         except ValueError:
             return  # a bad --spec: serve's own command reports it
         host, port = host or serve.host, port or serve.port
-    preflight.for_serve(host, port, port_field="--port" if args.port is not None else "serve.port",
-                        host_field="--host" if args.host is not None else "serve.host")
+    preflight.for_serve(
+        host,
+        port,
+        port_field="--port" if args.port is not None else "serve.port",
+        host_field="--host" if args.host is not None else "serve.host",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

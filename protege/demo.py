@@ -34,7 +34,9 @@ def main(out: Path = Path("runs/demo"), steps: int | None = None) -> int:
     print(f"   teacher={tiny['teacher']}  student={tiny['student']}")
 
     print("== 2/3 SFT warm start of the student (a deliberately weak starting point)")
-    sft = _spec("sft_warmstart.yaml", **{"models.student.path": str(tiny["student"]), "checkpoint.dir": str(out / "sft")})
+    sft = _spec(
+        "sft_warmstart.yaml", **{"models.student.path": str(tiny["student"]), "checkpoint.dir": str(out / "sft")}
+    )
     run(sft, quiet=True)
     warm = checkpoints.latest(sft.run_dir) / "model"
 
@@ -46,14 +48,18 @@ def main(out: Path = Path("runs/demo"), steps: int | None = None) -> int:
     summary = run(grpo, quiet=True)
 
     print()
-    print(f"held-out greedy accuracy ({grpo.eval.size} prompts): after SFT warm start "
-          f"{summary['eval_accuracy_first']:.3f} -> after {summary['steps']} GRPO steps {summary['eval_accuracy_last']:.3f}")
+    print(
+        f"held-out greedy accuracy ({grpo.eval.size} prompts): after SFT warm start "
+        f"{summary['eval_accuracy_first']:.3f} -> after {summary['steps']} GRPO steps {summary['eval_accuracy_last']:.3f}"
+    )
     print(f"metrics:    {grpo.run_dir / 'metrics.jsonl'}   (TensorBoard: {grpo.run_dir / 'tb'})")
     print(f"plot:       {summary['plot']}")
     print(f"checkpoint: {summary['checkpoint']}/model  (Hugging Face format; loads in transformers and vLLM)")
     samples = [json.loads(x) for x in (grpo.run_dir / "samples.jsonl").read_text().splitlines()[-4:]]
     for s in samples:
-        print(f"   step {s['step']}: {s['question']!r} -> {s['response']!r} (answer {s['answer']}, reward {s['reward']})")
+        print(
+            f"   step {s['step']}: {s['question']!r} -> {s['response']!r} (answer {s['answer']}, reward {s['reward']})"
+        )
     _serve_and_ask(grpo)
     return 0
 
@@ -71,9 +77,25 @@ def _serve_and_ask(spec) -> None:
     print("== serving the student (Ray Serve, OpenAI-compatible)")
     port = spec.serve.port
     serve_forever(ServeArgs(target=str(spec.run_dir), serve=spec.serve, dtype=spec.models.student.dtype), block=False)
-    body = json.dumps({"model": spec.run_dir.name, "max_tokens": 16, "temperature": 0,
-                       "messages": [{"role": "user", "content": "Calculate 4 + 3.\n\nGive only the final answer inside <answer></answer>."}]})
-    cmd = ["curl", "-s", f"http://127.0.0.1:{port}/v1/chat/completions", "-H", "Content-Type: application/json", "-d", body]
+    body = json.dumps(
+        {
+            "model": spec.run_dir.name,
+            "max_tokens": 16,
+            "temperature": 0,
+            "messages": [
+                {"role": "user", "content": "Calculate 4 + 3.\n\nGive only the final answer inside <answer></answer>."}
+            ],
+        }
+    )
+    cmd = [
+        "curl",
+        "-s",
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        body,
+    ]
     print("$ " + " ".join(c if " " not in c and "{" not in c else repr(c) for c in cmd))
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout

@@ -25,22 +25,30 @@ EXIT_FAILED = 1
 
 def register(subparsers) -> None:
     addr = argparse.ArgumentParser(add_help=False)
-    addr.add_argument("--address", default=None, metavar="URL",
-                      help="Ray dashboard / job server (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)")
+    addr.add_argument(
+        "--address",
+        default=None,
+        metavar="URL",
+        help="Ray dashboard / job server (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)",
+    )
 
     s = subparsers.add_parser(
-        "submit", parents=[addr], help="validate a job spec here, then submit it to a Ray cluster",
+        "submit",
+        parents=[addr],
+        help="validate a job spec here, then submit it to a Ray cluster",
         description="Validates SPEC locally (an invalid spec prints every error and sends nothing), then submits "
         "it through the Ray Jobs API with this project as the job's working directory and prints the job id. "
         "The cluster runs the protege installed in its Python. Local model folders and data files the spec "
         "names travel with the job (past Ray's 500 MiB upload: through a bucket checkpoint.dir, else refused); "
         "hub ids, URIs and paths on shared storage are passed through. checkpoint.dir should be an absolute "
-        "path on storage the cluster shares, or a bucket.")
+        "path on storage the cluster shares, or a bucket.",
+    )
     s.add_argument("spec", help="job spec, YAML or JSON")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (repeatable)")
     s.add_argument("--id", default=None, help="job id to use (default: NAME-<random hex>)")
-    s.add_argument("--python", default=None,
-                   help="interpreter on the cluster (default: this one for a local head, else 'python')")
+    s.add_argument(
+        "--python", default=None, help="interpreter on the cluster (default: this one for a local head, else 'python')"
+    )
     s.set_defaults(fn=cmd_submit)
 
     j = subparsers.add_parser("jobs", help="list, inspect, follow and stop submitted jobs; serve the REST job API")
@@ -57,9 +65,13 @@ def register(subparsers) -> None:
     sp = jsub.add_parser("stop", parents=[addr], help="stop a job")
     sp.add_argument("id")
     sp.set_defaults(fn=cmd_stop)
-    api = jsub.add_parser("serve-api", parents=[addr], help="run the REST job API (needs $PROTEGE_JOBS_TOKEN)",
-                          description="POST/GET /v1/jobs, GET/DELETE /v1/jobs/{id}, every route behind "
-                          "'Authorization: Bearer $PROTEGE_JOBS_TOKEN'.")
+    api = jsub.add_parser(
+        "serve-api",
+        parents=[addr],
+        help="run the REST job API (needs $PROTEGE_JOBS_TOKEN)",
+        description="POST/GET /v1/jobs, GET/DELETE /v1/jobs/{id}, every route behind "
+        "'Authorization: Bearer $PROTEGE_JOBS_TOKEN'.",
+    )
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8080)
     api.set_defaults(fn=cmd_serve_api)
@@ -78,6 +90,7 @@ def _fail(msg: str) -> int:
 
 def _guard(fn):
     """Cluster errors become one 'error:' line and exit 1 instead of a traceback."""
+
     def wrapped(*args) -> int:
         from ray.exceptions import RayError
 
@@ -91,6 +104,7 @@ def _guard(fn):
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             hint = f"\n  {shell_env_hint()}" if ("401" in text or "403" in text or "token" in text.lower()) else ""
             return _fail(f"{text}{hint}")
+
     wrapped.__name__ = fn.__name__
     return wrapped
 
@@ -125,8 +139,11 @@ def _submit(args, spec, inputs=None) -> int:
         print(f"note: {line}", file=sys.stderr)
     job_id = client.submit(spec, python=args.python, submission_id=args.id, inputs=inputs)
     print(job_id)
-    print(f"submitted {spec.algorithm.type} job '{spec.name}' to {client.address}; "
-          f"follow with: protege jobs logs {job_id} --follow", file=sys.stderr)
+    print(
+        f"submitted {spec.algorithm.type} job '{spec.name}' to {client.address}; "
+        f"follow with: protege jobs logs {job_id} --follow",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -98,8 +98,9 @@ class RewardRunner:
         """The scorer contract: every rule on rollouts[i]'s text against examples[i]'s answer and meta."""
         if len(rollouts) != len(examples):
             raise ValueError(f"rollouts and examples must have equal lengths, got {len(rollouts)}, {len(examples)}")
-        return self.score_texts([r.sample.text for r in rollouts], [e.answer for e in examples],
-                                [e.meta for e in examples])
+        return self.score_texts(
+            [r.sample.text for r in rollouts], [e.answer for e in examples], [e.meta for e in examples]
+        )
 
     def score_one(self, completion: str, reference: str, meta: dict[str, Any] | None = None) -> ScoreRecord:
         return self.score_texts([completion], [reference], [meta])[0]

@@ -29,8 +29,15 @@ from protege.core.records import Rollout, ScoreRecord
 class RewardModelScorer:
     component = "reward_model"  # the reward name the spec weights it by (rewards: [{name: reward_model}])
 
-    def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, max_length: int = 1024,
-                 system_prompt: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "float32",
+        batch_size: int = 16,
+        max_length: int = 1024,
+        system_prompt: str | None = None,
+    ):
         capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         configure_node_defaults()  # this node's hardware decides, before the model loads
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -41,11 +48,16 @@ class RewardModelScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
         self.tokenizer.truncation_side = "left"  # keep the end: the head reads the last token
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(model, dtype=getattr(torch, dtype))
+            .to(self.device)
+            .eval()
+        )
         if self.model.config.num_labels != 1:
-            raise ValueError(f"models.reward_model: {model} has {self.model.config.num_labels} outputs; a reward "
-                             "model has one (AutoModelForSequenceClassification with num_labels=1)")
+            raise ValueError(
+                f"models.reward_model: {model} has {self.model.config.num_labels} outputs; a reward "
+                "model has one (AutoModelForSequenceClassification with num_labels=1)"
+            )
         # The head pools the last non-pad token; it must know the pad id to find it.
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size, self.max_length, self.system_prompt = batch_size, max_length, system_prompt
@@ -77,8 +89,14 @@ class RewardModelScorer:
         out: list[float] = []
         for i in range(0, len(texts), self.batch_size):
             # Keep the end when truncating: the head reads the last token, the completion's end.
-            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length, add_special_tokens=False)
+            enc = self.tokenizer(
+                texts[i : i + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                add_special_tokens=False,
+            )
             logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
             out.extend(logits[:, 0].float().cpu().tolist())
         return out

@@ -35,10 +35,22 @@ PAYLOAD_DTYPE = torch.float16
 
 
 class TeacherScorer:
-    def __init__(self, model: str, *, top_k: int = 0, full: bool = False, dtype: str = "float32",
-                 batch_size: int = 16, temperature: float = 1.0, engine: str = "vllm", max_model_len: int = 512,
-                 kv_cache_bytes: int = 128 << 20, gpu_memory_utilization: float = 0.3, score_engine: str = "hf",
-                 max_logprobs: int = 20):
+    def __init__(
+        self,
+        model: str,
+        *,
+        top_k: int = 0,
+        full: bool = False,
+        dtype: str = "float32",
+        batch_size: int = 16,
+        temperature: float = 1.0,
+        engine: str = "vllm",
+        max_model_len: int = 512,
+        kv_cache_bytes: int = 128 << 20,
+        gpu_memory_utilization: float = 0.3,
+        score_engine: str = "hf",
+        max_logprobs: int = 20,
+    ):
         capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         configure_node_defaults()  # this node's hardware decides, before the model and engine load
         from transformers import AutoTokenizer
@@ -49,8 +61,11 @@ class TeacherScorer:
         # (also the fallback for full rows and temperatures other than 1, which vLLM's raw prompt
         # log-probs cannot give).
         self.score_engine = score_engine
-        self.engine_kwargs = {"max_model_len": max_model_len, "kv_cache_bytes": kv_cache_bytes,
-                              "gpu_memory_utilization": gpu_memory_utilization}
+        self.engine_kwargs = {
+            "max_model_len": max_model_len,
+            "kv_cache_bytes": kv_cache_bytes,
+            "gpu_memory_utilization": gpu_memory_utilization,
+        }
         if engine == "vllm":
             self.engine_kwargs["max_logprobs"] = max_logprobs
         self._generator = None
@@ -68,8 +83,11 @@ class TeacherScorer:
         if self._model is None:
             from transformers import AutoModelForCausalLM
 
-            self._model = AutoModelForCausalLM.from_pretrained(
-                self.model_path, dtype=getattr(torch, self.dtype)).to(self.device).eval()
+            self._model = (
+                AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype))
+                .to(self.device)
+                .eval()
+            )
         return self._model
 
     def scores_with_vllm(self, full: bool) -> bool:
@@ -86,8 +104,9 @@ class TeacherScorer:
         return [ScoreRecord(teacher=ts, seconds=share) for ts in out]
 
     @torch.no_grad()
-    def _payloads(self, items: list[tuple[list[int], list[int]]], top_k: int = 0,
-                  full: bool = False) -> list[TeacherScores]:
+    def _payloads(
+        self, items: list[tuple[list[int], list[int]]], top_k: int = 0, full: bool = False
+    ) -> list[TeacherScores]:
         """The payload for each (prompt ids, response ids): through vLLM's prompt log-probs when
         that engine can give it, else one transformers forward per batch."""
         if self.scores_with_vllm(full):
@@ -122,7 +141,11 @@ class TeacherScorer:
                 n = len(resp)
                 ts = TeacherScores(logprobs=lp[j, :n].clone())
                 if top_k:
-                    ts.topk_ids, ts.topk_logprobs, ts.tail_logprobs = ids[j, :n].clone(), vals[j, :n].clone(), tail[j, :n].clone()
+                    ts.topk_ids, ts.topk_logprobs, ts.tail_logprobs = (
+                        ids[j, :n].clone(),
+                        vals[j, :n].clone(),
+                        tail[j, :n].clone(),
+                    )
                 if full:
                     ts.full_logprobs = rows_out[j, :n].clone()
                 out.append(ts)
@@ -138,17 +161,37 @@ class TeacherScorer:
             self.temperature = saved
         return [float(s.logprobs.sum()) for s in scores]
 
-    def generate(self, prompts: list[list[int]], *, n: int = 1, temperature: float = 0.0, max_tokens: int = 64,
-                 seed: int | None = None) -> list[list[str]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int = 1,
+        temperature: float = 0.0,
+        max_tokens: int = 64,
+        seed: int | None = None,
+    ) -> list[list[str]]:
         """The teacher as a generator (KEPO hints, SFT on teacher responses)."""
-        groups = self._engine().generate(prompts, n=n, temperature=temperature, top_p=1.0, max_tokens=max_tokens,
-                                          seed=seed, stop_token_ids=[self.tokenizer.eos_token_id])
+        groups = self._engine().generate(
+            prompts,
+            n=n,
+            temperature=temperature,
+            top_p=1.0,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+        )
         return [[s.text for s in g] for g in groups]
 
     def generate_ids(self, prompts: list[list[int]], *, max_tokens: int = 64) -> list[list[int]]:
         """Greedy teacher responses as token ids (with the end-of-turn token), for SFT targets."""
-        groups = self._engine().generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens,
-                                          stop_token_ids=[self.tokenizer.eos_token_id])
+        groups = self._engine().generate(
+            prompts,
+            n=1,
+            temperature=0.0,
+            top_p=1.0,
+            max_tokens=max_tokens,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+        )
         return [g[0].response_ids for g in groups]
 
     def _engine(self):

@@ -44,7 +44,8 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         kind = {401: "authentication_error", 404: "not_found_error", 503: "overloaded_error"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error")
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 

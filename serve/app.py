@@ -43,7 +43,10 @@ from protege.serve import versions
 from protege.serve.api import ApiError, ServeArgs, validation_error
 from protege.serve.generator import StudentGenerator
 from protege.serve.layer import api_error
-from protege.serve.protocol import ChatCompletionRequest, CompletionRequest  # module level: FastAPI reads the annotations
+from protege.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+)  # module level: FastAPI reads the annotations
 
 APP_NAME = "protege"
 # Serve runs user code on a second event loop thread by default, to shield its control loop from
@@ -58,8 +61,11 @@ APP_NAME = "protege"
 # vLLM's own warnings still reach the replica's stderr log (logging's last-resort handler).
 # VLLM_LOGGING_CONFIG_PATH is blanked: vLLM refuses a logging config file with configuration off, so
 # one inherited from the cluster's environment would stop the replica from starting.
-REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "VLLM_CONFIGURE_LOGGING": "0",
-               "VLLM_LOGGING_CONFIG_PATH": ""}
+REPLICA_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "VLLM_CONFIGURE_LOGGING": "0",
+    "VLLM_LOGGING_CONFIG_PATH": "",
+}
 SERVE_LOGGER = "ray.serve"
 log = logging.getLogger("protege.serve")
 
@@ -75,8 +81,9 @@ def make_asgi_app(gen: StudentGenerator, key_hash: str | None) -> FastAPI:
             return
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not presented:
-            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise ApiError(
+                401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
         if not hmac.compare_digest(_sha256(presented.strip()), key_hash):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
@@ -138,10 +145,17 @@ class StudentServer:
         self.key_hash = key_hash
         with serve_log_handlers_kept():  # see REPLICA_ENV: the engine build must not close Serve's log
             self.gen = StudentGenerator(
-                target.version, model_name=a.model_name or default_model_name(target), engine=a.serve.engine,
-                max_tokens=a.serve.max_tokens, max_n=a.serve.max_n, max_concurrent=a.serve.max_concurrent,
-                max_model_len=a.max_model_len, dtype=a.dtype, kv_cache_bytes=int(a.kv_cache_gb * (1 << 30)),
-                seed=a.seed)
+                target.version,
+                model_name=a.model_name or default_model_name(target),
+                engine=a.serve.engine,
+                max_tokens=a.serve.max_tokens,
+                max_n=a.serve.max_n,
+                max_concurrent=a.serve.max_concurrent,
+                max_model_len=a.max_model_len,
+                dtype=a.dtype,
+                kv_cache_bytes=int(a.kv_cache_gb * (1 << 30)),
+                seed=a.seed,
+            )
         # Runs on the replica's event loop, next to the requests it pauses during a switch.
         self._follow = asyncio.create_task(self.gen.follow(target.run_dir, a.poll_s)) if target.run_dir else None
 
@@ -167,16 +181,22 @@ def serve_log_handlers_kept(logger_name: str = SERVE_LOGGER) -> Iterator[None]:
     replica). REPLICA_ENV keeps vLLM from doing this; this guard covers any other dictConfig run while
     the engine is built (another library, a vLLM version that ignores VLLM_CONFIGURE_LOGGING).
     """
-    kept = [(h, h.target) for h in logging.getLogger(logger_name).handlers
-            if isinstance(h, logging.handlers.MemoryHandler) and h.target is not None]
+    kept = [
+        (h, h.target)
+        for h in logging.getLogger(logger_name).handlers
+        if isinstance(h, logging.handlers.MemoryHandler) and h.target is not None
+    ]
     try:
         yield
     finally:
         for handler, target in kept:
             if handler.target is None:
                 handler.target = target  # a closed file handler reopens its file on the next record
-                log.warning("logging handler %r was closed during start-up (a logging dictConfig?); "
-                            "reattached to %r", handler, target)
+                log.warning(
+                    "logging handler %r was closed during start-up (a logging dictConfig?); reattached to %r",
+                    handler,
+                    target,
+                )
 
 
 # ------------------------------------------------------------------------------------- builder
@@ -188,8 +208,12 @@ def build_app(args: ServeArgs) -> Application:
     key_hash = api_key_hash(args.serve)
     # Absolute: replicas do not share the caller's working directory.
     local = not storage.is_uri(args.target)
-    args = args.model_copy(update={"target": str(Path(args.target).resolve()) if local else args.target,
-                                   "model_name": args.model_name or default_model_name(target)})
+    args = args.model_copy(
+        update={
+            "target": str(Path(args.target).resolve()) if local else args.target,
+            "model_name": args.model_name or default_model_name(target),
+        }
+    )
     # The key itself never travels: replicas get its hash and compare hashes.
     return StudentServer.options(**deployment_options(args)).bind(args.model_dump(mode="json"), key_hash)
 
@@ -212,8 +236,11 @@ def deployment_options(args: ServeArgs) -> dict:
         # route it more; the router's own queue (no replica free, e.g. while scaling up) is bounded too.
         "max_ongoing_requests": 2 * spec.max_concurrent,
         "max_queued_requests": spec.max_concurrent,
-        "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus,
-                              "runtime_env": {"env_vars": {**worker_env(), **REPLICA_ENV}}},
+        "ray_actor_options": {
+            "num_cpus": args.replica_cpus,
+            "num_gpus": args.replica_gpus,
+            "runtime_env": {"env_vars": {**worker_env(), **REPLICA_ENV}},
+        },
         "health_check_period_s": 10,
         # A stopping replica finishes its requests first: at most max_tokens decoding steps each.
         "graceful_shutdown_timeout_s": 30,
@@ -226,8 +253,10 @@ def api_key_hash(spec: ServeSpec) -> str | None:
     if key:
         return _sha256(key)
     if not is_loopback(spec.host):
-        raise ValueError(f"serve.host {spec.host} listens beyond localhost: set {spec.api_key_env} to an API key "
-                         "(clients send it as 'Authorization: Bearer <key>')")
+        raise ValueError(
+            f"serve.host {spec.host} listens beyond localhost: set {spec.api_key_env} to an API key "
+            "(clients send it as 'Authorization: Bearer <key>')"
+        )
     return None
 
 
@@ -247,7 +276,9 @@ def default_model_name(target: versions.Target) -> str:
         return Path(target.run_dir).resolve().name
     path = Path(target.version.model_path).resolve()
     # step_N/model -> the run's name, which is what a user calls the student
-    return path.parent.parent.parent.name if path.name == "model" and path.parent.name.startswith("step_") else path.name
+    return (
+        path.parent.parent.parent.name if path.name == "model" and path.parent.name.startswith("step_") else path.name
+    )
 
 
 def run(args: ServeArgs) -> str:

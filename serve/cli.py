@@ -28,13 +28,19 @@ EXIT_INVALID = 2
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "serve", help="serve the trained student over an OpenAI-compatible HTTP API (Ray Serve)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__.split("\n\n")[1],
+        "serve",
+        help="serve the trained student over an OpenAI-compatible HTTP API (Ray Serve)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[1],
         epilog="The API key is read from serve.api_key_env (default PROTEGE_API_KEY); it is required when "
         "--host is not a loopback address.\nServe settings (host, port, engine, max_tokens, max_n, "
-        "max_concurrent, autoscale) come from --spec, else RUN_DIR/resolved_spec.json, else the defaults.")
-    p.add_argument("target", metavar="RUN_DIR|CHECKPOINT|MODEL_DIR|ACTION",
-                   help=f"what to serve, or one of {', '.join(ACTIONS)} followed by RUN_DIR")
+        "max_concurrent, autoscale) come from --spec, else RUN_DIR/resolved_spec.json, else the defaults.",
+    )
+    p.add_argument(
+        "target",
+        metavar="RUN_DIR|CHECKPOINT|MODEL_DIR|ACTION",
+        help=f"what to serve, or one of {', '.join(ACTIONS)} followed by RUN_DIR",
+    )
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--version", help="pin version N (or 'latest' to follow the newest) before serving")
     p.add_argument("--to", type=int, help="rollback: the version to go back to (default: the one before)")
@@ -46,7 +52,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--poll-s", type=float, default=2.0, help="how often replicas look for a newer version")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs per replica (default: %(default)s)")
-    p.add_argument("--replica-gpus", type=float, default=None, help="Ray GPUs per replica (default: 1 if a GPU is seen, else 0)")
+    p.add_argument(
+        "--replica-gpus", type=float, default=None, help="Ray GPUs per replica (default: 1 if a GPU is seen, else 0)"
+    )
     p.set_defaults(fn=cmd_serve)
 
 
@@ -70,8 +78,10 @@ def _action(args) -> int:
         print(f"{run_dir}: serving version {now} (was {before}); running servers switch within their poll interval")
     elif args.target == "pin":
         _pin(run_dir, args.rest[1])
-        print(f"{run_dir}: serving version {versions.current(run_dir).number} "
-              f"({'pinned' if versions.read_pin(run_dir) is not None else 'following the newest'})")
+        print(
+            f"{run_dir}: serving version {versions.current(run_dir).number} "
+            f"({'pinned' if versions.read_pin(run_dir) is not None else 'following the newest'})"
+        )
     else:
         current, pin = versions.current(run_dir), versions.read_pin(run_dir)
         for v in versions.list_versions(run_dir):
@@ -99,7 +109,7 @@ def serve_spec_for(target: Path, spec_path: str | None):
     if storage.is_uri(target):  # a run in a bucket: its resolved_spec.json sits at the run's root
         parts = str(target).rstrip("/").split("/")
         for cut in range(4):
-            uri = storage.join("/".join(parts[:len(parts) - cut]), "resolved_spec.json")
+            uri = storage.join("/".join(parts[: len(parts) - cut]), "resolved_spec.json")
             if storage.exists(uri):
                 return ServeSpec.model_validate(json.loads(storage.read_text(uri)).get("serve", {}))
         return ServeSpec()
@@ -116,17 +126,28 @@ def _serve(args) -> int:
 
     target = args.target if storage.is_uri(args.target) else Path(args.target)
     if args.version is not None:
-        has_ckpts = (storage.exists(storage.join(target, "checkpoints")) if storage.is_uri(target)
-                     else (target / "checkpoints").is_dir())
+        has_ckpts = (
+            storage.exists(storage.join(target, "checkpoints"))
+            if storage.is_uri(target)
+            else (target / "checkpoints").is_dir()
+        )
         if not has_ckpts:
             raise ValueError(f"--version needs a run dir; {target} has no checkpoints/")
         _pin(target, args.version)
     spec = serve_spec_for(target, args.spec)
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "engine": args.engine}.items() if v is not None}
+    overrides = {
+        k: v for k, v in {"host": args.host, "port": args.port, "engine": args.engine}.items() if v is not None
+    }
     spec = spec.model_copy(update=overrides)
-    serve_args = ServeArgs(target=str(target), serve=spec, model_name=args.name,
-                           max_model_len=args.max_model_len, poll_s=args.poll_s, replica_cpus=args.replica_cpus,
-                           replica_gpus=args.replica_gpus if args.replica_gpus is not None else float(has_cuda()))
+    serve_args = ServeArgs(
+        target=str(target),
+        serve=spec,
+        model_name=args.name,
+        max_model_len=args.max_model_len,
+        poll_s=args.poll_s,
+        replica_cpus=args.replica_cpus,
+        replica_gpus=args.replica_gpus if args.replica_gpus is not None else float(has_cuda()),
+    )
     configure_defaults()
     return serve_forever(serve_args)
 
@@ -171,13 +192,20 @@ def serve_forever(serve_args, *, block: bool = True) -> int:
         from protege.core.console import verbose
 
         # Replicas' output (vLLM, Serve's access log) stays in Ray's session logs unless -v.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": worker_env()},
-                 log_to_driver=verbose(), logging_level=logging.INFO if verbose() else logging.WARNING)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or None,
+            runtime_env={"env_vars": worker_env()},
+            log_to_driver=verbose(),
+            logging_level=logging.INFO if verbose() else logging.WARNING,
+        )
     _quiet_serve_logger()
     url = run(serve_args)
     served = versions.resolve(serve_args.target).version
-    print(f"serving version {served.number} of {serve_args.target} at {url}/v1 "
-          f"(OpenAI API; Ctrl-C to stop; replica logs: {_serve_logs()})", file=sys.stderr)
+    print(
+        f"serving version {served.number} of {serve_args.target} at {url}/v1 "
+        f"(OpenAI API; Ctrl-C to stop; replica logs: {_serve_logs()})",
+        file=sys.stderr,
+    )
     if not block:
         return 0
     try:

@@ -102,9 +102,20 @@ class EventStream:
 
 
 class StudentGenerator:
-    def __init__(self, version: Version, *, model_name: str, engine: str = "vllm", max_tokens: int = 256,
-                 max_n: int = 4, max_concurrent: int = 32, max_model_len: int = 1024, dtype: str = "float32",
-                 kv_cache_bytes: int = 256 << 20, seed: int = 0):
+    def __init__(
+        self,
+        version: Version,
+        *,
+        model_name: str,
+        engine: str = "vllm",
+        max_tokens: int = 256,
+        max_n: int = 4,
+        max_concurrent: int = 32,
+        max_model_len: int = 1024,
+        dtype: str = "float32",
+        kv_cache_bytes: int = 256 << 20,
+        seed: int = 0,
+    ):
         self.model_name = model_name
         self.max_tokens, self.max_n, self.max_concurrent = max_tokens, max_n, max_concurrent
         self.max_model_len = max_model_len
@@ -174,13 +185,29 @@ class StudentGenerator:
 
         v = self.version
         # vLLM's model card, plus which checkpoint it is (extra fields: the openai client keeps them).
-        return ModelList(data=[ModelCard(id=self.model_name, created=self._loaded_at, owned_by="protege",
-                                         root=str(v.model_path), max_model_len=self.max_model_len,
-                                         version=v.number, step=v.step)])
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=self.model_name,
+                    created=self._loaded_at,
+                    owned_by="protege",
+                    root=str(v.model_path),
+                    max_model_len=self.max_model_len,
+                    version=v.number,
+                    step=v.step,
+                )
+            ]
+        )
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_name, "version": self.version.number,
-                "in_flight": self.admitted, "switching": not self._gate.is_set(), "last_switch": self.last_switch}
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "version": self.version.number,
+            "in_flight": self.admitted,
+            "switching": not self._gate.is_set(),
+            "last_switch": self.last_switch,
+        }
 
     async def check_health(self) -> None:
         await self.engine.check_health()  # raises when the engine died: Serve then replaces the replica
@@ -195,8 +222,7 @@ class StudentGenerator:
             # Same architecture and tokenizer: new weights load in place. Otherwise a new engine is
             # built before pausing, so the pause covers only the drain and the swap.
             signature = model_signature(version.model_path)
-            fresh = None if signature == self._signature else \
-                await asyncio.to_thread(self._build, version.model_path)
+            fresh = None if signature == self._signature else await asyncio.to_thread(self._build, version.model_path)
             self._gate.clear()
             try:
                 while self._active:
@@ -213,8 +239,13 @@ class StudentGenerator:
                 self._gate.set()
             done = time.perf_counter()
             self.last_switch = {"version": version.number, "seconds": done - t0, "paused_s": done - paused}
-            log.info("serving version %d (%s) after %.2fs, paused %.3fs",
-                     version.number, version.model_path, done - t0, done - paused)
+            log.info(
+                "serving version %d (%s) after %.2fs, paused %.3fs",
+                version.number,
+                version.model_path,
+                done - t0,
+                done - paused,
+            )
             return self.last_switch
 
     async def follow(self, run_dir: str | Path, poll_s: float) -> None:
@@ -237,8 +268,11 @@ class StudentGenerator:
     # ---------------------------------------------------------------------------------- internals
     def _admit(self) -> _Lease:
         if self.admitted >= self.max_concurrent:
-            raise ApiError(503, f"server overloaded: {self.max_concurrent} requests already in flight on this "
-                                "replica; retry later", code="overloaded")
+            raise ApiError(
+                503,
+                f"server overloaded: {self.max_concurrent} requests already in flight on this replica; retry later",
+                code="overloaded",
+            )
         return _Lease(self)
 
     async def _enter(self, lease: _Lease):
@@ -248,8 +282,11 @@ class StudentGenerator:
         return self.layer, self.version.number
 
     def _limit_completion(self, req, *, stream: bool):
-        prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+        prompts = (
+            req.prompt
+            if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int)
             else [req.prompt]
+        )
         self._check_sequences(len(prompts), req.n or 1, "prompt")
         update: dict[str, Any] = {"stream": stream, **_greedy_choices(req)}
         if "max_tokens" not in req.model_fields_set:  # OpenAI's default (16), within this server's limit
@@ -278,8 +315,11 @@ class StudentGenerator:
         if n > self.max_n:
             raise ApiError(400, f"n: at most {self.max_n} choices per request (got {n})", param="n")
         if prompts * n > self.max_n:  # the engine is sized for max_concurrent requests of max_n sequences
-            raise ApiError(400, f"{field}: {prompts} prompts x n={n} is {prompts * n} sequences; at most "
-                                f"{self.max_n} per request", param=field)
+            raise ApiError(
+                400,
+                f"{field}: {prompts} prompts x n={n} is {prompts * n} sequences; at most {self.max_n} per request",
+                param=field,
+            )
 
     def _check_engine_fields(self, req) -> None:
         if self._engine_kind == "hf":

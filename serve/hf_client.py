@@ -22,10 +22,18 @@ from typing import Any, AsyncIterator
 
 # Request fields the hf engine cannot honour, with the values that mean "not used".
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "response_format": (None,), "structured_outputs": (None,), "logit_bias": (None, {}),
-    "allowed_token_ids": (None, []), "bad_words": (None, []), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "use_beam_search": (False,), "logprob_token_ids": (None, []),
-    "min_p": (None, 0, 0.0), "repetition_detection": (None,), "thinking_token_budget": (None,),
+    "response_format": (None,),
+    "structured_outputs": (None,),
+    "logit_bias": (None, {}),
+    "allowed_token_ids": (None, []),
+    "bad_words": (None, []),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "use_beam_search": (False,),
+    "logprob_token_ids": (None, []),
+    "min_p": (None, 0, 0.0),
+    "repetition_detection": (None,),
+    "thinking_token_budget": (None,),
 }
 
 
@@ -53,8 +61,9 @@ class HFEngineClient:
         from protege.actors.engine import HFEngine
 
         # The config and renderer only: no vLLM engine starts (vllm's render-only server does the same).
-        self.vllm_config = AsyncEngineArgs(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                                           enforce_eager=True).create_engine_config()
+        self.vllm_config = AsyncEngineArgs(
+            model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=True
+        ).create_engine_config()
         self.model_config = self.vllm_config.model_config
         self.renderer = renderer_from_config(self.vllm_config)
         self.input_processor = None  # beam search's only use; refused above
@@ -99,18 +108,25 @@ class HFEngineClient:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         with torch.no_grad():
             gen = model.generate(
-                x, attention_mask=torch.ones_like(x), do_sample=not greedy,
-                temperature=None if greedy else p.temperature, top_p=None if greedy else p.top_p,
+                x,
+                attention_mask=torch.ones_like(x),
+                do_sample=not greedy,
+                temperature=None if greedy else p.temperature,
+                top_p=None if greedy else p.top_p,
                 top_k=None if greedy or p.top_k in (None, 0, -1) else p.top_k,
                 repetition_penalty=None if p.repetition_penalty in (None, 1.0) else p.repetition_penalty,
-                min_new_tokens=p.min_tokens or None, max_new_tokens=p.max_tokens, pad_token_id=pad,
+                min_new_tokens=p.min_tokens or None,
+                max_new_tokens=p.max_tokens,
+                pad_token_id=pad,
                 eos_token_id=sorted(eos | stop_ids) or [-1],  # [-1]: never stops (ignore_eos)
-                output_logits=True, return_dict_in_generate=True)
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
             # Raw logprobs (before temperature and top-p), as vLLM's default logprobs_mode reports them.
             logps = torch.stack(gen.logits, 1).float().log_softmax(-1) if p.logprobs is not None else None
             prompt_lps = self._prompt_logprobs(ids, p.prompt_logprobs) if p.prompt_logprobs is not None else None
         outputs = []
-        for i, row in enumerate(gen.sequences[:, len(ids):].tolist()):
+        for i, row in enumerate(gen.sequences[:, len(ids) :].tolist()):
             resp, finish, reason = [], "length", None
             for t in row:
                 resp.append(t)
@@ -124,10 +140,25 @@ class HFEngineClient:
             resp, text, finish, reason = self._cut_at_stop(resp, text, finish, reason, p)
             lps = None if logps is None else [self._top(logps[i, j], t, p.logprobs) for j, t in enumerate(resp)]
             cumulative = None if lps is None else sum(d[t].logprob for d, t in zip(lps, resp))
-            outputs.append(CompletionOutput(index=i, text=text, token_ids=resp, cumulative_logprob=cumulative,
-                                            logprobs=lps, finish_reason=finish, stop_reason=reason))
-        return RequestOutput(request_id=request_id, prompt=prompt_text, prompt_token_ids=ids,
-                             prompt_logprobs=prompt_lps, outputs=outputs, finished=True)
+            outputs.append(
+                CompletionOutput(
+                    index=i,
+                    text=text,
+                    token_ids=resp,
+                    cumulative_logprob=cumulative,
+                    logprobs=lps,
+                    finish_reason=finish,
+                    stop_reason=reason,
+                )
+            )
+        return RequestOutput(
+            request_id=request_id,
+            prompt=prompt_text,
+            prompt_token_ids=ids,
+            prompt_logprobs=prompt_lps,
+            outputs=outputs,
+            finished=True,
+        )
 
     def _cut_at_stop(self, resp, text, finish, reason, p):
         """vLLM stops at a stop string; here the output is cut at the first one, after the fact."""
@@ -138,8 +169,14 @@ class HFEngineClient:
         keep = at + len(s) if p.include_stop_str_in_output else at
         tok = self.tokenizer
         # The fewest tokens whose text reaches the stop string: token ids and logprobs match the text.
-        n = next((k for k in range(1, len(resp) + 1)
-                  if len(tok.decode(resp[:k], skip_special_tokens=p.skip_special_tokens)) >= at + len(s)), len(resp))
+        n = next(
+            (
+                k
+                for k in range(1, len(resp) + 1)
+                if len(tok.decode(resp[:k], skip_special_tokens=p.skip_special_tokens)) >= at + len(s)
+            ),
+            len(resp),
+        )
         return resp[:n], text[:keep], "stop", s
 
     def _top(self, row, token: int, k: int) -> dict:

@@ -33,12 +33,25 @@ class OpenAILayer:
 
         self.client = engine_client
         self.models = OpenAIServingModels(engine_client, [BaseModelPath(name=model_name, model_path=str(model_path))])
-        renderer = OnlineRenderer(engine_client.model_config, engine_client.renderer, request_logger=None,
-                                  chat_template=None, chat_template_content_format="auto")
-        self.completion = OpenAIServingCompletion(engine_client, self.models, online_renderer=renderer,
-                                                  request_logger=None)
-        self.chat = OpenAIServingChat(engine_client, self.models, "assistant", online_renderer=renderer,
-                                      request_logger=None, chat_template=None, chat_template_content_format="auto")
+        renderer = OnlineRenderer(
+            engine_client.model_config,
+            engine_client.renderer,
+            request_logger=None,
+            chat_template=None,
+            chat_template_content_format="auto",
+        )
+        self.completion = OpenAIServingCompletion(
+            engine_client, self.models, online_renderer=renderer, request_logger=None
+        )
+        self.chat = OpenAIServingChat(
+            engine_client,
+            self.models,
+            "assistant",
+            online_renderer=renderer,
+            request_logger=None,
+            chat_template=None,
+            chat_template_content_format="auto",
+        )
         self.tokenizer = engine_client.renderer.tokenizer
         self.max_model_len = engine_client.model_config.max_model_len
 

@@ -23,8 +23,16 @@ MAX_STOP = 4  # OpenAI's limit on stop sequences
 
 # Refused when sent (a field validator runs only on a value the client gave, not on the default).
 INTERNAL_FIELDS = (
-    "kv_transfer_params", "ec_transfer_params", "mm_payload", "return_mm_kwargs", "request_id", "priority",
-    "session_id", "cache_salt", "vllm_xargs", "routed_experts_prompt_start",
+    "kv_transfer_params",
+    "ec_transfer_params",
+    "mm_payload",
+    "return_mm_kwargs",
+    "request_id",
+    "priority",
+    "session_id",
+    "cache_salt",
+    "vllm_xargs",
+    "routed_experts_prompt_start",
 )
 COMPLETION_ONLY = ("prompt_embeds",)
 CHAT_ONLY = ("chat_template", "chat_template_kwargs", "media_io_kwargs", "mm_processor_kwargs")
@@ -62,7 +70,8 @@ class CompletionRequest(_hidden(_VLLMCompletion, INTERNAL_FIELDS + COMPLETION_ON
 
     model: str = Field(min_length=1)  # the openai client always sends it; vLLM would default it
     prompt: _VLLMCompletion.model_fields["prompt"].annotation = Field(
-        description="text, token ids, or a batch of either")
+        description="text, token ids, or a batch of either"
+    )
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1)

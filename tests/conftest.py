@@ -12,9 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # CPU defaults before anything imports torch / vLLM (docs/platform.md).
 for k, v in {
-    "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-    "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "DS_ACCELERATOR": "cpu",
+    "RAY_USAGE_STATS_ENABLED": "0",
     "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
 }.items():
     os.environ.setdefault(k, v)
@@ -47,9 +52,24 @@ def ray_local():
     """One Ray instance per test module (docs/design.md, "Tests")."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in (
-                 "OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE",
-                 "HF_HUB_OFFLINE", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM")}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {
+                k: os.environ[k]
+                for k in (
+                    "OMP_NUM_THREADS",
+                    "VLLM_ENABLE_V1_MULTIPROCESSING",
+                    "VLLM_CPU_KVCACHE_SPACE",
+                    "HF_HUB_OFFLINE",
+                    "DS_ACCELERATOR",
+                    "TORCH_EXTENSIONS_DIR",
+                    "TOKENIZERS_PARALLELISM",
+                )
+            }
+        },
+    )
     yield ray
     ray.shutdown()

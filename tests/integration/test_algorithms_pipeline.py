@@ -10,15 +10,30 @@ from protege.core.spec import parse_spec
 
 pytestmark = pytest.mark.slow
 
-TASK = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
-        "allow_negation": False, "allow_parentheses": False}
+TASK = {
+    "min_terms": 2,
+    "max_terms": 2,
+    "min_digits": 1,
+    "max_digits": 1,
+    "operators": ["+"],
+    "allow_negation": False,
+    "allow_parentheses": False,
+}
 
 
 def spec_for(tmp_path, tiny, name, algorithm, *, teacher=True, steps=2, **over):
     d = {
-        "name": name, "seed": 0, "steps": steps,
+        "name": name,
+        "seed": 0,
+        "steps": steps,
         "models": {"student": {"path": tiny["student"]}, **({"teacher": {"path": tiny["teacher"]}} if teacher else {})},
-        "data": {"source": "reasoning_gym", "task": "basic_arithmetic", "task_config": TASK, "size": 100, "eval_size": 4},
+        "data": {
+            "source": "reasoning_gym",
+            "task": "basic_arithmetic",
+            "task_config": TASK,
+            "size": 100,
+            "eval_size": 4,
+        },
         "algorithm": algorithm,
         "rollout": {"samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 8},
         "learner": {"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 8},
@@ -72,8 +87,14 @@ def test_kepo_reverse_kl_with_hints(tmp_path, tiny_models, ray_local):
 
 
 def test_kepo_topk_jsd(tmp_path, tiny_models, ray_local):
-    m = run(spec_for(tmp_path, tiny_models, "kepojsd", {"type": "kepo", "divergence": "jsd", "top_k": 8, "hints": False,
-                                                        "gate_threshold": 0.0}))
+    m = run(
+        spec_for(
+            tmp_path,
+            tiny_models,
+            "kepojsd",
+            {"type": "kepo", "divergence": "jsd", "top_k": 8, "hints": False, "gate_threshold": 0.0},
+        )
+    )
     assert m[1]["kepo/gate_open_frac"] == 1.0  # τ = 0 opens the gate for every response
     assert m[1]["kepo/distill"] > 0
 
@@ -85,20 +106,37 @@ def test_opd(tmp_path, tiny_models, ray_local):
 
 def test_online_dpo_initial_and_teacher_reference(tmp_path, tiny_models, ray_local):
     for ref in ("initial", "teacher"):
-        m = run(spec_for(tmp_path, tiny_models, f"dpo-{ref}", {"type": "dpo", "mode": "online", "reference": ref},
-                         rewards=[{"name": "exact_match"}, {"name": "format", "weight": 0.1}]))
+        m = run(
+            spec_for(
+                tmp_path,
+                tiny_models,
+                f"dpo-{ref}",
+                {"type": "dpo", "mode": "online", "reference": ref},
+                rewards=[{"name": "exact_match"}, {"name": "format", "weight": 0.1}],
+            )
+        )
         assert "dpo/pairs" in m[1]
 
 
 def test_offline_dpo_from_file(tmp_path, tiny_models, ray_local):
     # The rejected answer is the same refusal everywhere, so the preference generalises across
     # batches even for a tiny random model (a per-prompt off-by-one would not, at 3 steps).
-    rows = [{"prompt": f"What is {a} + 1?", "chosen": f"<answer>{a + 1}</answer>", "rejected": "I do not know."}
-            for a in range(12)]
+    rows = [
+        {"prompt": f"What is {a} + 1?", "chosen": f"<answer>{a + 1}</answer>", "rejected": "I do not know."}
+        for a in range(12)
+    ]
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    s = spec_for(tmp_path, tiny_models, "dpo-off", {"type": "dpo", "mode": "offline"}, teacher=False, steps=3,
-                 data={"source": "file", "path": str(path), "eval_size": 2}, eval={"interval": 10, "size": 2})
+    s = spec_for(
+        tmp_path,
+        tiny_models,
+        "dpo-off",
+        {"type": "dpo", "mode": "offline"},
+        teacher=False,
+        steps=3,
+        data={"source": "file", "path": str(path), "eval_size": 2},
+        eval={"interval": 10, "size": 2},
+    )
     m = run(s)
     assert m[-1]["dpo/reward_margin"] > m[1]["dpo/reward_margin"]  # the student learns to prefer chosen
 
@@ -114,8 +152,9 @@ def test_offline_distillation_from_the_teachers_top_k(tmp_path, tiny_models, ray
     """The algorithm added to show the seams (core/spec.py DistillSpec, one case in each of
     learners/algorithms.py's functions, losses.distill_loss): no generation, no reward; the
     teacher scores the data's answers and the student moves towards its top-k."""
-    m = run(spec_for(tmp_path, tiny_models, "distill", {"type": "distill", "top_k": 8, "divergence": "forward_kl"},
-                     steps=4))
+    m = run(
+        spec_for(tmp_path, tiny_models, "distill", {"type": "distill", "top_k": 8, "divergence": "forward_kl"}, steps=4)
+    )
     assert m[-1]["distill/forward_kl"] < m[1]["distill/forward_kl"]  # the student moves towards the teacher
     assert m[1]["teacher/bytes_per_token"] > 0 and "reward/mean" not in m[1]  # scored by the teacher only
     assert "time/generate" in m[1] and "rollout/tokens_per_s" not in m[1]  # nothing sampled from the student
@@ -138,10 +177,18 @@ def test_rlad_with_a_reward_model(tmp_path, tiny_models, ray_local):
     (GRPO without a teacher runs it in tests/test_examples_run.py.)"""
     from protege.rewards.reward_model import RewardModelScorer
 
-    spec = spec_for(tmp_path, tiny_models, "rlad-rm", {"type": "rlad"},
-                    models={"student": {"path": tiny_models["student"]}, "teacher": {"path": tiny_models["teacher"]},
-                            "reward_model": {"path": tiny_models["reward"]}},
-                    rewards=[{"name": "exact_match"}, {"name": "reward_model", "weight": 0.5}])
+    spec = spec_for(
+        tmp_path,
+        tiny_models,
+        "rlad-rm",
+        {"type": "rlad"},
+        models={
+            "student": {"path": tiny_models["student"]},
+            "teacher": {"path": tiny_models["teacher"]},
+            "reward_model": {"path": tiny_models["reward"]},
+        },
+        rewards=[{"name": "exact_match"}, {"name": "reward_model", "weight": 0.5}],
+    )
     rows = run(spec)[1:]
     for r in rows:
         rm, em = r["reward/component/reward_model"], r["reward/component/exact_match"]

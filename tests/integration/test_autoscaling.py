@@ -37,8 +37,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-TASK = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
-        "allow_negation": False, "allow_parentheses": False}
+TASK = {
+    "min_terms": 2,
+    "max_terms": 2,
+    "min_digits": 1,
+    "max_digits": 1,
+    "operators": ["+"],
+    "allow_negation": False,
+    "allow_parentheses": False,
+}
 NODE_TYPE = "gpu_sim"  # stands in for a GPU node group: what KubeRay calls a worker group
 IDLE_TIMEOUT_MIN = 0.1  # 6 s; the deploy manifests use 60 s
 
@@ -56,20 +63,39 @@ def autoscaler_config(gcs_address: str, max_workers: int = 3) -> dict:
         "max_workers": max_workers,
         # launch_multiple: start as many nodes as the autoscaler asks for at once (the provider's
         # default starts one per request, whatever the count).
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": gcs_address, "launch_multiple": True},
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
+            "launch_multiple": True,
+        },
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
-            NODE_TYPE: {"resources": {"CPU": 1, "gpu_node": 1, "object_store_memory": 200 * 1024 * 1024},
-                        "node_config": {}, "min_workers": 0, "max_workers": max_workers},
+            NODE_TYPE: {
+                "resources": {"CPU": 1, "gpu_node": 1, "object_store_memory": 200 * 1024 * 1024},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": max_workers,
+            },
         },
         "head_node_type": "ray.head.default",
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
-        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
     }
 
 
@@ -86,23 +112,42 @@ class FakeAutoscalingCluster:
         self.token = secrets.token_hex(16)
         # What every process of this cluster and every client of it sees: token auth with a private token
         # (never ~/.ray/auth_token), no usage stats, the autoscaler polling every second.
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_FAKE_CLUSTER": "1",
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        }
         self.env.pop("RAY_ADDRESS", None)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> None:
         config = Path(self.temp_dir) / "autoscaler.yaml"
         config.write_text(yaml.safe_dump(autoscaler_config(self.address)))
-        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={self.port}",
-               "--num-cpus=1", "--object-store-memory=200000000", f"--temp-dir={self.temp_dir}",
-               f"--autoscaling-config={config}", "--include-dashboard=false", "--disable-usage-stats",
-               f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-               f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-               f"--runtime-env-agent-port={_free_port()}"]
+        cmd = [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={self.port}",
+            "--num-cpus=1",
+            "--object-store-memory=200000000",
+            f"--temp-dir={self.temp_dir}",
+            f"--autoscaling-config={config}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+        ]
         self.log = open(Path(self.temp_dir) / "head.log", "w")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while "--block" not in (Path(self.temp_dir) / "head.log").read_text():
             assert self.proc.poll() is None, self.head_log()
@@ -114,7 +159,7 @@ class FakeAutoscalingCluster:
 
     def autoscaler_log(self, tail: int | None = 3000) -> str:
         logs = sorted(Path(self.temp_dir).glob("session_*/logs/monitor.*"))
-        return "\n".join(p.read_text()[-tail if tail else 0:] for p in logs)
+        return "\n".join(p.read_text()[-tail if tail else 0 :] for p in logs)
 
     def stop(self) -> None:
         """SIGTERM `ray start --block` (it drains and stops its node), then SIGKILL by pid whatever this
@@ -162,10 +207,17 @@ def autoscaling_spec(run_root: Path, student: str) -> dict:
     """A small real GRPO job whose rollout worker and learner each need a whole ``gpu_node``:
     the disaggregated layout (deploy/examples/grpo_gpu_disaggregated.yaml) at toy scale."""
     return {
-        "name": "autoscale", "seed": 0, "steps": 2,
+        "name": "autoscale",
+        "seed": 0,
+        "steps": 2,
         "models": {"student": {"path": student}},
-        "data": {"source": "reasoning_gym", "task": "basic_arithmetic", "task_config": TASK, "size": 64,
-                 "eval_size": 4},
+        "data": {
+            "source": "reasoning_gym",
+            "task": "basic_arithmetic",
+            "task_config": TASK,
+            "size": 64,
+            "eval_size": 4,
+        },
         "algorithm": {"type": "grpo"},
         "rollout": {"samples_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 8, "workers": 1},
         "learner": {"ranks": 1, "zero_stage": 2, "micro_batch": 4},
@@ -205,16 +257,25 @@ def test_job_scales_cluster_up_then_idle_nodes_are_removed(tmp_path, tiny_models
     observer = None
     try:
         cluster.start()
-        observer = subprocess.Popen([sys.executable, "-c", OBSERVER, cluster.address, str(samples), str(stop)],
-                                    env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        observer = subprocess.Popen(
+            [sys.executable, "-c", OBSERVER, cluster.address, str(samples), str(stop)],
+            env=cluster.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         rows = _wait_rows(samples, lambda r: True, 60, observer, cluster)
         before = rows[-1]["alive"]
 
         # The job, as a user runs it against a cluster: the same CLI, RAY_ADDRESS set.
         t_submit = time.time()
-        job = subprocess.run([sys.executable, "-m", "protege.cli", "run", str(spec_path)],
-                             env={**cluster.env, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True,
-                             timeout=240, cwd=tmp_path)
+        job = subprocess.run(
+            [sys.executable, "-m", "protege.cli", "run", str(spec_path)],
+            env={**cluster.env, "RAY_ADDRESS": cluster.address},
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=tmp_path,
+        )
         t_done = time.time()
         assert job.returncode == 0, f"{job.stderr[-4000:]}\n--- autoscaler ---\n{cluster.autoscaler_log()}"
         summary = json.loads((tmp_path / "autoscale" / "summary.json").read_text())
@@ -241,10 +302,13 @@ def test_job_scales_cluster_up_then_idle_nodes_are_removed(tmp_path, tiny_models
     # the roles' placement groups are removed when the job ends: from then on the workers are idle
     t_released = next(r["t"] for r in rows if r["t"] > t_placed and r["created"] == 0)
     numbers = {
-        "nodes_before": before, "nodes_during_peak": peak, "nodes_after": rows[-1]["alive"],
+        "nodes_before": before,
+        "nodes_during_peak": peak,
+        "nodes_after": rows[-1]["alive"],
         "scale_up_s_first_node": round(t_first_worker - t_pending, 1),
         "scale_up_s_all_roles_placed": round(t_placed - t_pending, 1),
-        "job_s": round(t_done - t_submit, 1), "scale_down_s_after_release": round(t_after - t_released, 1),
+        "job_s": round(t_done - t_submit, 1),
+        "scale_down_s_after_release": round(t_after - t_released, 1),
         "idle_timeout_s": IDLE_TIMEOUT_MIN * 60,
     }
     log = (tmp_path / "autoscaler.log").read_text()

@@ -19,15 +19,30 @@ from protege.core.spec import parse_spec
 
 pytestmark = pytest.mark.slow
 
-TASK = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
-        "allow_negation": False, "allow_parentheses": False}
+TASK = {
+    "min_terms": 2,
+    "max_terms": 2,
+    "min_digits": 1,
+    "max_digits": 1,
+    "operators": ["+"],
+    "allow_negation": False,
+    "allow_parentheses": False,
+}
 
 
 def make_spec(tmp_path, tiny, name, **over):
     d = {
-        "name": name, "seed": 0, "steps": 6,
+        "name": name,
+        "seed": 0,
+        "steps": 6,
         "models": {"student": {"path": tiny["student"]}},
-        "data": {"source": "reasoning_gym", "task": "basic_arithmetic", "task_config": TASK, "size": 200, "eval_size": 4},
+        "data": {
+            "source": "reasoning_gym",
+            "task": "basic_arithmetic",
+            "task_config": TASK,
+            "size": 200,
+            "eval_size": 4,
+        },
         "rollout": {"samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 8},
         "learner": {"ranks": 2, "zero_stage": 2, "lr": 1e-3, "micro_batch": 8},
         "rewards": [{"name": "exact_match"}],
@@ -48,6 +63,7 @@ def _metrics(spec):
 
 def _kill_when(spec, role: str, index: int, at_step: int, killed: list):
     """Background killer: once metrics reach ``at_step``, SIGKILL the role's process."""
+
     def loop():
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -63,6 +79,7 @@ def _kill_when(spec, role: str, index: int, at_step: int, killed: list):
                 killed.append(pid)
                 return
             time.sleep(0.02)
+
     t = threading.Thread(target=loop, daemon=True)
     t.start()
     return t
@@ -121,9 +138,14 @@ def test_scorer_actor_killed_mid_run(tmp_path, tiny_models, ray_local, role):
     """Reward and teacher scorers are stateless: Ray restarts them and retries the lost call."""
     from protege.cluster.driver import run
 
-    spec = make_spec(tmp_path, tiny_models, f"kill-{role}", algorithm={"type": "rlad"},
-                     models={"student": {"path": tiny_models["student"]}, "teacher": {"path": tiny_models["teacher"]}},
-                     learner={"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 16})
+    spec = make_spec(
+        tmp_path,
+        tiny_models,
+        f"kill-{role}",
+        algorithm={"type": "rlad"},
+        models={"student": {"path": tiny_models["student"]}, "teacher": {"path": tiny_models["teacher"]}},
+        learner={"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 16},
+    )
     killed: list = []
     t = _kill_when(spec, role, None, 2, killed)
     summary = run(spec, progress=False)
@@ -147,11 +169,18 @@ def test_hanging_and_raising_rewards_score_zero_and_the_job_goes_on(tmp_path, ti
     from protege.cluster.driver import run
 
     bad = Path(__file__).with_name("fault_rewards.py")
-    spec = make_spec(tmp_path, tiny_models, "bad-rewards", steps=3,
-                     rewards=[{"name": "exact_match"},
-                              {"name": "hangs", "function": f"{bad}:hang_sometimes"},
-                              {"name": "raises", "function": f"{bad}:raise_sometimes", "weight": 0.1}],
-                     fault_tolerance={"reward_timeout_s": 0.5})
+    spec = make_spec(
+        tmp_path,
+        tiny_models,
+        "bad-rewards",
+        steps=3,
+        rewards=[
+            {"name": "exact_match"},
+            {"name": "hangs", "function": f"{bad}:hang_sometimes"},
+            {"name": "raises", "function": f"{bad}:raise_sometimes", "weight": 0.1},
+        ],
+        fault_tolerance={"reward_timeout_s": 0.5},
+    )
     summary = run(spec, progress=False)
     assert summary["steps"] == 3
     rows = _metrics(spec)[1:]
@@ -181,8 +210,12 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, tiny_mod
         return real_commit(tmp, state, keep=keep, keep_best=keep_best)
 
     monkeypatch.setattr(driver.checkpoints, "commit", commit)
-    spec = make_spec(tmp_path, tiny_models, "disk-full", learner={"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 16})
-    with pytest.raises(JobError, match=r"checkpoint of step 2 .*No space left on device.*previous checkpoint is intact: .*step_000001"):
+    spec = make_spec(
+        tmp_path, tiny_models, "disk-full", learner={"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 16}
+    )
+    with pytest.raises(
+        JobError, match=r"checkpoint of step 2 .*No space left on device.*previous checkpoint is intact: .*step_000001"
+    ):
         run(spec, progress=False)
     last = checkpoints.latest(spec.run_dir)
     assert last.name == "step_000001"
@@ -199,9 +232,12 @@ def test_driver_killed_then_resumed(tmp_path, tiny_models, ray_local):
 
     from protege.cluster.driver import run
 
-    opd = dict(algorithm={"type": "opd"}, steps=4,
-               models={"student": {"path": tiny_models["student"]}, "teacher": {"path": tiny_models["teacher"]}},
-               learner={"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 16})
+    opd = dict(
+        algorithm={"type": "opd"},
+        steps=4,
+        models={"student": {"path": tiny_models["student"]}, "teacher": {"path": tiny_models["teacher"]}},
+        learner={"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 16},
+    )
     ref = make_spec(tmp_path, tiny_models, "uninterrupted", **opd)
     run(ref, progress=False)
 
@@ -209,8 +245,13 @@ def test_driver_killed_then_resumed(tmp_path, tiny_models, ray_local):
     path = tmp_path / "spec.json"
     path.write_text(spec.model_dump_json())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray
-    proc = subprocess.Popen([sys.executable, "-m", "protege.cli", "run", str(path)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "protege.cli", "run", str(path)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 300
         while not (spec.run_dir / "checkpoints" / "step_000002" / "state.json").exists():
@@ -224,8 +265,13 @@ def test_driver_killed_then_resumed(tmp_path, tiny_models, ray_local):
             os.killpg(proc.pid, signal.SIGKILL)
     done = {int(p.name.split("_")[1]) for p in checkpoints.list_checkpoints(spec.run_dir)}
     assert 2 in done and 4 not in done  # killed mid-run, with checkpoint 2 intact
-    r = subprocess.run([sys.executable, "-m", "protege.cli", "run", str(path), "--resume"], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "protege.cli", "run", str(path), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m["step"] for m in _metrics(spec)] == [0, 1, 2, 3, 4]
     a = load_file(checkpoints.latest(ref.run_dir) / "model" / "model.safetensors")

@@ -60,13 +60,30 @@ def ray_head(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 chars
     token = secrets.token_hex(16)
     dash = _free_port()
-    ports = {"--port": _free_port(), "--dashboard-port": dash, "--ray-client-server-port": _free_port(),
-             "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-             "--metrics-export-port": _free_port(), "--runtime-env-agent-port": _free_port()}
+    ports = {
+        "--port": _free_port(),
+        "--dashboard-port": dash,
+        "--ray-client-server-port": _free_port(),
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+    }
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
-           "--temp-dir", temp_dir, "--include-dashboard", "true", "--disable-usage-stats",
-           *[str(x) for kv in ports.items() for x in kv]]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus",
+        "2",
+        "--temp-dir",
+        temp_dir,
+        "--include-dashboard",
+        "true",
+        "--disable-usage-stats",
+        *[str(x) for kv in ports.items() for x in kv],
+    ]
     log = open(Path(temp_dir) / "head.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
@@ -175,8 +192,9 @@ def test_submit_follow_status_logs_stop(ray_head, tmp_path, tiny_models, capsys)
     job_id = capsys.readouterr().out.strip()
     assert job_id.startswith("ok-")
     rc = []
-    follower = threading.Thread(target=lambda: rc.append(cli("jobs", "logs", job_id, "--follow", "--address", address)),
-                                daemon=True)
+    follower = threading.Thread(
+        target=lambda: rc.append(cli("jobs", "logs", job_id, "--follow", "--address", address)), daemon=True
+    )
     follower.start()
     follower.join(timeout=300)
     if follower.is_alive():
@@ -184,7 +202,7 @@ def test_submit_follow_status_logs_stop(ray_head, tmp_path, tiny_models, capsys)
         pytest.fail(f"job {job_id} did not finish in 5 min:\n{client.logs(job_id)[-3000:]}")
     followed = capsys.readouterr().out
     assert rc == [0], followed[-3000:]
-    assert 'done: 2 steps' in followed  # the run's closing line, printed at the end
+    assert "done: 2 steps" in followed  # the run's closing line, printed at the end
 
     s = client.status(job_id)
     assert s["state"] == "SUCCEEDED" and s["readable"] and s["step"] == 2 and s["steps"] == 2
@@ -196,7 +214,7 @@ def test_submit_follow_status_logs_stop(ray_head, tmp_path, tiny_models, capsys)
     out = capsys.readouterr().out
     assert "SUCCEEDED" in out and "step:    2 / 2" in out and "step 2 (v2)" in out
     assert cli("jobs", "logs", job_id, "--address", address) == 0
-    assert 'done: 2 steps' in capsys.readouterr().out
+    assert "done: 2 steps" in capsys.readouterr().out
     assert cli("jobs", "list", "--address", address) == 0
     listed = dict(line.split("\t")[:2] for line in capsys.readouterr().out.splitlines())
     assert listed[job_id] == "SUCCEEDED" and listed[long_id] == "STOPPED"
@@ -226,8 +244,17 @@ def _submit_example(ray_head, project_copy, monkeypatch, capsys, example: str, *
     monkeypatch.chdir(project_copy)
     monkeypatch.setattr(jobs, "project_root", lambda: project_copy)
     # A previous job's actors are released asynchronously: give this one time to be placed.
-    argv = ["submit", f"examples/{example}", "--address", ray_head["address"], "--set", "steps=2",
-            "--set", "resources.placement_timeout_s=180", *[a for s in sets for a in ("--set", s)]]
+    argv = [
+        "submit",
+        f"examples/{example}",
+        "--address",
+        ray_head["address"],
+        "--set",
+        "steps=2",
+        "--set",
+        "resources.placement_timeout_s=180",
+        *[a for s in sets for a in ("--set", s)],
+    ]
     rc = cli(*argv)
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -247,8 +274,9 @@ def _finished(address: str, job_id: str) -> str:
 # grpo_cpu.yaml's data.eval_size 200 is more than the 121 distinct questions its task has (the split
 # holds out whole questions), which `protege run` refuses anywhere; that is the example's, not the
 # upload's: a fitting held-out size here.
-@pytest.mark.parametrize("example,sets", [("grpo_tiny.yaml", ()),
-                                          ("grpo_cpu.yaml", ("data.eval_size=40", "eval.size=40"))])
+@pytest.mark.parametrize(
+    "example,sets", [("grpo_tiny.yaml", ()), ("grpo_cpu.yaml", ("data.eval_size=40", "eval.size=40"))]
+)
 def test_readme_example_submitted_runs_there(ray_head, project_copy, monkeypatch, capsys, example, sets):
     job_id, err = _submit_example(ray_head, project_copy, monkeypatch, capsys, example, *sets)
     assert "models.student.path:" in err and "travels with the job as _inputs/models.student/" in err
@@ -262,8 +290,9 @@ def test_inputs_past_the_upload_limit_go_through_the_bucket(ray_head, project_co
 
     monkeypatch.setattr(job_inputs, "UPLOAD_LIMIT", 1)  # everything is "too big" for Ray's upload
     bucket = f"file://{tmp_path}/bucket"
-    job_id, err = _submit_example(ray_head, project_copy, monkeypatch, capsys, "grpo_tiny.yaml",
-                                  f"checkpoint.dir={bucket}/{{name}}")
+    job_id, err = _submit_example(
+        ray_head, project_copy, monkeypatch, capsys, "grpo_tiny.yaml", f"checkpoint.dir={bucket}/{{name}}"
+    )
     assert "go through the run's bucket" in err
     assert (tmp_path / "bucket" / "grpo-tiny" / "job" / f"{job_id}.zip").is_file()
     assert JobsClient(ray_head["address"]).status(job_id)["entrypoint"].endswith("run spec.json")

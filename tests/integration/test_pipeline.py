@@ -16,15 +16,30 @@ from protege.core.spec import parse_spec
 
 pytestmark = pytest.mark.slow
 
-TASK = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
-        "allow_negation": False, "allow_parentheses": False}
+TASK = {
+    "min_terms": 2,
+    "max_terms": 2,
+    "min_digits": 1,
+    "max_digits": 1,
+    "operators": ["+"],
+    "allow_negation": False,
+    "allow_parentheses": False,
+}
 
 
 def make_spec(tmp_path, tiny, name="job", **over):
     d = {
-        "name": name, "seed": 0, "steps": 3,
+        "name": name,
+        "seed": 0,
+        "steps": 3,
         "models": {"student": {"path": tiny["student"]}},
-        "data": {"source": "reasoning_gym", "task": "basic_arithmetic", "task_config": TASK, "size": 200, "eval_size": 8},
+        "data": {
+            "source": "reasoning_gym",
+            "task": "basic_arithmetic",
+            "task_config": TASK,
+            "size": 200,
+            "eval_size": 8,
+        },
         "algorithm": {"type": "grpo"},
         "rollout": {"samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 8},
         "learner": {"ranks": 2, "zero_stage": 2, "lr": 1e-3, "micro_batch": 4},
@@ -54,8 +69,20 @@ def test_grpo_loop_runs_with_zero(tmp_path, tiny_models, ray_local, zero):
     assert summary["steps"] == 3 and summary["policy_version"] == 3
     rows = _metrics(spec)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    for key in ("reward/mean", "reward/std", "reward/accuracy", "loss/clip_frac", "policy/entropy", "rollout/response_len",
-                "time/generate", "time/score", "time/train", "time/sync", "rollout/tokens_per_s", "rollout/version_lag"):
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "reward/accuracy",
+        "loss/clip_frac",
+        "policy/entropy",
+        "rollout/response_len",
+        "time/generate",
+        "time/score",
+        "time/train",
+        "time/sync",
+        "rollout/tokens_per_s",
+        "rollout/version_lag",
+    ):
         assert key in rows[1], key
     # rollouts come from the weights the learner has: the engine's and the learner's log-probs agree
     assert all(r["rollout/logprob_mismatch"] < 1e-3 for r in rows[1:])
@@ -87,8 +114,10 @@ def test_weight_sync_matches_learner_logprobs(tmp_path, tiny_models, ray_local):
     try:
         prompt, resp = [5, 17, 42, 9, 100], [33, 7, 250, 11]
         before = ray.get(roles.rollout[0].score.remote(prompt, resp))
-        rows = [TrainRow(prompt_ids=prompt, response_ids=resp, advantage=1.0),
-                TrainRow(prompt_ids=prompt, response_ids=[8, 8, 8, 8], advantage=-1.0)]
+        rows = [
+            TrainRow(prompt_ids=prompt, response_ids=resp, advantage=1.0),
+            TrainRow(prompt_ids=prompt, response_ids=[8, 8, 8, 8], advantage=-1.0),
+        ]
         for _ in range(3):
             ray.get(roles.learners[0].train_step.remote(TrainBatch(rows, 0)))
         learner = ray.get(roles.learners[0].logprobs.remote(prompt, resp))
@@ -149,9 +178,13 @@ def test_unplaceable_spec_fails_fast(tmp_path, tiny_models, ray_local):
     from protege.cluster.launch import start_roles
     from protege.cluster.placement import PlacementError
 
-    spec = make_spec(tmp_path, tiny_models, name="big", **{"resources.learner.gpus": 4, "resources.placement_timeout_s": 3})
+    spec = make_spec(
+        tmp_path, tiny_models, name="big", **{"resources.learner.gpus": 4, "resources.placement_timeout_s": 3}
+    )
     t0 = time.time()
-    with pytest.raises(PlacementError, match=r"role 'learner' asked for 2 × \{CPU: 1, GPU: 4\}.*The cluster has CPU: 2"):
+    with pytest.raises(
+        PlacementError, match=r"role 'learner' asked for 2 × \{CPU: 1, GPU: 4\}.*The cluster has CPU: 2"
+    ):
         start_roles(spec)
     assert time.time() - t0 < 30
     import ray

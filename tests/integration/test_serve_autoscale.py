@@ -56,11 +56,17 @@ def test_endpoint_scales_up_under_load_and_back_down(tiny_models, tmp_path, ray_
 
     run_dir = tmp_path / "student-run"
     publish(run_dir, 1, 1, tiny_models["student"])
-    spec = ServeSpec(port=_free_port(), max_tokens=64, max_concurrent=16,
-                     autoscale=AutoscaleSpec(min_replicas=1, max_replicas=2, target_ongoing_requests=1,
-                                             upscale_delay_s=1, downscale_delay_s=4))
-    url = run(ServeArgs(target=str(run_dir), serve=spec, max_model_len=512, poll_s=5, replica_cpus=0.5,
-                        kv_cache_gb=0.0625))
+    spec = ServeSpec(
+        port=_free_port(),
+        max_tokens=64,
+        max_concurrent=16,
+        autoscale=AutoscaleSpec(
+            min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=1, downscale_delay_s=4
+        ),
+    )
+    url = run(
+        ServeArgs(target=str(run_dir), serve=spec, max_model_len=512, poll_s=5, replica_cpus=0.5, kv_cache_gb=0.0625)
+    )
     try:
         assert _running_replicas() == 1
         body = {"model": "student-run", "prompt": "count", "max_tokens": 32, "temperature": 1.0, "ignore_eos": True}
@@ -88,8 +94,13 @@ def test_endpoint_scales_up_under_load_and_back_down(tiny_models, tmp_path, ray_
             t.join(70)
         served_under_load = len(codes)
         down = _wait_for(lambda: _running_replicas() == 1, timeout=240) if up is not None else None
-        report = {"scale_up_s": up, "scale_down_s_after_load_stopped": down, "requests": served_under_load,
-                  "load_s": round(time.monotonic() - t_load, 1), "status_codes": sorted(set(map(str, codes)))}
+        report = {
+            "scale_up_s": up,
+            "scale_down_s_after_load_stopped": down,
+            "requests": served_under_load,
+            "load_s": round(time.monotonic() - t_load, 1),
+            "status_codes": sorted(set(map(str, codes))),
+        }
         print("serve autoscaling:", json.dumps(report))
         assert up is not None, f"no second replica within 240 s of load: {report}"
         assert down is not None, f"still 2 replicas 240 s after the load stopped: {report}"

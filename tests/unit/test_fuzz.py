@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "examples").glob("*.yaml"))]
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True, allow_infinity=True)
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=12,
@@ -128,8 +131,11 @@ def test_post_jobs_never_500(api, data):
     client, jobs = api
     before = len(jobs.submitted)
     # Python's json writes NaN/Infinity, which is not JSON: the server must answer 422, not 500.
-    r = client.post("/v1/jobs", content=json.dumps(data).encode(),
-                    headers={"Authorization": "Bearer tok", "Content-Type": "application/json"})
+    r = client.post(
+        "/v1/jobs",
+        content=json.dumps(data).encode(),
+        headers={"Authorization": "Bearer tok", "Content-Type": "application/json"},
+    )
     assert r.status_code in (201, 422), r.text
     if r.status_code == 422:
         assert r.json()["errors"] and len(jobs.submitted) == before
@@ -138,8 +144,11 @@ def test_post_jobs_never_500(api, data):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.binary(max_size=200), st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30)
-       | st.sampled_from(["Bearer tok", "bearer tok", "Bearer  tok", "Bearer tok2"]))
+@given(
+    st.binary(max_size=200),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30)
+    | st.sampled_from(["Bearer tok", "bearer tok", "Bearer  tok", "Bearer tok2"]),
+)
 def test_post_jobs_raw_bytes_and_headers(api, body, header):
     client, jobs = api
     before = len(jobs.submitted)

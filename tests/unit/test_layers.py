@@ -60,7 +60,11 @@ DOORS = {
         "actors/weight_receiver.py",  # vLLM's weight-transfer engine, worker side
         "learners/weight_sender.py",  # vLLM's weight-transfer engine, trainer side (lazily)
         # serve/: vLLM's OpenAI serving layer and what wraps it
-        "serve/app.py", "serve/generator.py", "serve/hf_client.py", "serve/layer.py", "serve/protocol.py",
+        "serve/app.py",
+        "serve/generator.py",
+        "serve/hf_client.py",
+        "serve/layer.py",
+        "serve/protocol.py",
     },
 }
 RAY_ACTOR_DOOR = {"cluster/launch.py"}  # "the only place plain classes become Ray actors"
@@ -260,14 +264,21 @@ def test_heavy_import_doors():
                 violations.append(f"{rel}:{line}: imports {target} (only {', '.join(sorted(DOORS[top]))} may)")
             if rel in LIGHT and not _stdlib(top):
                 if not any(target == ok or target.startswith(ok + ".") for ok in LIGHT[rel]):
-                    violations.append(f"{rel}:{line}: imports {target} (a light module: only the standard library"
-                                      f" and {', '.join(sorted(LIGHT[rel]))})")
+                    violations.append(
+                        f"{rel}:{line}: imports {target} (a light module: only the standard library"
+                        f" and {', '.join(sorted(LIGHT[rel]))})"
+                    )
         if rel not in RAY_ACTOR_DOOR:
             for node in ast.walk(TREES[name]):
-                if (isinstance(node, ast.Attribute) and node.attr == "remote" and isinstance(node.value, ast.Name)
-                        and node.value.id == "ray"):
-                    violations.append(f"{rel}:{node.lineno}: ray.remote (actors are made only in "
-                                      f"{', '.join(sorted(RAY_ACTOR_DOOR))})")
+                if (
+                    isinstance(node, ast.Attribute)
+                    and node.attr == "remote"
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "ray"
+                ):
+                    violations.append(
+                        f"{rel}:{node.lineno}: ray.remote (actors are made only in {', '.join(sorted(RAY_ACTOR_DOOR))})"
+                    )
     assert not violations, _report("heavy-import doors", violations)
 
 
@@ -278,8 +289,12 @@ def _algorithm_specs() -> set[str]:
     specs = set()
     for c in classes.values():
         for stmt in c.body:
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == "type"
-                    and "Literal" in ast.unparse(stmt.annotation)):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and stmt.target.id == "type"
+                and "Literal" in ast.unparse(stmt.annotation)
+            ):
                 specs.add(c.name)
     todo = list(specs)
     while todo:  # bases declared in core/spec.py, short of the common model base
@@ -326,8 +341,13 @@ def test_algorithm_seams():
                 violations.append(f"{rel}:{node.lineno}: dispatch on the algorithm's type: {ast.unparse(node)}")
             elif isinstance(node, ast.Match) and _algo_type(node.subject):
                 violations.append(f"{rel}:{node.lineno}: match on the algorithm's type: {ast.unparse(node.subject)}")
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"
-                  and len(node.args) == 2 and set(_class_names(node.args[1])) & specs):
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "isinstance"
+                and len(node.args) == 2
+                and set(_class_names(node.args[1])) & specs
+            ):
                 violations.append(f"{rel}:{node.lineno}: isinstance on an algorithm spec: {ast.unparse(node)}")
     violations.sort(key=lambda v: (v.split(":")[0], int(v.split(":")[1])))
     assert not violations, _report("algorithm seams", violations)

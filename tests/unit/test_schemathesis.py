@@ -31,8 +31,14 @@ def student_app(tiny_models, tmp_path_factory):
 
     shutil.copytree(tiny_models["student"], tmp / "model")
     checkpoints.commit(tmp, {"step": 1, "version": 1}, keep=1)
-    gen = StudentGenerator(versions.resolve(run).version, model_name="student", engine="hf", max_tokens=8,
-                           max_model_len=256, max_concurrent=4)
+    gen = StudentGenerator(
+        versions.resolve(run).version,
+        model_name="student",
+        engine="hf",
+        max_tokens=8,
+        max_model_len=256,
+        max_concurrent=4,
+    )
     return make_asgi_app(gen, _sha256(KEY))
 
 
@@ -48,6 +54,7 @@ def _run_all(schema, headers, *, max_examples: int, expect_401: bool):
         operation = op.ok()
 
         strategy = operation.as_strategy()
+
         @settings(max_examples=max_examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(strategy)
         def check(case):
@@ -55,9 +62,13 @@ def _run_all(schema, headers, *, max_examples: int, expect_401: bool):
             t0 = time.time()
             response = case.call(headers=headers)
             assert time.time() - t0 < 60, f"{case.method} {case.path} hung"
-            assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: {response.text[:300]}"
+            assert response.status_code < 500, (
+                f"{case.method} {case.path} -> {response.status_code}: {response.text[:300]}"
+            )
             if expect_401 and case.path != "/health":
-                assert response.status_code == 401, f"{case.method} {case.path} answered {response.status_code} without a key"
+                assert response.status_code == 401, (
+                    f"{case.method} {case.path} answered {response.status_code} without a key"
+                )
             seen.setdefault(f"{case.method} {case.path}", set()).add(response.status_code)
 
         check()

@@ -43,8 +43,13 @@ def test_gpu_check_part1_runs_on_cpu(tmp_path):
     in-process) for GRPO/OPD/OPD-top-k/RLAD/KEPO × ZeRO-0/2 × fp32/bf16, the dense-teacher losses against a
     float64 reference, the bucket walk packed and unpacked bit-exactly."""
     env = {**os.environ, "PROTEGE_PY": sys.executable, "OUT": str(tmp_path)}
-    proc = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--device", "cpu", "--quick"], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu_check.sh"), "--device", "cpu", "--quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check_part1.json").read_text())
     steps = report["train_steps"]["tiny"]

@@ -17,18 +17,37 @@ from protege.jobs_cli import register
 from protege.cluster.preflight import UserError
 from protege.core.spec import parse_spec
 
-TASK = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
-        "allow_negation": False, "allow_parentheses": False}
+TASK = {
+    "min_terms": 2,
+    "max_terms": 2,
+    "min_digits": 1,
+    "max_digits": 1,
+    "operators": ["+"],
+    "allow_negation": False,
+    "allow_parentheses": False,
+}
 REMOTE = "http://head.cluster:8265"
 
 
 def spec_dict(student: str, **extra) -> dict:
-    return {"name": "job", "steps": 2, "models": {"student": {"path": student}},
-            "data": {"source": "reasoning_gym", "task": "basic_arithmetic", "task_config": TASK, "size": 64,
-                     "eval_size": 4},
-            "rollout": {"samples_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 8},
-            "learner": {"micro_batch": 4}, "rewards": [{"name": "exact_match"}],
-            "checkpoint": {"dir": "/shared/runs/{name}"}, "eval": {"interval": 2, "size": 4}, **extra}
+    return {
+        "name": "job",
+        "steps": 2,
+        "models": {"student": {"path": student}},
+        "data": {
+            "source": "reasoning_gym",
+            "task": "basic_arithmetic",
+            "task_config": TASK,
+            "size": 64,
+            "eval_size": 4,
+        },
+        "rollout": {"samples_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 8},
+        "learner": {"micro_batch": 4},
+        "rewards": [{"name": "exact_match"}],
+        "checkpoint": {"dir": "/shared/runs/{name}"},
+        "eval": {"interval": 2, "size": 4},
+        **extra,
+    }
 
 
 def model_folder(path: Path, weights: int = 1000) -> Path:
@@ -89,9 +108,13 @@ def test_network_filesystems_count_as_shared(monkeypatch, tmp_path):
 
 def test_plan_rewrites_and_packs_inputs(project, tmp_path):
     model_folder(project / "models" / "tiny" / "student")
-    spec = parse_spec(spec_dict("models/tiny/student", algorithm={"type": "opd"},
-                                models={"student": {"path": "models/tiny/student"},
-                                        "teacher": {"path": "models/tiny/student"}}))
+    spec = parse_spec(
+        spec_dict(
+            "models/tiny/student",
+            algorithm={"type": "opd"},
+            models={"student": {"path": "models/tiny/student"}, "teacher": {"path": "models/tiny/student"}},
+        )
+    )
     plan = jobs.plan_inputs(spec, project, REMOTE)
     assert [i.kind for i in plan.inputs] == ["upload", "upload"]
     assert list(plan.links) == ["_inputs/models.student/student"]  # one folder, two roles: sent once
@@ -102,8 +125,12 @@ def test_plan_rewrites_and_packs_inputs(project, tmp_path):
     staged = jobs.stage_working_dir(sent, project, tmp_path / "staged", links=plan.links)
     packed = job_inputs.packed_files(staged, jobs.excludes(with_inputs=True))
     # the weights travel although models/ and *.safetensors are excluded everywhere else
-    assert {"_inputs/models.student/student/model.safetensors", "_inputs/models.student/student/config.json",
-            "examples/data/rows.jsonl", "spec.json"} <= set(packed)
+    assert {
+        "_inputs/models.student/student/model.safetensors",
+        "_inputs/models.student/student/config.json",
+        "examples/data/rows.jsonl",
+        "spec.json",
+    } <= set(packed)
     assert not any(p.startswith("models/") for p in packed)
     assert json.loads((staged / "spec.json").read_text())["models"]["teacher"]["path"] == sent.models.teacher.path
     assert (project / ".gitignore").read_text() == "models/\nruns/\n*.safetensors\n"  # the project is not written
@@ -117,8 +144,10 @@ def test_missing_and_too_big_are_refused_in_one_line(project, tmp_path, capsys):
     spec = parse_spec(spec_dict(str(big)))
     with pytest.raises(UserError) as err:
         jobs.plan_inputs(spec, project, REMOTE)
-    assert str(err.value) == (f"models.student.path: {big} is 2.3 GiB, larger than Ray's 500 MiB upload; "
-                              "put it on storage the cluster shares or use a bucket checkpoint.dir")
+    assert str(err.value) == (
+        f"models.student.path: {big} is 2.3 GiB, larger than Ray's 500 MiB upload; "
+        "put it on storage the cluster shares or use a bucket checkpoint.dir"
+    )
     # the same folder with a bucket run dir goes through the bucket instead
     bucket = parse_spec({**spec_dict(str(big)), "checkpoint": {"dir": "s3://bucket/runs/{name}"}})
     assert jobs.plan_inputs(bucket, project, REMOTE).route == "bucket"

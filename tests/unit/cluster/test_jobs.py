@@ -20,16 +20,30 @@ from protege.cluster.jobs import EXCLUDES
 from protege.jobs_cli import register
 from protege.core.spec import parse_spec
 
-TASK = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
-        "allow_negation": False, "allow_parentheses": False}
+TASK = {
+    "min_terms": 2,
+    "max_terms": 2,
+    "min_digits": 1,
+    "max_digits": 1,
+    "operators": ["+"],
+    "allow_negation": False,
+    "allow_parentheses": False,
+}
 
 
 def spec_dict(run_root, student="/models/student", name="job", steps=2) -> dict:
     return {
-        "name": name, "seed": 0, "steps": steps,
+        "name": name,
+        "seed": 0,
+        "steps": steps,
         "models": {"student": {"path": student}},
-        "data": {"source": "reasoning_gym", "task": "basic_arithmetic", "task_config": TASK, "size": 64,
-                 "eval_size": 4},
+        "data": {
+            "source": "reasoning_gym",
+            "task": "basic_arithmetic",
+            "task_config": TASK,
+            "size": 64,
+            "eval_size": 4,
+        },
         "algorithm": {"type": "grpo"},
         "rollout": {"samples_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 8},
         "learner": {"ranks": 1, "zero_stage": 2, "micro_batch": 4},
@@ -67,17 +81,37 @@ def _uploaded(root: Path) -> set[str]:
 
 def test_working_dir_excludes_and_spec(tmp_path):
     project = tmp_path / "project"
-    files = ["pyproject.toml", "core/spec.py", "cluster/__pycache__/spec.cpython-311.pyc", "protege/cli.py",
-             "examples/grpo_tiny.yaml", "examples/data/d.jsonl", "bench/run.py", "bench/results/r.json",
-             ".venv/bin/python", ".cache/torch_extensions/x.so", "runs/a/metrics.jsonl", "models/tiny/config.json",
-             ".git/HEAD", "w.safetensors", "examples/m.gguf", "spec.json"]
+    files = [
+        "pyproject.toml",
+        "core/spec.py",
+        "cluster/__pycache__/spec.cpython-311.pyc",
+        "protege/cli.py",
+        "examples/grpo_tiny.yaml",
+        "examples/data/d.jsonl",
+        "bench/run.py",
+        "bench/results/r.json",
+        ".venv/bin/python",
+        ".cache/torch_extensions/x.so",
+        "runs/a/metrics.jsonl",
+        "models/tiny/config.json",
+        ".git/HEAD",
+        "w.safetensors",
+        "examples/m.gguf",
+        "spec.json",
+    ]
     for f in files:
         (project / f).parent.mkdir(parents=True, exist_ok=True)
         (project / f).write_text("x")
     spec = parse_spec(spec_dict("/shared/runs"))
     staged = jobs.stage_working_dir(spec, project, tmp_path / "staged")
-    assert _uploaded(staged) == {"pyproject.toml", "core/spec.py", "examples/grpo_tiny.yaml",
-                                 "examples/data/d.jsonl", "bench/run.py", "spec.json"}
+    assert _uploaded(staged) == {
+        "pyproject.toml",
+        "core/spec.py",
+        "examples/grpo_tiny.yaml",
+        "examples/data/d.jsonl",
+        "bench/run.py",
+        "spec.json",
+    }
     # the project's own spec.json is shadowed by the job's, and the project is not written to
     assert parse_spec(json.loads((staged / "spec.json").read_text())) == spec
     assert (project / "spec.json").read_text() == "x"
@@ -164,8 +198,12 @@ def test_api_auth_and_validation_reach_nothing(tmp_path):
     stub = RecordingJobs(tmp_path)
     api = TestClient(create_app(token="s3cret-token", jobs=stub))
     good = spec_dict("/shared/runs")
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
-                    {"Authorization": "Basic s3cret-token"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "s3cret-token"},
+        {"Authorization": "Basic s3cret-token"},
+    ):
         r = api.post("/v1/jobs", json=good, headers=headers)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", headers
         assert api.get("/v1/jobs", headers=headers).status_code == 401

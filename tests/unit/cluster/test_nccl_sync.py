@@ -85,9 +85,11 @@ def test_plan_buckets_rejects_bad_input():
 @pytest.mark.parametrize("seed", range(20))
 def test_plan_buckets_random(seed):
     rng = random.Random(seed)
-    params = [(f"p{i}", [rng.randint(0, 64), rng.randint(1, 64)], rng.choice(["float32", "bfloat16", "float16"]))
-              for i in range(rng.randint(1, 60))]
-    bucket = rng.choice([1, 100, 4096, 20_000, 10 ** 9])
+    params = [
+        (f"p{i}", [rng.randint(0, 64), rng.randint(1, 64)], rng.choice(["float32", "bfloat16", "float16"]))
+        for i in range(rng.randint(1, 60))
+    ]
+    bucket = rng.choice([1, 100, 4096, 20_000, 10**9])
     _check_plan(params, bucket, plan_buckets(params, bucket))
 
 
@@ -96,8 +98,15 @@ def _tiny_tied_lm():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -192,8 +201,9 @@ def test_small_bucket_splits_the_tiny_student(tiny_models, monkeypatch, zero):
     monkeypatch.setattr(ws, "send_ipc", send_ipc)
     model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32)
     sender = _Sender(model, zero_stage=zero)
-    sender.init(workers=["w"], routes=[{"kind": "ipc", "ranks": [0]}], connect=[], dtype="float32",
-                bucket_mb=SMALL_BUCKET_MB)
+    sender.init(
+        workers=["w"], routes=[{"kind": "ipc", "ranks": [0]}], connect=[], dtype="float32", bucket_mb=SMALL_BUCKET_MB
+    )
     out = sender.send(1, [0])
     assert out["failed"] == [] and out["workers"] == {0: {"version": 1, "seconds": 0.0}}
     assert out["buckets"] >= 2
@@ -212,11 +222,23 @@ def test_zero3_bucket_walk_on_real_deepspeed(tiny_models):
     from protege.core.spec import parse_spec
     from protege.learners.learner import Learner
 
-    spec = parse_spec({"models": {"student": {"path": tiny_models["student"]}},
-                       "data": {"task": "basic_arithmetic", "size": 20, "eval_size": 2},
-                       "learner": {"ranks": 1, "zero_stage": 3, "micro_batch": 2}, "eval": {"size": 2}})
-    ln = Learner(rank=0, world_size=1, model_path=tiny_models["student"], learner_spec=spec.learner,
-             algo=spec.algorithm, temperature=1.0, grad_accum=1)
+    spec = parse_spec(
+        {
+            "models": {"student": {"path": tiny_models["student"]}},
+            "data": {"task": "basic_arithmetic", "size": 20, "eval_size": 2},
+            "learner": {"ranks": 1, "zero_stage": 3, "micro_batch": 2},
+            "eval": {"size": 2},
+        }
+    )
+    ln = Learner(
+        rank=0,
+        world_size=1,
+        model_path=tiny_models["student"],
+        learner_spec=spec.learner,
+        algo=spec.algorithm,
+        temperature=1.0,
+        grad_accum=1,
+    )
     ln.setup("127.0.0.1", _free_port())
     try:
         meta = ln.nccl_meta("float32")
@@ -246,8 +268,13 @@ def test_zero3_bucket_walk_on_real_deepspeed(tiny_models):
 
 # ------------------------------------------------------------------------------------ packed (object store)
 def test_plan_packed_one_dtype_per_buffer_aligned_and_bounded():
-    meta = [("a", [3, 5], "float32"), ("b", [7], "bfloat16"), ("c", [100], "float32"), ("d", [2, 2], "bfloat16"),
-            ("e", [1000], "float32")]
+    meta = [
+        ("a", [3, 5], "float32"),
+        ("b", [7], "bfloat16"),
+        ("c", [100], "float32"),
+        ("d", [2, 2], "bfloat16"),
+        ("e", [1000], "float32"),
+    ]
     layout, sizes = plan_packed(meta, bucket_bytes=600)
     assert sorted(n for n, *_ in layout) == sorted(n for n, _, _ in meta)
     by_buf: dict[int, set] = {}
@@ -273,8 +300,12 @@ def test_pack_and_views_round_trip_in_the_wire_dtype():
     sender = WeightSender(lambda: model, rank=0, zero_stage=0)
     for wire in (None, "bfloat16"):
         summary, packed = sender.pack(wire, bucket_mb=100 / MB)  # ~100-byte buffers: several of them
-        assert len(packed.buffers) >= 2 and all(isinstance(b, np.ndarray) and b.dtype == np.uint8 for b in packed.buffers)
-        assert summary["wire_bytes"] == packed.nbytes() and summary["numel"] == sum(p.numel() for p in model.parameters())
+        assert len(packed.buffers) >= 2 and all(
+            isinstance(b, np.ndarray) and b.dtype == np.uint8 for b in packed.buffers
+        )
+        assert summary["wire_bytes"] == packed.nbytes() and summary["numel"] == sum(
+            p.numel() for p in model.parameters()
+        )
         buffers = [torch.from_numpy(b) for b in packed.buffers]
         views = dict(tensor_views(packed.layout, buffers))
         assert list(views) == [n for n, _ in model.named_parameters()]
@@ -290,8 +321,12 @@ def test_pack_and_views_round_trip_in_the_wire_dtype():
 def test_plan_routes_colocated_ipc_else_nccl():
     learners = ["GPU-aaaa", "GPU-bbbb"]
     routes = plan_routes(learners, [["aaaa"], ["cccc"], ["BBBB"], ["cccc", "dddd"]])
-    assert routes == [{"kind": "ipc", "ranks": [0]}, {"kind": "nccl", "world_size": 2},
-                      {"kind": "ipc", "ranks": [1]}, {"kind": "nccl", "world_size": 3}]
+    assert routes == [
+        {"kind": "ipc", "ranks": [0]},
+        {"kind": "nccl", "world_size": 2},
+        {"kind": "ipc", "ranks": [1]},
+        {"kind": "nccl", "world_size": 3},
+    ]
 
 
 def test_plan_routes_refuses_what_neither_transport_reaches():
@@ -306,6 +341,7 @@ def test_plan_routes_refuses_what_neither_transport_reaches():
 def test_pick_weight_sync_falls_back_on_cpu(tiny_models):
     from protege.cluster.launch import Roles
     from protege.core.spec import parse_spec
+
     base = {"models": {"student": {"path": tiny_models["student"]}}, "data": {"task": "basic_arithmetic"}}
     spec = parse_spec(base)
     roles = Roles()
@@ -315,7 +351,9 @@ def test_pick_weight_sync_falls_back_on_cpu(tiny_models):
         pick_weight_sync(spec, roles, mode="nccl")
     with pytest.raises(ValueError):
         pick_weight_sync(spec, roles, mode="rdma")
-    hf = parse_spec({**base, "rollout": {"engine": "hf"}, "resources": {"rollout": {"gpus": 1}, "learner": {"gpus": 1}}})
+    hf = parse_spec(
+        {**base, "rollout": {"engine": "hf"}, "resources": {"rollout": {"gpus": 1}, "learner": {"gpus": 1}}}
+    )
     with pytest.raises(NoGpuTransfer, match="engine"):
         pick_weight_sync(hf, roles, mode="nccl")
 
@@ -328,12 +366,20 @@ def test_modules_import_and_name_the_vllm_api():
     from protege.actors import weight_receiver
     from protege.learners import weight_sender
 
-    for m in ("init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update",
-              "shutdown_weight_transfer_engine", "reset_prefix_cache", "collective_rpc"):
+    for m in (
+        "init_weight_transfer_engine",
+        "start_weight_update",
+        "update_weights",
+        "finish_weight_update",
+        "shutdown_weight_transfer_engine",
+        "reset_prefix_cache",
+        "collective_rpc",
+    ):
         assert hasattr(LLM, m), m
     assert {"start_weight_update", "finish_weight_update", "update_weights"} <= set(dir(WeightTransferEngine))
-    assert set(weight_receiver._BY_NAME) == {m for m in dir(weight_receiver.TransferWorkerExtension)
-                                             if m.startswith("protege_")}
+    assert set(weight_receiver._BY_NAME) == {
+        m for m in dir(weight_receiver.TransferWorkerExtension) if m.startswith("protege_")
+    }
     assert issubclass(weight_sender._bucket_source_cls(), WeightSource)
 
 
@@ -347,8 +393,11 @@ def _register_loopback() -> None:
     the chunk arrives as safetensors bytes in the update info instead of over NCCL/IPC."""
     from dataclasses import dataclass
 
-    from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightTransferInitInfo,
-                                                       WeightTransferUpdateInfo)
+    from vllm.distributed.weight_transfer.base import (
+        WeightTransferEngine,
+        WeightTransferInitInfo,
+        WeightTransferUpdateInfo,
+    )
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
     if _LOOPBACK in WeightTransferEngineFactory._registry:
@@ -415,7 +464,10 @@ def test_receiver_lifecycle_on_cpu_vllm(tiny_models):
                 p.add_(torch.randn_like(p) * 0.05)
         state = {n: p.detach().contiguous() for n, p in hf.named_parameters()}  # tied: embedding only
         names = list(state)
-        chunks = [save({n: state[n] for n in names[: len(names) // 2]}), save({n: state[n] for n in names[len(names) // 2:]})]
+        chunks = [
+            save({n: state[n] for n in names[: len(names) // 2]}),
+            save({n: state[n] for n in names[len(names) // 2 :]}),
+        ]
         ref = HFEngine(tiny_models["student"])
         ref.model.load_state_dict(state, strict=False)
         ref.model.tie_weights()
@@ -658,7 +710,10 @@ def test_send_nccl_drives_vllm_send_weights(ray_cpu, monkeypatch):
     plan = plan_buckets(meta, 2048)
     src = bucket_source(meta, lambda: sender._bucket_pairs(plan, "bfloat16", materialize=True))
     client = send_nccl({i: Eng(i) for i in ws}, ws, src, is_sender=True, version=9, bucket_bytes=4096)
-    assert client.failed == [1] and client.results == {0: {"version": 9, "seconds": 0.5}, 2: {"version": 9, "seconds": 0.5}}
+    assert client.failed == [1] and client.results == {
+        0: {"version": 9, "seconds": 0.5},
+        2: {"version": 9, "seconds": 0.5},
+    }
     assert len(sender.gathers) == len(plan)
     calls = ray.get(ws[0].get_calls.remote())
     assert [c[0] for c in calls] == ["start", "update", "finish"] and calls[2] == ("finish", 9)
@@ -685,10 +740,17 @@ def test_connect_nccl_ships_the_wire_parameters(ray_cpu, monkeypatch):
     w = ray.remote(num_cpus=0)(RecordingWorker).remote()
     eng = connect_nccl(w, address="10.0.0.5", port=29555, world_size=2, bucket_bytes=64 * MB)
     assert eng.model_update_group == ("group", 29555, 2) and eng.packed_buffer_size_bytes == 64 * MB
-    (kind, backend, info), = ray.get(w.get_calls.remote())
+    ((kind, backend, info),) = ray.get(w.get_calls.remote())
     assert (kind, backend) == ("init", "nccl")
-    assert info == {"master_address": "10.0.0.5", "master_port": 29555, "rank_offset": 1, "world_size": 2,
-                    "packed": True, "packed_buffer_size_bytes": 64 * MB, "packed_num_buffers": 2}
+    assert info == {
+        "master_address": "10.0.0.5",
+        "master_port": 29555,
+        "rank_offset": 1,
+        "world_size": 2,
+        "packed": True,
+        "packed_buffer_size_bytes": 64 * MB,
+        "packed_num_buffers": 2,
+    }
 
 
 def test_connect_nccl_refuses_a_dead_worker_at_once(ray_cpu, monkeypatch):
@@ -743,12 +805,14 @@ def test_nccl_init_connects_the_live_workers_and_lists_the_dead(ray_cpu, monkeyp
     _kill(ray, ws[0])
     sender = _Sender(_tiny_tied_lm())
     routes = [{"kind": "nccl", "world_size": 2}] * 2
-    out = sender.init(workers=ws, routes=routes, connect=[(0, "h", 29601), (1, "h", 29602)], dtype="float32",
-                      bucket_mb=1)
+    out = sender.init(
+        workers=ws, routes=routes, connect=[(0, "h", 29601), (1, "h", 29602)], dtype="float32", bucket_mb=1
+    )
     assert out["failed"] == [0] and out["connected"] == [1]
     assert list(sender.engines) == [1] and sender.engines[1].model_update_group == ("group", 29602)
-    sender.init(workers=None, routes=[routes[0], {"kind": "ipc", "ranks": [0]}], connect=[], dtype="float32",
-                bucket_mb=1)
+    sender.init(
+        workers=None, routes=[routes[0], {"kind": "ipc", "ranks": [0]}], connect=[], dtype="float32", bucket_mb=1
+    )
     assert sender.engines == {}
 
 
@@ -821,7 +885,11 @@ def test_push_orchestration(ray_cpu):
     m = res.metrics
     calls0, calls1 = (ray.get(ln.take_calls.remote()) for ln in learners)
     assert ("rendezvous", 2) in calls0
-    assert ("init", [1, 2], True) in calls0 and ("init", [], False) in calls1  # rank 0 connects, all ranks learn the routes
+    assert ("init", [1, 2], True) in calls0 and (
+        "init",
+        [],
+        False,
+    ) in calls1  # rank 0 connects, all ranks learn the routes
     assert calls0[-1] == ("send", 1, [0, 1, 2]) and calls1[-1] == ("send", 1, [0, 1, 2])
     assert res.failed == [] and m["sync/mbytes"] == 5.0 and m["sync/buckets"] == 3
     assert (m["sync/ipc_workers"], m["sync/nccl_workers"]) == (1, 2) and m["sync/seconds"] > 0
@@ -931,8 +999,16 @@ def test_object_store_push_returns_a_sync_result(ray_cpu):
     res = sync.push(1)
     assert isinstance(res, SyncResult) and res.version == 1 and res.failed == []
     assert res.bytes == (4 * 8 + 8) * 4 and res.seconds >= 0 and res.metrics["sync/seconds"] == res.seconds
-    assert set(res.metrics) == {"sync/seconds", "sync/export_s", "sync/pack_s", "sync/transfer_s", "sync/unpack_s",
-                                "sync/load_s", "sync/mbytes", "sync/mb_per_s"}
+    assert set(res.metrics) == {
+        "sync/seconds",
+        "sync/export_s",
+        "sync/pack_s",
+        "sync/transfer_s",
+        "sync/unpack_s",
+        "sync/load_s",
+        "sync/mbytes",
+        "sync/mb_per_s",
+    }
     assert 0 < res.metrics["sync/mbytes"] * 1e6 < res.bytes  # bfloat16 on the wire (aligned buffers)
     assert ray.get(learner.take_calls.remote()) == [("bfloat16", 1.0)]
     got = ray.get(workers[0].loaded.remote())
@@ -948,8 +1024,11 @@ def test_object_store_push_returns_a_sync_result(ray_cpu):
 
 
 # ------------------------------------------------------------------------------------ GPU
-STUDENT_SPEC = {"data": {"task": "basic_arithmetic", "size": 20, "eval_size": 2}, "algorithm": {"type": "grpo"},
-                "eval": {"size": 2}}
+STUDENT_SPEC = {
+    "data": {"task": "basic_arithmetic", "size": 20, "eval_size": 2},
+    "algorithm": {"type": "grpo"},
+    "eval": {"size": 2},
+}
 
 
 def _free_port() -> int:
@@ -973,9 +1052,15 @@ def ray_gpu():
 
     if ray.is_initialized():
         ray.shutdown()
-    env = {"DS_ACCELERATOR": "cuda", "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "4",
-           "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}
+    env = {
+        "DS_ACCELERATOR": "cuda",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "4",
+        "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
+    }
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
@@ -994,23 +1079,37 @@ def _sync_roundtrip(ray, tiny_models, *, zero: int, gpus: float, kind: str, buck
     from protege.core.records import TrainBatch, TrainRow
     from protege.core.spec import parse_spec
 
-    spec = parse_spec({**STUDENT_SPEC, "models": {"student": {"path": tiny_models["student"]}},
-                       "learner": {"ranks": 1, "zero_stage": zero, "lr": 1e-3, "micro_batch": 4}})
+    spec = parse_spec(
+        {
+            **STUDENT_SPEC,
+            "models": {"student": {"path": tiny_models["student"]}},
+            "learner": {"ranks": 1, "zero_stage": zero, "lr": 1e-3, "micro_batch": 4},
+        }
+    )
     LA, RA = _gpu_classes()
-    worker = RA.options(num_gpus=gpus, num_cpus=1).remote(tiny_models["student"], engine="vllm", dtype="float32",
-                                                          seed=0, max_model_len=256)
+    worker = RA.options(num_gpus=gpus, num_cpus=1).remote(
+        tiny_models["student"], engine="vllm", dtype="float32", seed=0, max_model_len=256
+    )
     ray.get(worker.get_version.remote())  # vLLM sizes its memory before the learner takes any
     learner = LA.options(num_gpus=gpus, num_cpus=1).remote(
-        rank=0, world_size=1, model_path=tiny_models["student"], learner_spec=spec.learner, algo=spec.algorithm,
-        temperature=1.0, grad_accum=1)
+        rank=0,
+        world_size=1,
+        model_path=tiny_models["student"],
+        learner_spec=spec.learner,
+        algo=spec.algorithm,
+        temperature=1.0,
+        grad_accum=1,
+    )
     ray.get(learner.setup.remote("127.0.0.1", _free_port()))
     sync = NcclWeightSync([learner], [worker], zero_stage=zero, dtype="float32", bucket_mb=bucket_mb)
     try:
         assert [r["kind"] for r in sync.probe()] == [kind]
         prompt, resp = [5, 17, 42, 9, 100], [33, 7, 250, 11]
         before = ray.get(worker.score.remote(prompt, resp))
-        rows = [TrainRow(prompt_ids=prompt, response_ids=resp, advantage=1.0),
-                TrainRow(prompt_ids=prompt, response_ids=[8, 8, 8, 8], advantage=-1.0)]
+        rows = [
+            TrainRow(prompt_ids=prompt, response_ids=resp, advantage=1.0),
+            TrainRow(prompt_ids=prompt, response_ids=[8, 8, 8, 8], advantage=-1.0),
+        ]
         timings = []
         for version in (1, 2):
             for _ in range(3):
@@ -1027,8 +1126,10 @@ def _sync_roundtrip(ray, tiny_models, *, zero: int, gpus: float, kind: str, buck
             assert m["sync/mbytes"] > 0 and m["sync/buckets"] >= (2 if bucket_mb <= SMALL_BUCKET_MB else 1)
             assert m[f"sync/{kind}_workers"] == 1
             timings.append(m)
-        _record(name, {**{f"first/{k}": v for k, v in timings[0].items()},
-                       **{f"steady/{k}": v for k, v in timings[1].items()}})
+        _record(
+            name,
+            {**{f"first/{k}": v for k, v in timings[0].items()}, **{f"steady/{k}": v for k, v in timings[1].items()}},
+        )
     finally:
         sync.close()
         for actor in (worker, learner):
@@ -1045,8 +1146,15 @@ def test_ipc_sync_colocated_matches_learner_logprobs(tiny_models, ray_gpu, zero,
     """1 learner rank + 1 vLLM engine on one GPU: CUDA IPC, several packed buffers when the bucket
     is SMALL_BUCKET_MB (the tiny student is ~0.41 MiB), one at 512 MB; tied embeddings re-tied,
     prefix cache reset."""
-    _sync_roundtrip(ray_gpu, tiny_models, zero=zero, gpus=0.4, kind="ipc", bucket_mb=bucket_mb,
-                    name=f"ipc_zero{zero}_bucket{bucket_mb}mb")
+    _sync_roundtrip(
+        ray_gpu,
+        tiny_models,
+        zero=zero,
+        gpus=0.4,
+        kind="ipc",
+        bucket_mb=bucket_mb,
+        name=f"ipc_zero{zero}_bucket{bucket_mb}mb",
+    )
 
 
 @pytest.mark.gpu
@@ -1054,8 +1162,9 @@ def test_ipc_sync_colocated_matches_learner_logprobs(tiny_models, ray_gpu, zero,
 def test_nccl_sync_two_gpus_matches_learner_logprobs(tiny_models, ray_gpu, zero):
     if torch.cuda.device_count() < 2:
         pytest.skip("NCCL needs the learner and the engine on different GPUs (one GPU here)")
-    _sync_roundtrip(ray_gpu, tiny_models, zero=zero, gpus=1, kind="nccl", bucket_mb=SMALL_BUCKET_MB,
-                    name=f"nccl_zero{zero}")
+    _sync_roundtrip(
+        ray_gpu, tiny_models, zero=zero, gpus=1, kind="nccl", bucket_mb=SMALL_BUCKET_MB, name=f"nccl_zero{zero}"
+    )
 
 
 @pytest.mark.gpu
@@ -1064,20 +1173,43 @@ def test_pipeline_on_gpu_uses_the_gpu_sync(tmp_path, tiny_models, ray_gpu):
     from protege.cluster.driver import run
     from protege.core.spec import parse_spec
 
-    spec = parse_spec({**STUDENT_SPEC, "name": "gpu", "steps": 3, "models": {"student": {"path": tiny_models["student"]}},
-                       "data": {"task": "basic_arithmetic", "size": 200, "eval_size": 8,
-                                "task_config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
-                                                "operators": ["+"], "allow_negation": False,
-                                                "allow_parentheses": False}},
-                       "rollout": {"samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 8},
-                       "learner": {"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 4},
-                       "resources": {"rollout": {"gpus": 0.4}, "learner": {"gpus": 0.4}},
-                       "checkpoint": {"dir": str(tmp_path / "gpu"), "interval": 10},
-                       "eval": {"interval": 10, "size": 8}})
+    spec = parse_spec(
+        {
+            **STUDENT_SPEC,
+            "name": "gpu",
+            "steps": 3,
+            "models": {"student": {"path": tiny_models["student"]}},
+            "data": {
+                "task": "basic_arithmetic",
+                "size": 200,
+                "eval_size": 8,
+                "task_config": {
+                    "min_terms": 2,
+                    "max_terms": 2,
+                    "min_digits": 1,
+                    "max_digits": 1,
+                    "operators": ["+"],
+                    "allow_negation": False,
+                    "allow_parentheses": False,
+                },
+            },
+            "rollout": {"samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 8},
+            "learner": {"ranks": 1, "zero_stage": 2, "lr": 1e-3, "micro_batch": 4},
+            "resources": {"rollout": {"gpus": 0.4}, "learner": {"gpus": 0.4}},
+            "checkpoint": {"dir": str(tmp_path / "gpu"), "interval": 10},
+            "eval": {"interval": 10, "size": 8},
+        }
+    )
     run(spec, progress=False)
     rows = [json.loads(x) for x in (spec.run_dir / "metrics.jsonl").read_text().splitlines()]
     if "sync/ipc_workers" not in rows[1]:
         pytest.skip("the driver still builds ObjectStoreSync (wire pick_weight_sync into cluster/driver.py)")
     assert all(r["rollout/logprob_mismatch"] < 1e-3 for r in rows[1:])
-    _record("pipeline_gpu", {k: float(v) for k, v in rows[-1].items() if k.startswith(("sync/", "time/"))
-                             and isinstance(v, (int, float)) and math.isfinite(v)})
+    _record(
+        "pipeline_gpu",
+        {
+            k: float(v)
+            for k, v in rows[-1].items()
+            if k.startswith(("sync/", "time/")) and isinstance(v, (int, float)) and math.isfinite(v)
+        },
+    )

@@ -150,8 +150,11 @@ def fake_actors(rollout_delay_s: float):
     import ray
 
     def where() -> dict:
-        return {"node": ray.get_runtime_context().get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()],
-                "env": {k: os.environ.get(k) for k in (SYNC_KEY, JOB_KEY)}}
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "env": {k: os.environ.get(k) for k in (SYNC_KEY, JOB_KEY)},
+        }
 
     class Rollout:
         def __init__(self, *args, **kwargs):
@@ -188,8 +191,14 @@ def ray_gpus():
     if ray.is_initialized():
         ray.shutdown()
     saved = os.environ.pop(SYNC_KEY, None)  # Ray's local processes inherit the driver's env
-    ray.init(num_cpus=2, num_gpus=4, resources={"gpu_8x": 8}, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {JOB_KEY: "job"}})
+    ray.init(
+        num_cpus=2,
+        num_gpus=4,
+        resources={"gpu_8x": 8},
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {JOB_KEY: "job"}},
+    )
     yield ray
     ray.shutdown()
     if saved is not None:
@@ -205,8 +214,10 @@ def launch_fakes(monkeypatch, spec, rollout_delay_s: float = 0.0):
     monkeypatch.setattr(launch, "RewardActor", rw)
     roles = launch.start_roles(spec)
     try:
-        return (ray.get([w.report.remote() for w in roles.rollout]),
-                ray.get([x.report.remote() for x in roles.learners]))
+        return (
+            ray.get([w.report.remote() for w in roles.rollout]),
+            ray.get([x.report.remote() for x in roles.learners]),
+        )
     finally:
         roles.kill_all()
 
@@ -244,11 +255,15 @@ def test_disaggregated_roles_get_gpus_of_their_own(ray_gpus, monkeypatch):
 
 def test_colocated_group_that_does_not_fit_names_both_roles(ray_gpus):
     spec = example("grpo_gpu_colocated.yaml")  # 8 pairs, 4 GPUs
-    with pytest.raises(PlacementError, match=r"role 'rollout' asked for 8 × \{CPU: 0\.01, GPU: 0\.55, gpu_8x: 0\.5\}; "
-                                             r"role 'learner' asked for 8 × .*rollout and learner share one bundle "
-                                             r"per pair.*The cluster has .*GPU: 4"):
+    with pytest.raises(
+        PlacementError,
+        match=r"role 'rollout' asked for 8 × \{CPU: 0\.01, GPU: 0\.55, gpu_8x: 0\.5\}; "
+        r"role 'learner' asked for 8 × .*rollout and learner share one bundle "
+        r"per pair.*The cluster has .*GPU: 4",
+    ):
         reserve(role_requests(spec), 2)
     import ray
 
     assert ray.util.placement_group_table() == {} or all(
-        p["state"] == "REMOVED" for p in ray.util.placement_group_table().values())
+        p["state"] == "REMOVED" for p in ray.util.placement_group_table().values()
+    )

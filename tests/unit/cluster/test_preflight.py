@@ -28,10 +28,14 @@ ROOT = Path(__file__).resolve().parents[3]
 def _spec(tmp_path: Path, tiny: dict, **dotted) -> Path:
     """A small GRPO job on the tiny student; keyword arguments are dotted fields, e.g.
     ``**{"models.student.path": "/nope"}``."""
-    data = {"name": "pf", "steps": 1, "models": {"student": {"path": tiny["student"]}},
-            "data": {"task": "basic_arithmetic", "size": 64},
-            "rollout": {"samples_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 8},
-            "checkpoint": {"dir": str(tmp_path / "run")}}
+    data = {
+        "name": "pf",
+        "steps": 1,
+        "models": {"student": {"path": tiny["student"]}},
+        "data": {"task": "basic_arithmetic", "size": 64},
+        "rollout": {"samples_per_prompt": 2, "prompts_per_step": 2, "max_new_tokens": 8},
+        "checkpoint": {"dir": str(tmp_path / "run")},
+    }
     for key, value in dotted.items():
         set_dotted(data, key, value)
     path = tmp_path / "spec.yaml"
@@ -45,7 +49,7 @@ def _one_error(err: str, field: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith(f"error: {field}: "), err
-    return lines[0][len(f"error: {field}: "):]
+    return lines[0][len(f"error: {field}: ") :]
 
 
 @pytest.fixture
@@ -68,8 +72,14 @@ def _env(extra: dict | None) -> dict:
 
 
 def _cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "protege.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=_env(env), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "protege.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env(env),
+        timeout=timeout,
+    )
 
 
 def _free_port() -> int:
@@ -129,9 +139,17 @@ def test_cached_hub_id_still_works(tmp_path, tiny_models):
     env = {"HF_HUB_CACHE": str(cache)}
     r = _cli("run", str(spec), "--dry-run", env=env)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-c", "from protege.core.models import load_tokenizer; "
-                        "print(len(load_tokenizer('tiny-org/student')))"],
-                       capture_output=True, text=True, cwd=ROOT, env=_env(env))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from protege.core.models import load_tokenizer; print(len(load_tokenizer('tiny-org/student')))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env(env),
+    )
     assert r.returncode == 0 and int(r.stdout) == 512, r.stderr  # and the loaders find it by id
 
 
@@ -177,16 +195,28 @@ def test_kv_cache_too_small(tmp_path, tiny_models, capsys, no_start):
     msg = _one_error(err, "rollout.kv_cache_gb")
     # 256 + 8 + 64 = 328 tokens: 3 blocks of 128 + vLLM's null block, x 512 B = 0.000244 GB
     assert code == 2 and "328 tokens" in msg and "at least 0.0003" in msg
-    gpu = _spec(tmp_path, tiny_models, **{"rollout.engine": "vllm", "rollout.kv_cache_gb": 0.0001,
-                                          "resources.rollout.gpus": 1})
+    gpu = _spec(
+        tmp_path, tiny_models, **{"rollout.engine": "vllm", "rollout.kv_cache_gb": 0.0001, "resources.rollout.gpus": 1}
+    )
     preflight.check_kv_cache(parse_spec(yaml.safe_load(gpu.read_text())))  # a GPU engine sizes its own cache
 
 
 def test_kv_cache_counts_the_teacher(tmp_path, tiny_models):
     # the teacher (4 layers x 2 x 2 heads x 32 x 4 B = 2048 B per token) gets the same budget
-    spec = parse_spec(yaml.safe_load(_spec(tmp_path, tiny_models, **{
-        "algorithm.type": "opd", "models.teacher.path": tiny_models["teacher"], "rollout.engine": "vllm",
-        "rollout.kv_cache_gb": 0.0005}).read_text()))
+    spec = parse_spec(
+        yaml.safe_load(
+            _spec(
+                tmp_path,
+                tiny_models,
+                **{
+                    "algorithm.type": "opd",
+                    "models.teacher.path": tiny_models["teacher"],
+                    "rollout.engine": "vllm",
+                    "rollout.kv_cache_gb": 0.0005,
+                },
+            ).read_text()
+        )
+    )
     with pytest.raises(UserError, match="at least 0.001"):
         preflight.check_kv_cache(spec)
 
@@ -326,6 +356,7 @@ def _deny_fs(error: Exception):
 
     class DenyFS(AbstractFileSystem):
         """A bucket that refuses this machine, as S3 without credentials does."""
+
         protocol = "denys3"
 
         def _deny(self, *a, **k):
@@ -347,8 +378,9 @@ def _botocore(monkeypatch):
         exceptions = types.ModuleType("botocore.exceptions")
         exceptions.BotoCoreError = type("BotoCoreError", (Exception,), {})
         exceptions.ClientError = type("ClientError", (Exception,), {})
-        exceptions.NoCredentialsError = type("NoCredentialsError", (exceptions.BotoCoreError,), {
-            "__str__": lambda self: "Unable to locate credentials"})
+        exceptions.NoCredentialsError = type(
+            "NoCredentialsError", (exceptions.BotoCoreError,), {"__str__": lambda self: "Unable to locate credentials"}
+        )
         package = types.ModuleType("botocore")
         package.exceptions = exceptions
         monkeypatch.setitem(sys.modules, "botocore", package)
@@ -358,8 +390,9 @@ def _botocore(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["permission", "no-credentials"])
 def test_bucket_without_credentials(tmp_path, tiny_models, capsys, no_start, monkeypatch, kind):
-    error = (PermissionError(13, "Access Denied") if kind == "permission"
-             else _botocore(monkeypatch).NoCredentialsError())
+    error = (
+        PermissionError(13, "Access Denied") if kind == "permission" else _botocore(monkeypatch).NoCredentialsError()
+    )
     _deny_fs(error)
     spec = _spec(tmp_path, tiny_models, **{"checkpoint.dir": "denys3://bucket/runs/{name}"})
     for dry in ([], ["--dry-run"]):

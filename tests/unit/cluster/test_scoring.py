@@ -16,9 +16,11 @@ from protege.core.records import Rollout, Sample, ScoreRecord, TeacherScores
 
 WEIGHTS = {"exact_match": 1.0, "format": 0.25, "reward_model": 0.5}
 # Three rollouts. The rule runner's third call timed out: exact_match scored 0 and is counted.
-RULES = [ScoreRecord({"exact_match": 1.0, "format": 1.0}),
-         ScoreRecord({"exact_match": 0.0, "format": 1.0}),
-         ScoreRecord({"exact_match": 0.0, "format": 0.0}, errors={"exact_match/timeout": 1})]
+RULES = [
+    ScoreRecord({"exact_match": 1.0, "format": 1.0}),
+    ScoreRecord({"exact_match": 0.0, "format": 1.0}),
+    ScoreRecord({"exact_match": 0.0, "format": 0.0}, errors={"exact_match/timeout": 1}),
+]
 MODEL = [ScoreRecord({"reward_model": 2.0}), ScoreRecord({"reward_model": -1.0}), ScoreRecord({"reward_model": 0.5})]
 
 
@@ -40,7 +42,8 @@ def test_errors_of_all_scorers_add_up_by_kind():
     a = [ScoreRecord({"x": 0.0}, errors={"x/exception": 1})]
     b = [ScoreRecord({"y": 3.0}, errors={"y/timeout": 2})]
     assert combine({"a": a, "b": b}, {"x": 2.0, "y": -1.0}, 1) == [
-        Score(-3.0, {"x": 0.0, "y": 3.0}, {"x/exception": 1, "y/timeout": 2})]
+        Score(-3.0, {"x": 0.0, "y": 3.0}, {"x/exception": 1, "y/timeout": 2})
+    ]
 
 
 def test_strict_lengths_and_rewards():
@@ -77,8 +80,12 @@ class _Fake:
 
 
 def _rollout(i: int, n_tokens: int) -> Rollout:
-    return Rollout(example_index=i, prompt_ids=[1], sample=Sample([7] * n_tokens, [0.0] * n_tokens, f"t{i}", "stop"),
-                   policy_version=0)
+    return Rollout(
+        example_index=i,
+        prompt_ids=[1],
+        sample=Sample([7] * n_tokens, [0.0] * n_tokens, f"t{i}", "stop"),
+        policy_version=0,
+    )
 
 
 @pytest.fixture
@@ -94,8 +101,9 @@ def test_scorers_submit_and_collect_by_name(no_ray):
         "reward_model": _Fake(lambda r, e: model),
         "reward": _Fake(lambda r, e: rules),
     }
-    spec = SimpleNamespace(rewards=[SimpleNamespace(name=k, weight=v) for k, v in WEIGHTS.items()],
-                           needs_teacher_scoring=lambda: True)
+    spec = SimpleNamespace(
+        rewards=[SimpleNamespace(name=k, weight=v) for k, v in WEIGHTS.items()], needs_teacher_scoring=lambda: True
+    )
     roles = SimpleNamespace(scorers=handles)
     rollouts, examples = [_rollout(i, n) for i, n in enumerate((2, 2, 1))], [Example("q", "a")] * 3
 

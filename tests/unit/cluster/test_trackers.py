@@ -20,8 +20,14 @@ SECRET = "wandb-secret-0123456789abcdef0123456789abcdef"
 
 
 def spec(**metrics):
-    return parse_spec({"name": "trk", "models": {"student": {"path": "/m"}},
-                       "data": {"task": "basic_arithmetic", "size": 64}, "metrics": metrics})
+    return parse_spec(
+        {
+            "name": "trk",
+            "models": {"student": {"path": "/m"}},
+            "data": {"task": "basic_arithmetic", "size": 64},
+            "metrics": metrics,
+        }
+    )
 
 
 ROWS = [{"step": s, "reward/mean": 0.1 * (s % 3) + 0.02 * s, "loss/total": 1.0 / (s + 1)} for s in range(1, 21)]
@@ -92,18 +98,31 @@ def test_mlflow_file_store_gets_metrics_params_and_resumes(tmp_path, monkeypatch
 def test_missing_logger_package_is_one_line_at_validate(tmp_path, monkeypatch):
     real = trackers.importlib.util.find_spec
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
-    with pytest.raises(UserError, match=r"^metrics.loggers: 'wandb' needs a package that is not installed here: "
-                                        r"pip install 'protege\[trackers\]'"):
+    with pytest.raises(
+        UserError,
+        match=r"^metrics.loggers: 'wandb' needs a package that is not installed here: "
+        r"pip install 'protege\[trackers\]'",
+    ):
         trackers.check_loggers(spec(loggers=["tensorboard", "wandb"]))
     trackers.check_loggers(spec(loggers=["tensorboard", "mlflow"]))
 
     # `protege validate` in a Python where wandb cannot be imported: exit 2, one line, no traceback
     path = tmp_path / "s.json"
-    path.write_text(json.dumps({"name": "v", "models": {"student": {"path": "/m"}},
-                                "data": {"task": "basic_arithmetic", "size": 64}, "metrics": {"loggers": ["wandb"]}}))
-    code = ("import sys; sys.modules['wandb'] = None; import importlib.util as u; f = u.find_spec; "
-            "u.find_spec = lambda n, *a: None if n == 'wandb' else f(n, *a); "
-            "from protege.cli import main; sys.exit(main(['validate', sys.argv[1]]))")
+    path.write_text(
+        json.dumps(
+            {
+                "name": "v",
+                "models": {"student": {"path": "/m"}},
+                "data": {"task": "basic_arithmetic", "size": 64},
+                "metrics": {"loggers": ["wandb"]},
+            }
+        )
+    )
+    code = (
+        "import sys; sys.modules['wandb'] = None; import importlib.util as u; f = u.find_spec; "
+        "u.find_spec = lambda n, *a: None if n == 'wandb' else f(n, *a); "
+        "from protege.cli import main; sys.exit(main(['validate', sys.argv[1]]))"
+    )
     p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 2, p.stderr
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]

@@ -73,6 +73,8 @@ def test_keep_best_spares_the_best_checkpoint_by_an_eval_metric(tmp_path):
         checkpoints.commit(tmp, {"step": step, "metrics": {"eval/accuracy": acc}}, keep=1, keep_best="eval/accuracy")
     kept = [checkpoints.read_state(c)["step"] for c in checkpoints.list_checkpoints(tmp_path)]
     assert kept == [2, 4]
-    assert checkpoints.read_state(checkpoints.best(checkpoints.list_checkpoints(tmp_path), "eval/accuracy"))["step"] == 2
+    assert (
+        checkpoints.read_state(checkpoints.best(checkpoints.list_checkpoints(tmp_path), "eval/accuracy"))["step"] == 2
+    )
     with pytest.raises(Exception, match="eval metric"):
         CheckpointSpec(keep_best="loss/total")

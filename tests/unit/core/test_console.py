@@ -63,13 +63,22 @@ def test_protege_run_console_is_short_and_logs_are_per_role(tmp_path, tiny_model
     import yaml
 
     spec = yaml.safe_load((ROOT / "examples/grpo_tiny.yaml").read_text())
-    spec.update(steps=2, models={"student": {"path": tiny_models["student"]}},
-                checkpoint={"dir": str(tmp_path / "run"), "interval": 2, "keep": 1})
+    spec.update(
+        steps=2,
+        models={"student": {"path": tiny_models["student"]}},
+        checkpoint={"dir": str(tmp_path / "run"), "interval": 2, "keep": 1},
+    )
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PROTEGE_VERBOSE")}
-    r = subprocess.run([sys.executable, "-m", "protege.cli", "run", str(path)], env=env, capture_output=True,
-                       text=True, timeout=900, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "protege.cli", "run", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     console = (r.stdout + r.stderr).splitlines()
     assert len(console) <= 15, "\n".join(console)

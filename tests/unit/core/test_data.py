@@ -75,7 +75,10 @@ def test_format_prompt():
         {"role": "user", "content": "Q?\n\nGive only the final answer inside <answer></answer>."}
     ]
     messages = format_prompt("Q?", template=r"Solve {question} and put it in \boxed{}.", system_prompt="S")
-    assert messages == [{"role": "system", "content": "S"}, {"role": "user", "content": r"Solve Q? and put it in \boxed{}."}]
+    assert messages == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": r"Solve Q? and put it in \boxed{}."},
+    ]
     with pytest.raises(ValueError, match="must contain"):
         format_prompt("Q?", template="no placeholder")
 
@@ -151,7 +154,10 @@ def test_parquet(tmp_path):
     path = tmp_path / "train.parquet"
     pq.write_table(pa.table({"prompt": ["p1", "p2"], "answer": ["a1", "a2"], "level": [1, 2]}), path)
     examples = load_file(path)
-    assert [(e.prompt, e.answer, e.meta["fields"]) for e in examples] == [("p1", "a1", {"level": 1}), ("p2", "a2", {"level": 2})]
+    assert [(e.prompt, e.answer, e.meta["fields"]) for e in examples] == [
+        ("p1", "a1", {"level": 1}),
+        ("p2", "a2", {"level": 2}),
+    ]
     assert examples[1].meta["location"] == f"{path}:row 2"
 
     bad = tmp_path / "bad.parquet"

@@ -33,8 +33,11 @@ def test_missing_or_empty_hint_tags_skip_the_prompt():
 
 def test_inject_moves_accepted_onto_the_hint_free_prompt():
     group = [_ro(5, "wrong", prompt=(1, 2)) for _ in range(4)]
-    accepted = [_ro(5, "right-1", prompt=(1, 2, 99, 98)), _ro(5, "right-2", prompt=(1, 2, 99, 98)),
-                _ro(5, "right-3", prompt=(1, 2, 99, 98))]
+    accepted = [
+        _ro(5, "right-1", prompt=(1, 2, 99, 98)),
+        _ro(5, "right-2", prompt=(1, 2, 99, 98)),
+        _ro(5, "right-3", prompt=(1, 2, 99, 98)),
+    ]
     out, k = hints.inject(group, accepted, m=2)
     assert k == 2
     assert [r.sample.text for r in out] == ["right-1", "right-2", "wrong", "wrong"]
@@ -64,12 +67,22 @@ def test_merge_hinted_keeps_correct_tries_only_and_names_what_changed():
     rollouts = [_ro(0, "a"), _ro(0, "b"), _ro(1, "c"), _ro(1, "d")]
     scores = [_S(0.0)] * 4
     tries = [_ro(1, t, prompt=(1, 2, 9)) for t in ("x", "y", "z")]
-    m = hints.merge_hinted(rollouts, scores, [(1, "hint")], tries, [_S(0.0), _S(1.0), _S(1.0)], group_size=2,
-                           attempts=3, replace=1, threshold=1.0)
+    m = hints.merge_hinted(
+        rollouts,
+        scores,
+        [(1, "hint")],
+        tries,
+        [_S(0.0), _S(1.0), _S(1.0)],
+        group_size=2,
+        attempts=3,
+        replace=1,
+        threshold=1.0,
+    )
     assert [r.sample.text for r in m.rollouts] == ["a", "b", "y", "d"]
     assert m.rollouts[2].prompt_ids == [1, 2]  # back on the hint-free prompt
     assert m.changed == [2] and m.accepted == 2 and m.scores[2].value == 1.0
     assert [r.sample.text for r in rollouts] == ["a", "b", "c", "d"]  # the inputs are not mutated
     with pytest.raises(ValueError, match="3 attempts"):
-        hints.merge_hinted(rollouts, scores, [(1, "h")], tries[:2], [_S(0)] * 2, group_size=2, attempts=3,
-                           replace=1, threshold=1.0)
+        hints.merge_hinted(
+            rollouts, scores, [(1, "h")], tries[:2], [_S(0)] * 2, group_size=2, attempts=3, replace=1, threshold=1.0
+        )

@@ -69,8 +69,16 @@ def _hf_lm(kind: str, dtype):
     embeddings, Gemma-2 with its logit soft-capping after the head."""
     import transformers as tf
 
-    common = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=8, max_position_embeddings=128)
+    common = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=128,
+    )
     if kind == "gemma2":
         cfg = tf.Gemma2Config(final_logit_softcapping=5.0, **common)
     else:
@@ -88,8 +96,9 @@ def _both_paths(model, b, ids, temperature):
         model.zero_grad()
         if chunked:
             hidden, head = hidden_and_head(model, b["input_ids"], b["attention_mask"])
-            lp, ent, topk, full = chunked_response_logprobs(hidden, head, b["resp_pos"], b["targets"], temperature,
-                                                            chunk=3, topk_ids=ids, full=True)
+            lp, ent, topk, full = chunked_response_logprobs(
+                hidden, head, b["resp_pos"], b["targets"], temperature, chunk=3, topk_ids=ids, full=True
+            )
         else:
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             lp, full = response_logprobs(logits, b["resp_pos"], b["targets"], temperature)

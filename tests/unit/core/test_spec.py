@@ -16,8 +16,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 
 
-
-
 def _minimal(**over):
     d = {"models": {"student": {"path": "s"}}, "data": {"source": "reasoning_gym", "task": "chain_sum"}}
     d.update(over)
@@ -162,8 +160,11 @@ def test_rewards_follow_data_and_reward_model():
         parse_spec(_minimal(data=file_data, rewards=[{"name": "reasoning_gym"}]))
     assert e.value.errors[0][0] == "rewards"
     with pytest.raises(SpecError, match="no reward uses it"):
-        parse_spec(_minimal(models={"student": {"path": "s"}, "reward_model": {"path": "r"}},
-                            rewards=[{"name": "exact_match"}]))
+        parse_spec(
+            _minimal(
+                models={"student": {"path": "s"}, "reward_model": {"path": "r"}}, rewards=[{"name": "exact_match"}]
+            )
+        )
 
 
 def test_max_replicas_follows_min_replicas():
@@ -202,8 +203,11 @@ def test_fit_data_follows_a_small_file():
 
 def test_max_model_len_covers_kepo_hints():
     assert parse_spec(_minimal(rollout={"max_new_tokens": 16, "max_prompt_tokens": 100})).max_model_len == 180
-    kepo = _minimal(algorithm={"type": "kepo", "hint_max_tokens": 50}, rollout={"max_new_tokens": 16},
-                    models={"student": {"path": "s"}, "teacher": {"path": "t"}})
+    kepo = _minimal(
+        algorithm={"type": "kepo", "hint_max_tokens": 50},
+        rollout={"max_new_tokens": 16},
+        models={"student": {"path": "s"}, "teacher": {"path": "t"}},
+    )
     assert parse_spec(kepo).max_model_len == 256 + 50 + 64
 
 
@@ -230,8 +234,13 @@ def test_offline_distillation_spec():
     with pytest.raises(SpecError) as e:
         parse_spec(_minimal(algorithm={"type": "distill"}))
     assert e.value.errors == [("models.teacher", "algorithm 'distill' needs a teacher model")]
-    s = parse_spec(_minimal(algorithm={"type": "distill", "top_k": 8}, rewards=[],
-                            models={"student": {"path": "s"}, "teacher": {"path": "t"}}))
+    s = parse_spec(
+        _minimal(
+            algorithm={"type": "distill", "top_k": 8},
+            rewards=[],
+            models={"student": {"path": "s"}, "teacher": {"path": "t"}},
+        )
+    )
     assert s.rows_per_step() == s.rollout.prompts_per_step and s.teacher_request().top_k == 8
     with pytest.raises(SpecError, match="algorithm.estimator"):
         parse_spec(_minimal(algorithm={"type": "distill", "estimator": "sampled"}))

@@ -88,8 +88,12 @@ def test_state_json_goes_last_and_is_deleted_first(tmp_path, monkeypatch):
 
 
 def test_spec_accepts_object_store_uris_and_names_bad_ones():
-    base = {"name": "j", "models": {"student": {"path": "s"}},
-            "data": {"source": "reasoning_gym", "task": "basic_arithmetic"}, "rewards": [{"name": "exact_match"}]}
+    base = {
+        "name": "j",
+        "models": {"student": {"path": "s"}},
+        "data": {"source": "reasoning_gym", "task": "basic_arithmetic"},
+        "rewards": [{"name": "exact_match"}],
+    }
     s = parse_spec({**base, "checkpoint": {"dir": "s3://bucket/runs/{name}", "local_dir": "/tmp/stage/{name}"}})
     assert s.run_uri == "s3://bucket/runs/j" and str(s.run_dir) == "/tmp/stage/j" and s.run_location == s.run_uri
     assert parse_spec({**base, "checkpoint": {"dir": "gs://b/{name}/"}}).run_uri == "gs://b/j"
@@ -107,6 +111,7 @@ def test_missing_backend_says_what_to_install():
     pytest.importorskip("fsspec")
     try:
         import s3fs  # noqa: F401
+
         pytest.skip("s3fs is installed here")
     except ImportError:
         pass
@@ -151,8 +156,14 @@ def test_job_into_bucket_resumes_on_a_fresh_pod_and_serves(tmp_path, tiny_models
     run(full, progress=False)
 
     bucket = f"file://{tmp_path}/bucket/{{name}}"
-    part = make_spec(tmp_path, tiny_models, name="part", steps=4, **opd,
-                     **{"checkpoint.dir": bucket, "checkpoint.local_dir": str(tmp_path / "stage/{name}")})
+    part = make_spec(
+        tmp_path,
+        tiny_models,
+        name="part",
+        steps=4,
+        **opd,
+        **{"checkpoint.dir": bucket, "checkpoint.local_dir": str(tmp_path / "stage/{name}")},
+    )
     assert part.run_uri == f"file://{tmp_path}/bucket/part"
     first = run(part, stop_after=2, progress=False)
     assert first["steps"] == 2 and first["checkpoint"] == f"{part.run_uri}/checkpoints/step_000002"
@@ -180,7 +191,9 @@ def test_job_into_bucket_resumes_on_a_fresh_pod_and_serves(tmp_path, tiny_models
     from protege.cli import main
 
     assert main(["serve", "rollback", part.run_uri]) == 0
-    assert versions.read_pin(part.run_uri) == 3 and json.loads((remote / "published.json").read_text()) == {"version": 3}
+    assert versions.read_pin(part.run_uri) == 3 and json.loads((remote / "published.json").read_text()) == {
+        "version": 3
+    }
     assert versions.resolve(part.run_uri).version.number == 3
     assert main(["serve", "pin", part.run_uri, "latest"]) == 0
     assert versions.read_pin(part.run_uri) is None and not (remote / "published.json").exists()
@@ -193,8 +206,10 @@ def test_job_status_reads_a_bucket_run(tmp_path):
     run_uri = f"file://{tmp_path}/bucket/run"
     assert run_progress(run_uri)["readable"] and run_progress(run_uri)["step"] is None  # nothing yet
     _upload(tmp_path, run_uri, 2)
-    storage.write_text(storage.join(run_uri, "metrics.jsonl"),
-                       '{"step": 1, "reward/mean": 0.1}\n{"step": 2, "reward/mean": 0.25}\n{"step": 3, "rew')
+    storage.write_text(
+        storage.join(run_uri, "metrics.jsonl"),
+        '{"step": 1, "reward/mean": 0.1}\n{"step": 2, "reward/mean": 0.25}\n{"step": 3, "rew',
+    )
     p = run_progress(run_uri)
     assert p["step"] == 2 and p["metrics"]["reward/mean"] == 0.25  # the half-written line is skipped
     assert p["checkpoints"] == [{"step": 2, "policy_version": 2, "path": f"{run_uri}/checkpoints/step_000002"}]

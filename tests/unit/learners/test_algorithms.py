@@ -11,9 +11,12 @@ from protege.learners.algorithms import build_rows
 
 
 def _ro(i: int, n: int = 2, sampled: bool = True) -> Rollout:
-    return Rollout(example_index=i, prompt_ids=[1, 2], policy_version=0 if sampled else -1,
-                   sample=Sample(response_ids=[3] * n, logprobs=[-0.5] * n if sampled else None, text="t",
-                                 finish_reason="stop"))
+    return Rollout(
+        example_index=i,
+        prompt_ids=[1, 2],
+        policy_version=0 if sampled else -1,
+        sample=Sample(response_ids=[3] * n, logprobs=[-0.5] * n if sampled else None, text="t", finish_reason="stop"),
+    )
 
 
 def _teacher(n: int = 2) -> TeacherScores:
@@ -35,8 +38,7 @@ def test_dynamic_sampling_drops_groups_with_equal_rewards():
 
 
 def test_kepo_gate_opens_on_responses_that_reach_the_threshold():
-    rows, m = build_rows(S.KEPOSpec(gate_threshold=1.0), [_ro(0)] * 4, [1.0, 0.0, 0.5, 1.0], 4,
-                         [_teacher()] * 4)
+    rows, m = build_rows(S.KEPOSpec(gate_threshold=1.0), [_ro(0)] * 4, [1.0, 0.0, 0.5, 1.0], 4, [_teacher()] * 4)
     assert [r.gate for r in rows] == [1.0, 0.0, 0.0, 1.0] and m["kepo/gate_open_frac"] == 0.5
     assert all(r.teacher_logprobs is not None for r in rows)
 
@@ -49,8 +51,9 @@ def test_opd_advantages_only_with_a_grpo_part():
 
 
 def test_online_dpo_pairs_best_against_worst_and_counts_ties():
-    rows, m = build_rows(S.DPOSpec(), [_ro(0, 1), _ro(0, 2), _ro(0, 3), _ro(1), _ro(1), _ro(1)],
-                         [0.0, 1.0, 0.5, 1.0, 1.0, 1.0], 3)
+    rows, m = build_rows(
+        S.DPOSpec(), [_ro(0, 1), _ro(0, 2), _ro(0, 3), _ro(1), _ro(1), _ro(1)], [0.0, 1.0, 0.5, 1.0, 1.0, 1.0], 3
+    )
     assert [len(r.response_ids) for r in rows] == [2, 1]  # chosen (reward 1), rejected (reward 0)
     assert (m["dpo/pairs"], m["dpo/tied_groups"]) == (1.0, 1.0)
 

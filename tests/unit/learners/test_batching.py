@@ -40,8 +40,10 @@ def test_micro_batches_always_exactly_n():
 def test_collate_positions_by_hand():
     """prompt [1,2] + response [3,4]: logits at positions 1 and 2 predict tokens 3 and 4, so
     resp_pos = [1, 2]; the shorter row is right-padded with pad_id 0 and its mask ends early."""
-    rows = [TrainRow(prompt_ids=[1, 2], response_ids=[3, 4], advantage=0.5),
-            TrainRow(prompt_ids=[7, 8, 9], response_ids=[5], advantage=-0.5, weight=1.0)]
+    rows = [
+        TrainRow(prompt_ids=[1, 2], response_ids=[3, 4], advantage=0.5),
+        TrainRow(prompt_ids=[7, 8, 9], response_ids=[5], advantage=-0.5, weight=1.0),
+    ]
     b = collate(rows, pad_id=0)
     assert b["input_ids"].tolist() == [[1, 2, 3, 4], [7, 8, 9, 5]]
     assert b["resp_pos"].tolist() == [[1, 2], [2, 0]]

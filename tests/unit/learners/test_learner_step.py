@@ -110,18 +110,28 @@ def _rows(n: int, seed: int, *, teacher: bool, pairs: bool = False) -> list[Trai
         P, R = rnd.randint(2, 5), rnd.randint(1, 7)  # uneven lengths: micro-batches pad differently
         kw = {}
         if teacher:
-            kw = dict(teacher_logprobs=[-rnd.uniform(0.1, 4) for _ in range(R)],
-                      teacher_topk_ids=[rnd.sample(range(V), K) for _ in range(R)],
-                      teacher_topk_logprobs=[sorted((-rnd.uniform(1.5, 5) for _ in range(K)), reverse=True)
-                                             for _ in range(R)],
-                      teacher_tail_logprobs=[-rnd.uniform(0.1, 1) for _ in range(R)],
-                      teacher_full_logprobs=torch.randn(R, V, generator=torch.Generator().manual_seed(seed * 100 + i),
-                                                        dtype=torch.float32).log_softmax(-1))
-        rows.append(TrainRow(
-            prompt_ids=[rnd.randrange(1, V) for _ in range(P)], response_ids=[rnd.randrange(1, V) for _ in range(R)],
-            advantage=0.0 if pairs else rnd.uniform(-1.5, 1.5), gate=float(i % 3 == 0),
-            rollout_logprobs=[-rnd.uniform(0.1, 3) for _ in range(R)], ref_seq_logprob=-rnd.uniform(5, 20) if pairs else None,
-            **kw))
+            kw = dict(
+                teacher_logprobs=[-rnd.uniform(0.1, 4) for _ in range(R)],
+                teacher_topk_ids=[rnd.sample(range(V), K) for _ in range(R)],
+                teacher_topk_logprobs=[
+                    sorted((-rnd.uniform(1.5, 5) for _ in range(K)), reverse=True) for _ in range(R)
+                ],
+                teacher_tail_logprobs=[-rnd.uniform(0.1, 1) for _ in range(R)],
+                teacher_full_logprobs=torch.randn(
+                    R, V, generator=torch.Generator().manual_seed(seed * 100 + i), dtype=torch.float32
+                ).log_softmax(-1),
+            )
+        rows.append(
+            TrainRow(
+                prompt_ids=[rnd.randrange(1, V) for _ in range(P)],
+                response_ids=[rnd.randrange(1, V) for _ in range(R)],
+                advantage=0.0 if pairs else rnd.uniform(-1.5, 1.5),
+                gate=float(i % 3 == 0),
+                rollout_logprobs=[-rnd.uniform(0.1, 3) for _ in range(R)],
+                ref_seq_logprob=-rnd.uniform(5, 20) if pairs else None,
+                **kw,
+            )
+        )
     return rows
 
 
@@ -146,11 +156,31 @@ ALGOS = {
 }
 
 
-def _learner(algo, *, model, grad_accum: int, rank: int = 0, world: int = 1, updates: int = 1, lr: float = 0.0,
-             device="cpu", mini: int = 1, chunk: int | None = None, tokens: int | None = None) -> Learner:
+def _learner(
+    algo,
+    *,
+    model,
+    grad_accum: int,
+    rank: int = 0,
+    world: int = 1,
+    updates: int = 1,
+    lr: float = 0.0,
+    device="cpu",
+    mini: int = 1,
+    chunk: int | None = None,
+    tokens: int | None = None,
+) -> Learner:
     spec = S.LearnerSpec(updates_per_step=updates, mini_batches=mini, logprob_chunk=chunk, micro_batch_tokens=tokens)
-    ln = Learner(rank=rank, world_size=world, model_path="", learner_spec=spec,
-                 algo=algo, temperature=1.0, grad_accum=grad_accum, max_response_tokens=8)
+    ln = Learner(
+        rank=rank,
+        world_size=world,
+        model_path="",
+        learner_spec=spec,
+        algo=algo,
+        temperature=1.0,
+        grad_accum=grad_accum,
+        max_response_tokens=8,
+    )
     ln.attach(DeepSpeedLike(model, grad_accum, lr), device=device, pad_id=0)
     return ln
 
@@ -161,8 +191,10 @@ def _run(algo, rows, *, micro: int, ranks: int, pairs: bool, chunk: int | None =
     chunked log-probs on TinySplitLM (the same weights); ``tokens``: a micro-batch token budget."""
     base = TinySplitLM() if chunk else TinyLM()
     shards = shard_rows(rows, ranks, group=2 if pairs else 1)
-    learners = [_learner(algo, model=copy.deepcopy(base), grad_accum=micro, rank=r, world=ranks, chunk=chunk,
-                         tokens=tokens) for r in range(ranks)]
+    learners = [
+        _learner(algo, model=copy.deepcopy(base), grad_accum=micro, rank=r, world=ranks, chunk=chunk, tokens=tokens)
+        for r in range(ranks)
+    ]
     for ln in learners:
         ln.all_reduce_sum = lambda t: t  # the simulated ranks' all-reduces are done by hand below
     mbs = [ln.prepare(TrainBatch(rows=s, policy_version=0, pairs=pairs)) for ln, s in zip(learners, shards)]
@@ -188,15 +220,33 @@ def test_micro_batch_split_gives_the_same_loss_and_gradients(name):
     # (micro-batches per rank, ranks, logprob_chunk, micro_batch_tokens): the chunked log-probs
     # (5 positions a chunk, so rows span chunks) and the token-budget packing (sorted rows,
     # uneven micro-batches) must give the same loss and gradients as the whole batch at once.
-    for micro, ranks, chunk, tokens in ((2, 1, None, None), (4, 1, None, None), (2, 2, None, None),
-                                        (1, 2, None, None), (1, 1, 5, None), (3, 1, None, 40),
-                                        (4, 1, 5, 24), (2, 2, 3, 30)):
+    for micro, ranks, chunk, tokens in (
+        (2, 1, None, None),
+        (4, 1, None, None),
+        (2, 2, None, None),
+        (1, 2, None, None),
+        (1, 1, 5, None),
+        (3, 1, None, 40),
+        (4, 1, 5, 24),
+        (2, 2, 3, 30),
+    ):
         loss, grad = _run(algo, rows, micro=micro, ranks=ranks, pairs=pairs, chunk=chunk, tokens=tokens)
-        assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-7), (micro, ranks, chunk, tokens, float(loss),
-                                                                      float(ref_loss))
+        assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-7), (
+            micro,
+            ranks,
+            chunk,
+            tokens,
+            float(loss),
+            float(ref_loss),
+        )
         tol = 1e-5 * float(ref_grad.abs().max())
-        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=tol), (micro, ranks, chunk, tokens,
-                                                                     (grad - ref_grad).abs().max())
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=tol), (
+            micro,
+            ranks,
+            chunk,
+            tokens,
+            (grad - ref_grad).abs().max(),
+        )
 
 
 def test_kepo_distill_term_is_normalised_by_the_global_gated_count():
@@ -269,11 +319,21 @@ def test_losses_detach_their_constant_inputs():
     lp = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     old, teacher, ref = (torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
     adv = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    inp = losses.LossInputs(logprobs=lp, old_logprobs=old, mask=torch.ones(2, 3, dtype=torch.float64),
-                            advantages=adv, teacher_logprobs=teacher, ref_logprobs=ref,
-                            gate=torch.ones(2, dtype=torch.float64))
-    for fn in (lambda i: losses.grpo_loss(i, kl_coef=0.1), lambda i: losses.rlad_loss(i, alpha=0.3),
-               losses.opd_loss, losses.kepo_loss):
+    inp = losses.LossInputs(
+        logprobs=lp,
+        old_logprobs=old,
+        mask=torch.ones(2, 3, dtype=torch.float64),
+        advantages=adv,
+        teacher_logprobs=teacher,
+        ref_logprobs=ref,
+        gate=torch.ones(2, dtype=torch.float64),
+    )
+    for fn in (
+        lambda i: losses.grpo_loss(i, kl_coef=0.1),
+        lambda i: losses.rlad_loss(i, alpha=0.3),
+        losses.opd_loss,
+        losses.kepo_loss,
+    ):
         loss, _ = fn(inp)
         loss.backward()
     assert lp.grad is not None and lp.grad.abs().sum() > 0
@@ -317,8 +377,14 @@ def test_mini_batches_are_sequential_optimizer_steps_with_a_fixed_pi_old(name):
 
 def test_mini_batches_need_rows():
     with pytest.raises(Exception, match="learner.mini_batches"):
-        S.parse_spec({"models": {"student": {"path": "x"}}, "data": {"task": "basic_arithmetic"},
-                      "rollout": {"prompts_per_step": 1, "samples_per_prompt": 2}, "learner": {"mini_batches": 4}})
+        S.parse_spec(
+            {
+                "models": {"student": {"path": "x"}},
+                "data": {"task": "basic_arithmetic"},
+                "rollout": {"prompts_per_step": 1, "samples_per_prompt": 2},
+                "learner": {"mini_batches": 4},
+            }
+        )
 
 
 @pytest.mark.parametrize("name", ["kepo-forward-kl-topk-tail", "opd-full+grpo", "grpo-token-mean"])

@@ -225,8 +225,13 @@ def test_rlad_teacher_anchor_and_clamp():
     old = _t([[-1.0, -2.0], [-1.0, -2.0]])
     logp = old.clone().requires_grad_()
     teacher = old - _t([0.4, 3.0])
-    inp = LossInputs(logprobs=logp, old_logprobs=old, mask=torch.ones(2, 2, dtype=D),
-                     advantages=_t([1.0, -1.0]), teacher_logprobs=teacher)
+    inp = LossInputs(
+        logprobs=logp,
+        old_logprobs=old,
+        mask=torch.ones(2, 2, dtype=D),
+        advantages=_t([1.0, -1.0]),
+        teacher_logprobs=teacher,
+    )
     loss, m = rlad_loss(inp, alpha=0.5, clamp=1.0)
     e2, e5 = math.exp(0.2), math.exp(0.5)
     assert _close(loss, (e5 - 1.28) / 4)
@@ -251,9 +256,15 @@ def test_rlad_argument_errors():
 def _topk_inputs(gate, s_topk, t_topk, adv=0.0):
     """One response, one token, K=2 top-k rows; on policy with A=0 so the GRPO term is 0."""
     z = _t([[-1.0]])
-    return LossInputs(logprobs=z.clone().requires_grad_(), old_logprobs=z, mask=_t([[1.0]]),
-                      advantages=_t([adv]), student_topk_logprobs=s_topk, teacher_topk_logprobs=t_topk,
-                      gate=_t([gate]))
+    return LossInputs(
+        logprobs=z.clone().requires_grad_(),
+        old_logprobs=z,
+        mask=_t([[1.0]]),
+        advantages=_t([adv]),
+        student_topk_logprobs=s_topk,
+        teacher_topk_logprobs=t_topk,
+        gate=_t([gate]),
+    )
 
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
@@ -261,9 +272,12 @@ def test_kepo_empty_gate_is_exactly_grpo(divergence):
     """gate = 0 for every response: the distillation term is Σ D·0 / 1 = 0.0 exactly, so the
     total loss and gradients equal grpo_loss (torch.equal) and nothing is NaN."""
     g = torch.Generator().manual_seed(2)
-    extra = dict(teacher_logprobs=torch.randn(2, 3, generator=g, dtype=D),
-                 student_topk_logprobs=torch.randn(2, 3, 4, generator=g, dtype=D, requires_grad=True),
-                 teacher_topk_logprobs=torch.randn(2, 3, 4, generator=g, dtype=D), gate=_t([0.0, 0.0]))
+    extra = dict(
+        teacher_logprobs=torch.randn(2, 3, generator=g, dtype=D),
+        student_topk_logprobs=torch.randn(2, 3, 4, generator=g, dtype=D, requires_grad=True),
+        teacher_topk_logprobs=torch.randn(2, 3, 4, generator=g, dtype=D),
+        gate=_t([0.0, 0.0]),
+    )
     inp = _grpo_inputs(**extra)
     loss, m = kepo_loss(inp, divergence=divergence)
     loss.backward()
@@ -283,8 +297,14 @@ def test_kepo_reverse_kl_gated_hand_value():
     gate_frac = 0.5. Gradient = coef·d/2 on row 0 = [0.5, −0.1], and 0 on row 1."""
     old = _t([[-1.0, -2.0], [-1.0, -2.0]])
     logp = old.clone().requires_grad_()
-    inp = LossInputs(logprobs=logp, old_logprobs=old, mask=torch.ones(2, 2, dtype=D), advantages=_t([0.0, 0.0]),
-                     teacher_logprobs=old - _t([[0.5, -0.1], [2.0, 2.0]]), gate=_t([1.0, 0.0]))
+    inp = LossInputs(
+        logprobs=logp,
+        old_logprobs=old,
+        mask=torch.ones(2, 2, dtype=D),
+        advantages=_t([0.0, 0.0]),
+        teacher_logprobs=old - _t([[0.5, -0.1], [2.0, 2.0]]),
+        gate=_t([1.0, 0.0]),
+    )
     loss, m = kepo_loss(inp, distill_coef=2.0)
     assert _close(loss, 0.4) and _close(m["kepo/distill"], 0.2) and _close(m["kepo/gate_frac"], 0.5)
     loss.backward()
@@ -303,11 +323,9 @@ def test_kepo_topk_divergences_hand_values_k2():
     t = torch.log(_t([[[0.45, 0.05]]]))
     fkl = 0.9 * LN(0.9 / 0.5) + 0.1 * LN(0.1 / 0.5)
     jsd5 = 0.5 * (0.9 * LN(0.9 / 0.7) + 0.1 * LN(0.1 / 0.3)) + 0.5 * (0.5 * LN(0.5 / 0.7) + 0.5 * LN(0.5 / 0.3))
-    jsd25 = (0.25 * (0.9 * LN(0.9 / 0.6) + 0.1 * LN(0.1 / 0.4))
-             + 0.75 * (0.5 * LN(0.5 / 0.6) + 0.5 * LN(0.5 / 0.4)))
+    jsd25 = 0.25 * (0.9 * LN(0.9 / 0.6) + 0.1 * LN(0.1 / 0.4)) + 0.75 * (0.5 * LN(0.5 / 0.6) + 0.5 * LN(0.5 / 0.4))
     rkl = 0.5 * LN(0.5 / 0.9) + 0.5 * LN(0.5 / 0.1)
-    cases = [("forward_kl", 0.5, fkl), ("jsd", 0.5, jsd5), ("jsd", 0.25, jsd25),
-             ("jsd", 0.0, fkl), ("jsd", 1.0, rkl)]
+    cases = [("forward_kl", 0.5, fkl), ("jsd", 0.5, jsd5), ("jsd", 0.25, jsd25), ("jsd", 0.0, fkl), ("jsd", 1.0, rkl)]
     for div, beta, want in cases:
         loss, m = kepo_loss(_topk_inputs(1.0, s, t), divergence=div, jsd_beta=beta)
         assert _close(loss, want) and _close(m["kepo/distill"], want), (div, beta)
@@ -332,9 +350,17 @@ def _enumerated_grad(loss_fn, pi_sample):
     logp = torch.log_softmax(theta, -1)
     log_old = logp.detach() if pi_sample is None else torch.log(_t(pi_sample))
     expected = sum(
-        log_old[y].exp() * loss_fn(LossInputs(
-            logprobs=logp[y].view(1, 1), old_logprobs=log_old[y].view(1, 1), mask=_t([[1.0]]),
-            advantages=_t([0.0]), teacher_logprobs=log_t[y].view(1, 1), gate=_t([1.0])))[0]
+        log_old[y].exp()
+        * loss_fn(
+            LossInputs(
+                logprobs=logp[y].view(1, 1),
+                old_logprobs=log_old[y].view(1, 1),
+                mask=_t([[1.0]]),
+                advantages=_t([0.0]),
+                teacher_logprobs=log_t[y].view(1, 1),
+                gate=_t([1.0]),
+            )
+        )[0]
         for y in range(3)
     )
     (estimated,) = torch.autograd.grad(expected, theta, retain_graph=True)
@@ -366,8 +392,13 @@ def test_opd_loss_hand_values():
     = (0.5 − 1)/2 = −0.25. Gradient = coef·(−A_t)/2 = [0.5, −1]."""
     old = _t([[-1.0, -2.0]])
     logp = old.clone().requires_grad_()
-    inp = LossInputs(logprobs=logp, old_logprobs=old, mask=_t([[1.0, 1.0]]), advantages=_t([0.0]),
-                     teacher_logprobs=_t([[-1.5, -1.0]]))
+    inp = LossInputs(
+        logprobs=logp,
+        old_logprobs=old,
+        mask=_t([[1.0, 1.0]]),
+        advantages=_t([0.0]),
+        teacher_logprobs=_t([[-1.5, -1.0]]),
+    )
     loss, m = opd_loss(inp, coef=2.0)
     assert _close(loss, -0.5) and _close(m["opd/reverse_kl"], -0.25)
     loss.backward()
@@ -442,8 +473,9 @@ def test_topk_reverse_kl_with_tail_bucket_hand_value():
     from protege.learners.losses import dense_divergence
 
     s = _t([[[LN(0.5), LN(0.25)]]], grad=True)
-    inp = _dense_inputs(student_topk_logprobs=s, teacher_topk_logprobs=_t([[[LN(0.7), LN(0.2)]]]),
-                        teacher_tail_logprobs=_t([[LN(0.1)]]))
+    inp = _dense_inputs(
+        student_topk_logprobs=s, teacher_topk_logprobs=_t([[[LN(0.7), LN(0.2)]]]), teacher_tail_logprobs=_t([[LN(0.1)]])
+    )
     kl = dense_divergence(inp, "reverse_kl", "topk")
     assert _close(kl, [[0.5 * LN(0.5 / 0.7) + 0.25 * LN(0.25 / 0.2) + 0.25 * LN(0.25 / 0.1)]])
     renorm = dense_divergence(inp, "reverse_kl", "topk_renorm")
@@ -468,9 +500,14 @@ def test_full_reverse_kl_equals_an_independent_kl_and_bounds_topk():
     zs = torch.randn(2, 3, V, generator=g, dtype=D, requires_grad=True)
     t = (2 * torch.randn(2, 3, V, generator=g, dtype=D)).log_softmax(-1)
     s = zs.log_softmax(-1)
-    inp = LossInputs(logprobs=torch.zeros(2, 3, dtype=D), old_logprobs=torch.zeros(2, 3, dtype=D),
-                     mask=torch.ones(2, 3, dtype=D), advantages=torch.zeros(2, dtype=D),
-                     student_full_logprobs=s, teacher_full_logprobs=t)
+    inp = LossInputs(
+        logprobs=torch.zeros(2, 3, dtype=D),
+        old_logprobs=torch.zeros(2, 3, dtype=D),
+        mask=torch.ones(2, 3, dtype=D),
+        advantages=torch.zeros(2, dtype=D),
+        student_full_logprobs=s,
+        teacher_full_logprobs=t,
+    )
     ours = dense_divergence(inp, "reverse_kl", "full")
     ref = F.kl_div(t, s, log_target=True, reduction="none").sum(-1)  # Σ e^s (s − t)
     assert _close(ours, ref, 1e-12)
@@ -479,9 +516,14 @@ def test_full_reverse_kl_equals_an_independent_kl_and_bounds_topk():
     assert _close(g1, g2, 1e-12)
     for k in (2, 4, V):
         ids = t.topk(k, dim=-1).indices
-        inp_k = LossInputs(logprobs=torch.zeros(2, 3, dtype=D), old_logprobs=torch.zeros(2, 3, dtype=D),
-                           mask=torch.ones(2, 3, dtype=D), advantages=torch.zeros(2, dtype=D),
-                           student_topk_logprobs=s.gather(-1, ids), teacher_topk_logprobs=t.gather(-1, ids))
+        inp_k = LossInputs(
+            logprobs=torch.zeros(2, 3, dtype=D),
+            old_logprobs=torch.zeros(2, 3, dtype=D),
+            mask=torch.ones(2, 3, dtype=D),
+            advantages=torch.zeros(2, dtype=D),
+            student_topk_logprobs=s.gather(-1, ids),
+            teacher_topk_logprobs=t.gather(-1, ids),
+        )
         topk = dense_divergence(inp_k, "reverse_kl", "topk")
         assert bool((topk <= ours + 1e-9).all())
         if k == V:
@@ -497,23 +539,44 @@ def test_opd_full_estimator_is_the_expectation_of_the_sampled_one():
     z = torch.randn(V, generator=g, dtype=D, requires_grad=True)
     t = (3 * torch.randn(V, generator=g, dtype=D)).log_softmax(-1)
     s = z.log_softmax(-1)
-    full = opd_loss(LossInputs(logprobs=torch.zeros(1, 1, dtype=D), old_logprobs=torch.zeros(1, 1, dtype=D),
-                               mask=torch.ones(1, 1, dtype=D), advantages=torch.zeros(1, dtype=D),
-                               student_full_logprobs=s.view(1, 1, V), teacher_full_logprobs=t.view(1, 1, V)),
-                    estimator="full")[0]
+    full = opd_loss(
+        LossInputs(
+            logprobs=torch.zeros(1, 1, dtype=D),
+            old_logprobs=torch.zeros(1, 1, dtype=D),
+            mask=torch.ones(1, 1, dtype=D),
+            advantages=torch.zeros(1, dtype=D),
+            student_full_logprobs=s.view(1, 1, V),
+            teacher_full_logprobs=t.view(1, 1, V),
+        ),
+        estimator="full",
+    )[0]
     (g_full,) = torch.autograd.grad(full, z, retain_graph=True)
     expected = torch.zeros(V, dtype=D)
     for y in range(V):
         lp = s[y].view(1, 1)
-        loss, _ = opd_loss(LossInputs(logprobs=lp, old_logprobs=lp.detach(), mask=torch.ones(1, 1, dtype=D),
-                                      advantages=torch.zeros(1, dtype=D), teacher_logprobs=t[y].view(1, 1)))
+        loss, _ = opd_loss(
+            LossInputs(
+                logprobs=lp,
+                old_logprobs=lp.detach(),
+                mask=torch.ones(1, 1, dtype=D),
+                advantages=torch.zeros(1, dtype=D),
+                teacher_logprobs=t[y].view(1, 1),
+            )
+        )
         (gy,) = torch.autograd.grad(loss, z, retain_graph=True)
         expected += s[y].exp().detach() * gy
     assert _close(g_full, expected, 1e-12)
-    m = opd_loss(LossInputs(logprobs=torch.zeros(1, 1, dtype=D), old_logprobs=torch.zeros(1, 1, dtype=D),
-                            mask=torch.ones(1, 1, dtype=D), advantages=torch.zeros(1, dtype=D),
-                            student_full_logprobs=s.view(1, 1, V).detach(), teacher_full_logprobs=t.view(1, 1, V)),
-                 estimator="full").metrics
+    m = opd_loss(
+        LossInputs(
+            logprobs=torch.zeros(1, 1, dtype=D),
+            old_logprobs=torch.zeros(1, 1, dtype=D),
+            mask=torch.ones(1, 1, dtype=D),
+            advantages=torch.zeros(1, dtype=D),
+            student_full_logprobs=s.view(1, 1, V).detach(),
+            teacher_full_logprobs=t.view(1, 1, V),
+        ),
+        estimator="full",
+    ).metrics
     assert _close(m["opd/reverse_kl"], (s.exp() * (s - t)).sum().detach())
 
 
@@ -536,8 +599,13 @@ def test_truncated_importance_weights_hand_values():
     ratio_mean (1.6487 + 0.4493)/2. Gradient −w/2 = [−0.75, −0.22466]. Without a cap: plain GRPO."""
     old = _t([[-1.0, -1.0]])
     logp = old.clone().requires_grad_()
-    inp = LossInputs(logprobs=logp, old_logprobs=old, mask=_t([[1.0, 1.0]]), advantages=_t([1.0]),
-                     behaviour_logprobs=_t([[-1.5, -0.2]]))
+    inp = LossInputs(
+        logprobs=logp,
+        old_logprobs=old,
+        mask=_t([[1.0, 1.0]]),
+        advantages=_t([1.0]),
+        behaviour_logprobs=_t([[-1.5, -0.2]]),
+    )
     loss, m = grpo_loss(inp, tis_cap=1.5)
     w = [1.5, math.exp(-0.8)]
     assert _close(loss, -(w[0] + w[1]) / 2)
@@ -573,9 +641,15 @@ def test_distill_loss_by_hand():
     t_top = torch.tensor([[[ln(0.5), ln(0.25)], [ln(0.5), ln(0.25)]]], dtype=torch.float64)
     t_tail = torch.tensor([[ln(0.25), ln(0.25)]], dtype=torch.float64)
     zeros = torch.zeros(1, 2, dtype=torch.float64)
-    inp = LossInputs(logprobs=zeros, old_logprobs=zeros, mask=torch.ones(1, 2, dtype=torch.float64),
-                     advantages=torch.zeros(1, dtype=torch.float64), student_topk_logprobs=s_top,
-                     teacher_topk_logprobs=t_top, teacher_tail_logprobs=t_tail)
+    inp = LossInputs(
+        logprobs=zeros,
+        old_logprobs=zeros,
+        mask=torch.ones(1, 2, dtype=torch.float64),
+        advantages=torch.zeros(1, dtype=torch.float64),
+        student_topk_logprobs=s_top,
+        teacher_topk_logprobs=t_top,
+        teacher_tail_logprobs=t_tail,
+    )
     out = distill_loss(inp, divergence="forward_kl", estimator="topk")
     assert float(out.value) == pytest.approx(0.125 * ln(2), abs=1e-12)
     out.value.backward()

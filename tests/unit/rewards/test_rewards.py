@@ -263,9 +263,18 @@ def test_user_reward_functions_load_from_a_file_or_a_module(tmp_path):
 
     blob = cloudpickle.dumps(fn)
     f.unlink()  # gone from disk, and never imported in the child: only the pickled code remains
-    child = subprocess.run([sys.executable, "-c", "import sys; from ray import cloudpickle; "
-                            "fn = cloudpickle.loads(sys.stdin.buffer.read()); print(fn('ab', 'x'), fn('abcdefg', 'x'))"],
-                           input=blob, capture_output=True, cwd=tmp_path, timeout=120)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from ray import cloudpickle; "
+            "fn = cloudpickle.loads(sys.stdin.buffer.read()); print(fn('ab', 'x'), fn('abcdefg', 'x'))",
+        ],
+        input=blob,
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert child.returncode == 0, child.stderr.decode()[-2000:]
     assert child.stdout.decode().split() == ["1.0", "0.0"]
 
@@ -302,10 +311,15 @@ def test_a_job_with_a_broken_user_reward_fails_before_any_resource(tmp_path, mon
 
     f = tmp_path / "r.py"
     f.write_text("def ok(c, r, m=None):\n    return 0.0\n")
-    spec = parse_spec({"name": "j", "models": {"student": {"path": "HuggingFaceTB/none"}},
-                       "data": {"source": "reasoning_gym", "task": "basic_arithmetic", "size": 20, "eval_size": 0},
-                       "rewards": [{"name": "exact_match"}, {"name": "mine", "function": f"{f}:typo"}],
-                       "checkpoint": {"dir": str(tmp_path / "run")}})
+    spec = parse_spec(
+        {
+            "name": "j",
+            "models": {"student": {"path": "HuggingFaceTB/none"}},
+            "data": {"source": "reasoning_gym", "task": "basic_arithmetic", "size": 20, "eval_size": 0},
+            "rewards": [{"name": "exact_match"}, {"name": "mine", "function": f"{f}:typo"}],
+            "checkpoint": {"dir": str(tmp_path / "run")},
+        }
+    )
     monkeypatch.setattr("protege.cluster.driver._check_tokenizers", lambda spec: None)
     monkeypatch.setattr("protege.cluster.driver.Encoder", lambda *a, **k: None)
     with pytest.raises(JobError, match=r"rewards\.1\.function: .* has no callable named 'typo'"):
@@ -327,8 +341,9 @@ def test_reward_model_scorer_matches_a_plain_forward(tiny_models):
     completions = ["<answer>5</answer>", "I think it is <answer>8</answer>, because seven and one make eight", "8", ""]
     got = scorer.values(prompts, completions)
     # The scorer contract: one record per rollout, the raw score as the component 'reward_model'.
-    records = scorer.score([rollout_of(c, i) for i, c in enumerate(completions)],
-                           [Example(prompt=p, answer="") for p in prompts])
+    records = scorer.score(
+        [rollout_of(c, i) for i, c in enumerate(completions)], [Example(prompt=p, answer="") for p in prompts]
+    )
     assert [r.components for r in records] == [{"reward_model": v} for v in got]
     assert all(r.errors == {} and r.teacher is None for r in records)
 
@@ -336,8 +351,9 @@ def test_reward_model_scorer_matches_a_plain_forward(tiny_models):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"]).eval()
     want = []
     for p, c in zip(prompts, completions):
-        text = tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
-                                       tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
+        )
         with torch.no_grad():
             want.append(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item())
     assert len(set(round(w, 4) for w in want)) == 4  # the model does tell them apart
@@ -370,15 +386,28 @@ def test_reward_model_with_two_outputs_is_refused(tiny_models, tmp_path):
 def test_reward_model_spec_rules():
     from protege.core.spec import SpecError, parse_spec
 
-    base = {"name": "j", "models": {"student": {"path": "s"}},
-            "data": {"source": "reasoning_gym", "task": "basic_arithmetic"}}
-    ok = parse_spec({**base, "models": {"student": {"path": "s"}, "reward_model": {"path": "rm"}},
-                     "rewards": [{"name": "exact_match"}, {"name": "reward_model", "weight": 0.5}]})
+    base = {
+        "name": "j",
+        "models": {"student": {"path": "s"}},
+        "data": {"source": "reasoning_gym", "task": "basic_arithmetic"},
+    }
+    ok = parse_spec(
+        {
+            **base,
+            "models": {"student": {"path": "s"}, "reward_model": {"path": "rm"}},
+            "rewards": [{"name": "exact_match"}, {"name": "reward_model", "weight": 0.5}],
+        }
+    )
     assert [r.name for r in ok.rewards] == ["exact_match", "reward_model"]
     with pytest.raises(SpecError) as e:
         parse_spec({**base, "rewards": [{"name": "reward_model"}]})
     assert e.value.errors[0][0] == "models.reward_model"
     with pytest.raises(SpecError) as e:
-        parse_spec({**base, "models": {"student": {"path": "s"}, "reward_model": {"path": "rm"}},
-                    "rewards": [{"name": "exact_match"}]})
+        parse_spec(
+            {
+                **base,
+                "models": {"student": {"path": "s"}, "reward_model": {"path": "rm"}},
+                "rewards": [{"name": "exact_match"}],
+            }
+        )
     assert e.value.errors[0][0] == "rewards" and "reward_model" in e.value.errors[0][1]

@@ -17,8 +17,10 @@ from protege.rewards.teacher import PAYLOAD_DTYPE, TeacherScorer
 
 def as_rollouts(items):
     """(prompt ids, response ids) pairs as the rollouts (and their examples) the contract takes."""
-    rollouts = [Rollout(example_index=i, prompt_ids=p, sample=Sample(r, [0.0] * len(r), "", "stop"), policy_version=0)
-                for i, (p, r) in enumerate(items)]
+    rollouts = [
+        Rollout(example_index=i, prompt_ids=p, sample=Sample(r, [0.0] * len(r), "", "stop"), policy_version=0)
+        for i, (p, r) in enumerate(items)
+    ]
     return rollouts, [Example(prompt="", answer="") for _ in items]
 
 
@@ -71,8 +73,15 @@ def test_teacher_logprobs_line_up_with_the_learners_frame(tiny_models):
     from protege.learners.learner import Learner
 
     scorer = TeacherScorer(tiny_models["teacher"], engine="hf")
-    ln = Learner(rank=0, world_size=1, model_path=tiny_models["teacher"], learner_spec=S.LearnerSpec(),
-                 algo=S.GRPOSpec(), temperature=1.0, grad_accum=1)
+    ln = Learner(
+        rank=0,
+        world_size=1,
+        model_path=tiny_models["teacher"],
+        learner_spec=S.LearnerSpec(),
+        algo=S.GRPOSpec(),
+        temperature=1.0,
+        grad_accum=1,
+    )
     ln.attach(scorer.model, device="cpu", pad_id=scorer.pad_id)
     prompt, resp = [5, 17, 42, 9, 100], [33, 7, 250, 11]
     ours = ln.logprobs(prompt, resp)
@@ -86,8 +95,9 @@ def test_vllm_scoring_matches_the_transformers_forward(tiny_models):
     """The teacher scored through vLLM's prompt log-probs (batched prefills, no decoding) gives the
     same sampled-token log-probs, the same top-k ids and values and the same tail as the HF
     forward (float32, CPU vLLM); full rows and temperatures other than 1 fall back to HF."""
-    vllm_scorer = TeacherScorer(tiny_models["teacher"], engine="vllm", score_engine="vllm", max_logprobs=8,
-                                kv_cache_bytes=64 << 20, top_k=8)
+    vllm_scorer = TeacherScorer(
+        tiny_models["teacher"], engine="vllm", score_engine="vllm", max_logprobs=8, kv_cache_bytes=64 << 20, top_k=8
+    )
     hf_scorer = TeacherScorer(tiny_models["teacher"], engine="hf", top_k=8)
     items = [([5, 17, 42, 9], [33, 7, 250, 11, 3]), ([8, 8, 1], [99, 100]), ([4, 4, 4, 4, 4, 4], [12])]
     try:
@@ -103,8 +113,14 @@ def test_vllm_scoring_matches_the_transformers_forward(tiny_models):
             assert torch.allclose(a.topk_logprobs.float(), b.topk_logprobs.float(), atol=2e-3)
             assert torch.allclose(a.tail_logprobs, b.tail_logprobs, atol=1e-3)
         # Full rows fall back to the transformers forward (same engine settings, full: true).
-        full = TeacherScorer(tiny_models["teacher"], engine="vllm", score_engine="vllm", max_logprobs=8,
-                             kv_cache_bytes=64 << 20, full=True)
+        full = TeacherScorer(
+            tiny_models["teacher"],
+            engine="vllm",
+            score_engine="vllm",
+            max_logprobs=8,
+            kv_cache_bytes=64 << 20,
+            full=True,
+        )
         assert not full.scores_with_vllm(full.full)
         assert payloads(full, items)[0].full_logprobs is not None and full._generator is None
     finally:
@@ -114,8 +130,12 @@ def test_vllm_scoring_matches_the_transformers_forward(tiny_models):
 def test_auto_score_engine_follows_the_spec():
     from protege.core.spec import parse_spec
 
-    base = {"models": {"student": {"path": "s"}, "teacher": {"path": "t"}}, "data": {"task": "basic_arithmetic"},
-            "algorithm": {"type": "opd"}, "rollout": {"temperature": 1.0}}
+    base = {
+        "models": {"student": {"path": "s"}, "teacher": {"path": "t"}},
+        "data": {"task": "basic_arithmetic"},
+        "algorithm": {"type": "opd"},
+        "rollout": {"temperature": 1.0},
+    }
     assert parse_spec(base).teacher_score_engine() == "vllm"
     assert parse_spec({**base, "rollout": {"temperature": 0.7}}).teacher_score_engine() == "hf"
     assert parse_spec({**base, "algorithm": {"type": "opd", "estimator": "full"}}).teacher_score_engine() == "hf"

@@ -98,19 +98,28 @@ def test_requests_validate_with_field_names():
     assert ok.stop == ["\n"] and ok.max_tokens == 16
     # vLLM's layer implements batched prompts and logit_bias (once refused here as unsupported).
     assert CompletionRequest(model="m", prompt=["a", "b"], logit_bias={"5": 1.0}).prompt == ["a", "b"]
-    for bad, field in [({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
-                       ({"max_tokens": 0}, "max_tokens"), ({"logit_bias_typo": {}}, "logit_bias_typo"),
-                       ({"prompt": []}, "prompt"), ({"prompt": ["a", ""]}, "prompt"), ({"stop": ["a"] * 5}, "stop"),
-                       # vLLM-internal fields are a trusted router's, not a client's
-                       ({"request_id": "x"}, "request_id"), ({"kv_transfer_params": {}}, "kv_transfer_params")]:
+    for bad, field in [
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logit_bias_typo": {}}, "logit_bias_typo"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a", ""]}, "prompt"),
+        ({"stop": ["a"] * 5}, "stop"),
+        # vLLM-internal fields are a trusted router's, not a client's
+        ({"request_id": "x"}, "request_id"),
+        ({"kv_transfer_params": {}}, "kv_transfer_params"),
+    ]:
         with pytest.raises(ValidationError) as exc:
             CompletionRequest.model_validate({"model": "m", "prompt": "hi", **bad})
         err = validation_error(exc.value)
         assert err.status == 400 and err.message.startswith(f"{field}:"), err.message
         assert err.body()["error"]["param"] == field
     with pytest.raises(ValidationError, match="not both"):
-        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=2,
-                              max_completion_tokens=3)
+        ChatCompletionRequest(
+            model="m", messages=[{"role": "user", "content": "x"}], max_tokens=2, max_completion_tokens=3
+        )
 
 
 def test_api_key_rules_and_deployment_options(monkeypatch):
@@ -125,11 +134,18 @@ def test_api_key_rules_and_deployment_options(monkeypatch):
     monkeypatch.setenv("PROTEGE_API_KEY", KEY)
     assert api_key_hash(ServeSpec()) == api_key_hash(ServeSpec(host="0.0.0.0")) != KEY
 
-    spec = ServeSpec(max_concurrent=6, autoscale=AutoscaleSpec(min_replicas=0, max_replicas=3, target_ongoing_requests=2))
+    spec = ServeSpec(
+        max_concurrent=6, autoscale=AutoscaleSpec(min_replicas=0, max_replicas=3, target_ongoing_requests=2)
+    )
     opts = deployment_options(ServeArgs(target="x", serve=spec))
-    assert opts["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 3,
-                                          "target_ongoing_requests": 2, "upscale_delay_s": 30,
-                                          "downscale_delay_s": 600}
+    assert opts["autoscaling_config"] == {
+        "min_replicas": 0,
+        "initial_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 2,
+        "upscale_delay_s": 30,
+        "downscale_delay_s": 600,
+    }
     assert opts["max_queued_requests"] == 6 and opts["max_ongoing_requests"] > 6
 
 
@@ -194,8 +210,9 @@ def hf_run(tiny_models, tmp_path_factory):
 def _hf_gen(run, **kw):
     from protege.serve.generator import StudentGenerator
 
-    return StudentGenerator(versions.resolve(run).version, model_name="student", engine="hf", max_tokens=32,
-                            max_model_len=256, **kw)
+    return StudentGenerator(
+        versions.resolve(run).version, model_name="student", engine="hf", max_tokens=32, max_model_len=256, **kw
+    )
 
 
 def test_generator_requests_limits_and_overload(hf_run):
@@ -204,22 +221,27 @@ def test_generator_requests_limits_and_overload(hf_run):
     async def main():
         r = await gen.complete(CompletionRequest(model="student", prompt="1 + 1 =", max_tokens=8, temperature=0))
         assert r.system_fingerprint == "protege-v1" and r.usage.completion_tokens <= 8 and r.choices[0].finish_reason
-        chat = ChatCompletionRequest(model="student", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
-                                     temperature=0, n=2)
+        chat = ChatCompletionRequest(
+            model="student", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, n=2
+        )
         c = await gen.chat(chat)
         assert [ch.index for ch in c.choices] == [0, 1] and c.choices[0].message.content == c.choices[1].message.content
         events = [e async for e in gen.stream_chat(chat.model_copy(update={"n": 1}))]
         assert events[-1] == "data: [DONE]\n\n"
         first = json.loads(events[0][6:])
         assert first["choices"][0]["delta"]["role"] == "assistant"
-        assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1]) \
+        assert (
+            "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1])
             == c.choices[0].message.content
+        )
 
-        for req, field in [(CompletionRequest(model="student", prompt="x", max_tokens=33), "max_tokens"),
-                           (CompletionRequest(model="student", prompt="x", n=5), "n"),
-                           (CompletionRequest(model="student", prompt="x " * 300), "prompt"),
-                           (CompletionRequest(model="student", prompt=[10**6]), "prompt"),
-                           (CompletionRequest(model="other", prompt="x"), "model")]:
+        for req, field in [
+            (CompletionRequest(model="student", prompt="x", max_tokens=33), "max_tokens"),
+            (CompletionRequest(model="student", prompt="x", n=5), "n"),
+            (CompletionRequest(model="student", prompt="x " * 300), "prompt"),
+            (CompletionRequest(model="student", prompt=[10**6]), "prompt"),
+            (CompletionRequest(model="other", prompt="x"), "model"),
+        ]:
             with pytest.raises(ApiError) as exc:
                 await gen.complete(req)
             assert exc.value.param == field and exc.value.status in (400, 404), exc.value.message
@@ -314,10 +336,12 @@ def served(tiny_models, tmp_path_factory, ray_local):
     os.environ["PROTEGE_API_KEY"] = KEY
     run_dir = tmp_path_factory.mktemp("serverun") / "student-run"
     publish(run_dir, 1, 1, tiny_models["student"])
-    spec = ServeSpec(port=_free_port(), max_tokens=64, max_concurrent=8,
-                     autoscale=AutoscaleSpec(min_replicas=1, max_replicas=1))
-    url = run(ServeArgs(target=str(run_dir), serve=spec, max_model_len=512, poll_s=0.3, replica_cpus=1,
-                        kv_cache_gb=0.0625))
+    spec = ServeSpec(
+        port=_free_port(), max_tokens=64, max_concurrent=8, autoscale=AutoscaleSpec(min_replicas=1, max_replicas=1)
+    )
+    url = run(
+        ServeArgs(target=str(run_dir), serve=spec, max_model_len=512, poll_s=0.3, replica_cpus=1, kv_cache_gb=0.0625)
+    )
     yield {"url": url, "run_dir": run_dir, "student": tiny_models["student"]}
     serve.shutdown()
     os.environ.pop("PROTEGE_API_KEY", None)
@@ -343,8 +367,14 @@ def test_serve_completion_chat_and_stream(served):
     msgs = [{"role": "user", "content": "What is 3 + 4?"}]
     chat = client.chat.completions.create(model="student-run", messages=msgs, max_tokens=12, temperature=0)
     assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason in ("stop", "length")
-    stream = client.chat.completions.create(model="student-run", messages=msgs, max_tokens=12, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="student-run",
+        messages=msgs,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert len(chunks) > 2 and text == chat.choices[0].message.content  # same greedy answer, token by token
@@ -356,20 +386,23 @@ def test_serve_logprobs_echo_n_and_batched_prompts(served):
     """vLLM's layer: logprobs / top_logprobs on both endpoints, echo with logprobs, n > 4, batches."""
     client = _client(served)
     prompt = "1 2 3 4"
-    c = client.completions.create(model="student-run", prompt=prompt, max_tokens=5, temperature=0, logprobs=3,
-                                  echo=True)
+    c = client.completions.create(
+        model="student-run", prompt=prompt, max_tokens=5, temperature=0, logprobs=3, echo=True
+    )
     lp = c.choices[0].logprobs
     assert c.choices[0].text.startswith(prompt) and "".join(lp.tokens) == c.choices[0].text
     n_prompt = c.usage.prompt_tokens
     assert len(lp.tokens) == n_prompt + c.usage.completion_tokens and lp.token_logprobs[0] is None
     assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(t) >= 3 for t in lp.top_logprobs[n_prompt:])
     # the sampled (greedy) token is the most likely one: its logprob tops its own top_logprobs
-    assert all(abs(lp.token_logprobs[i] - max(lp.top_logprobs[i].values())) < 1e-4
-               for i in range(n_prompt, len(lp.tokens)))
+    assert all(
+        abs(lp.token_logprobs[i] - max(lp.top_logprobs[i].values())) < 1e-4 for i in range(n_prompt, len(lp.tokens))
+    )
 
     msgs = [{"role": "user", "content": "Say something."}]
-    chat = client.chat.completions.create(model="student-run", messages=msgs, max_tokens=6, temperature=0,
-                                          logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(
+        model="student-run", messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
 
@@ -392,10 +425,10 @@ def test_serve_stop_seed_guided_and_stream_usage(served):
     client = _client(served, max_retries=0)
     base = dict(model="student-run", prompt="The list: one, two,", max_tokens=24, temperature=0)
     full = client.completions.create(**base, extra_body={"ignore_eos": True}).choices[0].text
-    stop = full[len(full) // 2:len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     assert stop.strip(), full  # a visible stop string taken from the greedy answer's middle
     cut = client.completions.create(**base, stop=[stop], extra_body={"ignore_eos": True}).choices[0]
-    assert cut.finish_reason == "stop" and cut.text == full[:full.index(stop)]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
 
     sampled = dict(model="student-run", prompt="Once", max_tokens=16, temperature=1.0)
     texts = [client.completions.create(**sampled, seed=s).choices[0].text for s in (7, 7, 8, 9)]
@@ -404,18 +437,35 @@ def test_serve_stop_seed_guided_and_stream_usage(served):
     # Guided decoding (vLLM's structured outputs, xgrammar on CPU too): the answer is one of the schema's values.
     schema = {"type": "string", "enum": ["red", "green", "blue"]}
     g = client.chat.completions.create(
-        model="student-run", messages=[{"role": "user", "content": "A color?"}], max_tokens=12,
-        response_format={"type": "json_schema", "json_schema": {"name": "color", "schema": schema}})
+        model="student-run",
+        messages=[{"role": "user", "content": "A color?"}],
+        max_tokens=12,
+        response_format={"type": "json_schema", "json_schema": {"name": "color", "schema": schema}},
+    )
     assert json.loads(g.choices[0].message.content) in schema["enum"], g.choices[0].message.content
-    choice = client.completions.create(model="student-run", prompt="yes or no:", max_tokens=4,
-                                       extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    choice = client.completions.create(
+        model="student-run",
+        prompt="yes or no:",
+        max_tokens=4,
+        extra_body={"structured_outputs": {"choice": ["yes", "no"]}},
+    )
     assert choice.choices[0].text in ("yes", "no")
     with pytest.raises(openai.BadRequestError) as exc:
-        client.completions.create(model="student-run", prompt="x", extra_body={"response_format": {"type": "json_schema"}})
+        client.completions.create(
+            model="student-run", prompt="x", extra_body={"response_format": {"type": "json_schema"}}
+        )
     assert "response_format" in exc.value.message
 
-    chunks = list(client.completions.create(model="student-run", prompt="count", max_tokens=9, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model="student-run",
+            prompt="count",
+            max_tokens=9,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chunks[-1].usage.completion_tokens == 9 and not chunks[-1].choices
     assert {ch.system_fingerprint for ch in chunks} == {"protege-v1"}  # every chunk names the version
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices)
@@ -431,8 +481,12 @@ def test_serve_rejects_bad_requests_and_missing_key(served):
     import openai
 
     client = _client(served, max_retries=0)
-    for kw, field in [({"temperature": 3.0}, "temperature"), ({"max_tokens": 10_000}, "max_tokens"),
-                      ({"n": 50}, "n"), ({"prompt": "word " * 600}, "prompt")]:
+    for kw, field in [
+        ({"temperature": 3.0}, "temperature"),
+        ({"max_tokens": 10_000}, "max_tokens"),
+        ({"n": 50}, "n"),
+        ({"prompt": "word " * 600}, "prompt"),
+    ]:
         with pytest.raises(openai.BadRequestError) as exc:
             client.completions.create(**{"model": "student-run", "prompt": "hi", **kw})
         assert exc.value.status_code == 400 and f"{field}:" in exc.value.message, exc.value.message
@@ -452,8 +506,9 @@ def test_serve_overload_answers_503(served):
 
     async def burst(n):
         async with httpx.AsyncClient(timeout=60) as c:
-            return await asyncio.gather(*[c.post(served["url"] + "/v1/completions", json=body, headers=headers)
-                                          for _ in range(n)])
+            return await asyncio.gather(
+                *[c.post(served["url"] + "/v1/completions", json=body, headers=headers) for _ in range(n)]
+            )
 
     for _ in range(3):  # 40 simultaneous requests against max_concurrent=8; retry if the burst was too slow
         responses = asyncio.run(burst(40))
@@ -472,8 +527,9 @@ def test_serve_stream_closed_by_client_frees_its_slot(served):
 
     body = {"model": "student-run", "prompt": "count", "max_tokens": 64, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60) as c:
-        with c.stream("POST", served["url"] + "/v1/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        with c.stream(
+            "POST", served["url"] + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        ) as r:
             assert r.status_code == 200
             next(r.iter_lines())  # one event, then hang up mid-stream
     deadline = time.time() + 20
@@ -486,6 +542,7 @@ def test_serve_stream_closed_by_client_frees_its_slot(served):
 def test_serve_switches_version_in_flight_and_rolls_back(served):
     client = _client(served, max_retries=0)
     msgs = [{"role": "user", "content": "Name a color."}]
+
     def greedy():
         return client.chat.completions.create(model="student-run", messages=msgs, max_tokens=16, temperature=0)
 
@@ -537,6 +594,8 @@ def test_serve_modules_import_without_heavy_libraries():
     import subprocess
     import sys
 
-    code = ("import sys\nfor m in ('vllm', 'ray', 'torch', 'transformers', 'fastapi'): sys.modules[m] = None\n"
-            "import protege.serve.api, protege.serve.versions, protege.serve.cli, protege.serve.generator")
+    code = (
+        "import sys\nfor m in ('vllm', 'ray', 'torch', 'transformers', 'fastapi'): sys.modules[m] = None\n"
+        "import protege.serve.api, protege.serve.versions, protege.serve.cli, protege.serve.generator"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
