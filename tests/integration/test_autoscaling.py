@@ -234,20 +234,6 @@ def autoscaling_spec(run_root: Path, student: str) -> dict:
     }
 
 
-def test_spec_needs_worker_nodes():
-    """Fast check of the premise: the head cannot hold the roles; one worker node holds one of them."""
-    from protege.cluster.placement import role_requests
-    from protege.core.spec import parse_spec
-
-    spec = parse_spec(autoscaling_spec(Path("/tmp/x"), "/models/student"))
-    types = autoscaler_config("127.0.0.1:1")["available_node_types"]
-    head, worker = types["ray.head.default"]["resources"], types[NODE_TYPE]["resources"]
-    needs_worker = [q for q in role_requests(spec) if "gpu_node" in q.bundle]
-    assert {q.role for q in needs_worker} == {"rollout", "learner"}
-    for q in needs_worker:
-        assert "gpu_node" not in head and q.bundle["gpu_node"] <= worker["gpu_node"] < 2 * q.bundle["gpu_node"]
-
-
 @pytest.mark.slow
 def test_job_scales_cluster_up_then_idle_nodes_are_removed(tmp_path, tiny_models):
     spec_path = tmp_path / "spec.yaml"
