@@ -92,7 +92,7 @@ _TOKENIZER_CORPUS_SEED = 1234
 
 TINY_SIZES: dict[str, dict[str, int]] = {
     # head_dim 32 for both: vLLM's CPU attention supports head sizes 32/64/80/96/112/128 (checked
-    # in tests/unit/core/test_models.py, which runs both models through vLLM).
+    # in tests/integration/test_models.py, which runs both models through vLLM).
     "teacher": dict(
         hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256
     ),

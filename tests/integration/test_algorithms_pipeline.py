@@ -174,7 +174,7 @@ def test_mismatched_teacher_tokenizer_is_refused(tmp_path, tiny_models):
 def test_rlad_with_a_reward_model(tmp_path, tiny_models, ray_local):
     """models.reward_model scores every rollout in its own actor, next to the rule rewards and the
     teacher; its score is the component 'reward_model', weighted into the reward as the spec says.
-    (GRPO without a teacher runs it in tests/test_examples_run.py.)"""
+    (GRPO without a teacher runs it in tests/integration/test_examples_run.py.)"""
     from protege.rewards.reward_model import RewardModelScorer
 
     spec = spec_for(
