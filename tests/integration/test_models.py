@@ -7,21 +7,9 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 from pathlib import Path
 
-# CPU-friendly defaults (docs/platform.md); setdefault so a caller's settings win.
-for _k, _v in {
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-}.items():
-    os.environ.setdefault(_k, _v)
-
-import pytest  # noqa: E402  (after the environment above, which vLLM reads at import)
+import pytest  # the CPU defaults vLLM reads at import are set by tests/conftest.py, loaded first
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
