@@ -205,6 +205,19 @@ def start_roles(spec) -> Roles:
     reqs = {q.role: q for q in role_requests(spec)}
     groups = reserve(list(reqs.values()), spec.resources.placement_timeout_s)
     roles = Roles(groups=groups)
+    try:
+        _start_actors(spec, roles, reqs)
+    except BaseException:
+        # A role that fails to start (a learner's setup, an engine build, Ctrl-C) must not leave
+        # the job's named placement groups behind: the next job in this Ray cluster would fail
+        # with "placement group 'protege-rollout' already exists".
+        roles.kill_all()
+        raise
+    return roles
+
+
+def _start_actors(spec, roles: Roles, reqs: dict) -> None:
+    groups = roles.groups
     student = spec.models.student
     max_len = spec.max_model_len
     ft = spec.fault_tolerance
@@ -226,6 +239,7 @@ def start_roles(spec) -> Roles:
                 max_model_len=max_len,
                 kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
                 gpu_memory_utilization=gpu_memory_share(spec, "rollout"),
+                compiled=spec.rollout_compiled(),
             )
         )
     for name, (actor, arguments) in SCORERS.items():
@@ -254,7 +268,6 @@ def start_roles(spec) -> Roles:
     if must_wait_for_rollout(spec):
         gather([w.pid.remote() for w in roles.rollout])  # answers once __init__ (the engine) is done
     start_learners(spec, roles, reqs["learner"].bundle)
-    return roles
 
 
 def start_learners(spec, roles: Roles, bundle: dict[str, float] | None = None) -> None:

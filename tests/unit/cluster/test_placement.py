@@ -267,3 +267,35 @@ def test_colocated_group_that_does_not_fit_names_both_roles(ray_gpus):
     assert ray.util.placement_group_table() == {} or all(
         p["state"] == "REMOVED" for p in ray.util.placement_group_table().values()
     )
+
+
+def test_a_role_that_fails_to_start_leaves_no_placement_group(ray_gpus, monkeypatch):
+    """A learner whose setup raises (out of memory, a bad model) fails the job, and the job's
+    named placement groups go with it: the next job in the same cluster starts."""
+    import ray
+    from ray.util import placement_group_table
+
+    r, _, rw = fake_actors(0.0)
+
+    @ray.remote
+    class BrokenLearner:
+        def __init__(self, **kwargs):
+            pass
+
+        def setup(self, addr, port):
+            raise RuntimeError("learner setup failed")
+
+    monkeypatch.setattr(launch, "RolloutActor", r)
+    monkeypatch.setattr(launch, "LearnerActor", BrokenLearner)
+    monkeypatch.setattr(launch, "RewardActor", rw)
+    spec = example("grpo_gpu_disaggregated.yaml")
+    spec.rollout.workers = spec.learner.ranks = 2  # 4 whole GPUs
+    with pytest.raises(ray.exceptions.RayTaskError, match="learner setup failed"):
+        launch.start_roles(spec)
+    alive = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+    assert alive == [], alive
+    deadline = time.time() + 30  # removed groups hand their GPUs back asynchronously
+    while ray.available_resources().get("GPU", 0) < 4 and time.time() < deadline:
+        time.sleep(0.5)
+    monkeypatch.setattr(launch, "LearnerActor", fake_actors(0.0)[1])
+    launch.start_roles(spec).kill_all()  # the same names are free again
