@@ -395,7 +395,23 @@ class RolloutSpec(_Strict):
     max_new_tokens: int = Field(default=32, ge=1)
     max_prompt_tokens: int = Field(default=256, ge=8)
     workers: int = Field(default=1, ge=1)
-    engine: Literal["vllm", "hf"] = "vllm"
+    engine: Literal["auto", "vllm", "hf"] = Field(
+        default="vllm",
+        description=(
+            "vllm: vLLM's engine (CPU or GPU build); hf: transformers.generate, the fallback; auto: vllm where "
+            "a vLLM build is installed, else hf. vLLM generated faster than hf at every size measured, the "
+            "tiny test model included (bench/reports/engine_bench.md), so auto does not depend on the size"
+        ),
+    )
+    compile: Literal["auto", "eager", "compiled"] = Field(
+        default="auto",
+        description=(
+            "vLLM only. compiled: torch.compile'd model (and CUDA graphs on GPU); eager: no compilation. "
+            "auto: compiled on GPUs (vLLM's default) and, on CPU, for runs of at least "
+            "COMPILE_AUTO_MIN_STEPS steps, where the compile time (tens of seconds) is repaid "
+            "(bench/reports/engine_bench.md); eager for short runs and tests"
+        ),
+    )
     kv_cache_gb: float = Field(default=0.25, gt=0, description="KV cache per worker (vLLM on CPU)")
     gpu_memory_utilization: float | None = Field(
         default=None,
@@ -407,6 +423,19 @@ class RolloutSpec(_Strict):
             "(resources.*.gpus < 1, colocated with a learner rank that needs the rest)"
         ),
     )
+
+    @model_validator(mode="after")
+    def _resolve_engine(self):
+        if self.engine == "auto":
+            import importlib.util
+
+            self.engine = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+        return self
+
+
+# On CPU, vLLM's compiled mode paid for its start-up after about 50 generate calls on the tiny
+# model (bench/reports/engine_bench.md); a run evaluates too, so 100 steps leaves margin.
+COMPILE_AUTO_MIN_STEPS = 100
 
 
 class LearnerSpec(_Strict):
@@ -443,7 +472,18 @@ class LearnerSpec(_Strict):
         ),
     )
     grad_clip: float = Field(default=1.0, gt=0)
-    bf16: bool = False
+    bf16: bool = Field(
+        default=False,
+        description="DeepSpeed bf16: bfloat16 weights and activations, fp32 master weights in the optimizer",
+    )
+    autocast: Literal["off", "bfloat16"] = Field(
+        default="off",
+        description=(
+            "bfloat16: float32 weights, the forward (and its backward) under torch.autocast in bfloat16; "
+            "log-softmax and the losses stay float32. Pays off on CPUs with AVX512-BF16/AMX and on GPUs; "
+            "bench/learner_bench.py reports its loss difference against float32 and its speed"
+        ),
+    )
     updates_per_step: int = Field(default=1, ge=1, description="passes over each rollout batch")
     mini_batches: int = Field(
         default=1,
@@ -813,6 +853,15 @@ class JobSpec(_Strict):
 
     def needs_teacher_scoring(self) -> bool:
         return self.algorithm.needs().teacher is not None
+
+    def rollout_compiled(self) -> bool:
+        """rollout.compile with "auto" resolved: compiled on GPUs and for long CPU runs."""
+        match self.rollout.compile:
+            case "compiled":
+                return True
+            case "eager":
+                return False
+        return self.resources.rollout.gpus > 0 or self.steps >= COMPILE_AUTO_MIN_STEPS
 
     def teacher_score_engine(self) -> str:
         """models.teacher.score_engine with "auto" resolved (see TeacherRef)."""

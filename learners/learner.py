@@ -163,6 +163,9 @@ class Learner:
             scheduler,
         )
         model = getattr(engine, "module", engine)
+        # learner.autocast: the ops autocast covers (matmuls) run in bfloat16; the log-softmax
+        # rows are cast to float32 first (core/logprobs.py), so the losses see float32 inputs.
+        self.autocast = getattr(self.spec, "autocast", "off") == "bfloat16"
         self.old_from_training_forward = not has_active_dropout(model)
 
     def pid(self) -> int:
@@ -192,6 +195,12 @@ class Learner:
         partitions with one rank too, so a head whose weight was not gathered should fail rather
         than pass; that release was not inspected separately.) Not yet run on GPUs or several
         ranks."""
+        if not self.autocast:  # (torch.autocast refuses some device types even when disabled)
+            return self._token_logprobs_fp(model, b, want_topk)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return self._token_logprobs_fp(model, b, want_topk)
+
+    def _token_logprobs_fp(self, model, b: dict, want_topk: bool):
         chunk = getattr(self.spec, "logprob_chunk", None)
         split = hidden_and_head(model, b["input_ids"], b["attention_mask"]) if chunk else None
         if split is not None:
