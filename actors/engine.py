@@ -49,6 +49,7 @@ class VLLMEngine:
         seed: int = 0,
         gpu_memory_utilization: float = 0.3,
         max_logprobs: int = 20,
+        enforce_eager: bool = True,
     ):
         import os
 
@@ -63,7 +64,9 @@ class VLLMEngine:
             dtype=dtype,
             max_model_len=max_model_len,
             seed=seed,
-            enforce_eager=True,  # compile/cudagraph capture costs more than it saves for short RL rollouts on CPU
+            # Eager by default: on CPU, torch.compile costs more at start-up than it saves on short
+            # RL rollouts (rollout.compile; bench/engine_bench.py has the numbers).
+            enforce_eager=enforce_eager,
             enable_prefix_caching=True,  # reset after every weight sync (stale logprobs otherwise)
             worker_extension_cls=EXTENSION,
             logprobs_mode="processed_logprobs",  # behaviour logprobs after temperature, as sampled

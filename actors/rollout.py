@@ -34,6 +34,7 @@ class RolloutWorker:
         max_model_len: int = 512,
         kv_cache_bytes: int = 256 << 20,
         gpu_memory_utilization: float = 0.3,
+        compiled: bool = False,
     ):
         capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         configure_node_defaults()  # this node's hardware decides, before vLLM reads its environment
@@ -46,6 +47,7 @@ class RolloutWorker:
             max_model_len=max_model_len,
             kv_cache_bytes=kv_cache_bytes,
             gpu_memory_utilization=gpu_memory_utilization,
+            **({"enforce_eager": not compiled} if engine == "vllm" else {}),
         )
         self.receiver = WeightReceiver(self.engine, engine)  # object store and GPU (NCCL/IPC) loads
         self.eos_id = self.engine.tokenizer.eos_token_id

@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from protege.core import spec as S
 from protege.core.spec import JobSpec, SpecError, load_spec, parse_spec
 
 from pathlib import Path
@@ -244,3 +245,25 @@ def test_offline_distillation_spec():
     assert s.rows_per_step() == s.rollout.prompts_per_step and s.teacher_request().top_k == 8
     with pytest.raises(SpecError, match="algorithm.estimator"):
         parse_spec(_minimal(algorithm={"type": "distill", "estimator": "sampled"}))
+
+
+def test_rollout_compile_auto_compiles_long_runs_and_gpu_rollouts():
+    base = _minimal()
+    short = parse_spec({**base, "steps": S.COMPILE_AUTO_MIN_STEPS - 1})
+    long = parse_spec({**base, "steps": S.COMPILE_AUTO_MIN_STEPS})
+    gpu = parse_spec({**base, "steps": 2, "resources": {"rollout": {"gpus": 1}}})
+    assert short.rollout.compile == "auto" and not short.rollout_compiled()
+    assert long.rollout_compiled() and gpu.rollout_compiled()
+    forced = parse_spec({**base, "steps": 1000, "rollout": {"compile": "eager"}})
+    assert not forced.rollout_compiled()
+    assert parse_spec({**base, "steps": 2, "rollout": {"compile": "compiled"}}).rollout_compiled()
+
+
+def test_rollout_engine_auto_is_vllm_where_installed(monkeypatch):
+    import importlib.util
+
+    spec = parse_spec(_minimal(rollout={"engine": "auto"}))
+    assert spec.rollout.engine == ("vllm" if importlib.util.find_spec("vllm") else "hf")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    spec = parse_spec(_minimal(rollout={"engine": "auto"}))
+    assert spec.rollout.engine == "hf"
