@@ -24,7 +24,7 @@ lint: setup
 	$(PY) -m ruff format --check .
 
 test: setup lint
-	$(PY) -m pytest -q --timeout=900 tests
+	$(PY) -m pytest -q --timeout=900 --durations=30 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
