@@ -24,7 +24,9 @@ def load_job_data(spec) -> tuple[list, list[Example]]:
     if d.source == "reasoning_gym":
         examples = load_reasoning_gym(d.task, size=d.size, seed=d.seed, config=d.task_config)
     else:
-        examples = load_file(d.path, prompt_field=d.prompt_field, answer_field=d.answer_field)
+        examples = load_file(
+            d.path, prompt_field=d.prompt_field, answer_field=d.answer_field, response_field=d.response_field
+        )
     if d.eval_size == 0:
         return examples, []
     return split(examples, eval_size=d.held_out(len({e.prompt for e in examples})), seed=d.seed)
@@ -48,6 +50,12 @@ class Encoder:
     def target(self, text: str) -> list[int]:
         """A supervised response: the text then end-of-sequence, as the chat template closes a turn."""
         return self.tok.encode(text, add_special_tokens=False) + [self.tok.eos_token_id]
+
+    def example_target(self, example: Example) -> list[int]:
+        """The supervised response of a data row: its response field verbatim (data.response_field),
+        else its answer in the answer format."""
+        response = example.meta.get("response")
+        return self.target(response) if response is not None else self.answer_target(example.answer)
 
     def answer_target(self, answer: str) -> list[int]:
         return self.target(f"<answer>{answer}</answer>")

@@ -165,7 +165,7 @@ class Job:
             ids = ray.get(self.roles.teacher.generate_ids.remote(prompts, max_tokens=self.spec.rollout.max_new_tokens))
             items = [(i, r, "") for i, r in enumerate(ids)]
         else:  # "answers"
-            items = [(i, enc.answer_target(e.answer), e.answer) for i, e in enumerate(examples)]
+            items = [(i, enc.example_target(e), e.meta.get("response", e.answer)) for i, e in enumerate(examples)]
         return Responses(
             [
                 Rollout(

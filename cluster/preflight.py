@@ -225,7 +225,14 @@ def _examples(spec) -> list:
             chosen_field=d.chosen_field,
             rejected_field=d.rejected_field,
         )
-    return _data_error("data.path", load_file, d.path, prompt_field=d.prompt_field, answer_field=d.answer_field)
+    return _data_error(
+        "data.path",
+        load_file,
+        d.path,
+        prompt_field=d.prompt_field,
+        answer_field=d.answer_field,
+        response_field=d.response_field,
+    )
 
 
 def _where(spec) -> str:

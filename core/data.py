@@ -169,16 +169,23 @@ def format_prompt(
 # Files
 
 
-def load_file(path: str | Path, *, prompt_field: str = "prompt", answer_field: str = "answer") -> list[Example]:
+def load_file(
+    path: str | Path, *, prompt_field: str = "prompt", answer_field: str = "answer", response_field: str | None = None
+) -> list[Example]:
     """Load prompt/answer rows from JSON Lines (.jsonl, .json) or Parquet (.parquet).
 
     Other fields of a row are kept in `meta["fields"]`; `meta` also records the path and the
-    line/row. Blank lines are skipped; every other problem raises `DataError` at its line.
+    line/row. With `response_field`, every row must have that text field too; it is kept as
+    `meta["response"]` (a supervised response used verbatim). Blank lines are skipped; every other
+    problem raises `DataError` at its line.
     """
     examples = []
+    named = (prompt_field, answer_field, response_field)
     for where, row in _read_rows(path):
         meta = {"source": "file", "path": str(path), "location": where}
-        meta["fields"] = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
+        meta["fields"] = {k: v for k, v in row.items() if k not in named}
+        if response_field is not None:
+            meta["response"] = _field(where, row, response_field)
         examples.append(Example(_field(where, row, prompt_field), _field(where, row, answer_field), meta))
     return examples
 

@@ -101,6 +101,13 @@ class DataSpec(_Strict):
     path: str | None = Field(default=None, description="JSONL/Parquet file (source: file)")
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    response_field: str | None = Field(
+        default=None,
+        description=(
+            "source file: the field whose text is the supervised response (sft, distill) verbatim, e.g. a "
+            "reasoning trace; unset: <answer>{answer}</answer>. The answer still scores evaluation"
+        ),
+    )
     # Preference data for offline DPO (prompt, chosen, rejected).
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
@@ -122,6 +129,8 @@ class DataSpec(_Strict):
             raise ValueError("task: source 'reasoning_gym' needs a task name")
         if self.source == "file" and not self.path:
             raise ValueError("path: source 'file' needs a path")
+        if self.response_field is not None and self.source != "file":
+            raise ValueError("response_field: only a file's rows have response fields (source: file)")
         if self.source == "reasoning_gym" and self.eval_size >= self.size:
             raise ValueError(f"eval_size: must be smaller than size ({self.size})")
         return self

@@ -267,3 +267,10 @@ def test_rollout_engine_auto_is_vllm_where_installed(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     spec = parse_spec(_minimal(rollout={"engine": "auto"}))
     assert spec.rollout.engine == "hf"
+
+
+def test_response_field_needs_a_file():
+    with pytest.raises(SpecError, match=r"data.response_field: only a file's rows"):
+        parse_spec(_minimal(data={"source": "reasoning_gym", "task": "chain_sum", "response_field": "trace"}))
+    spec = parse_spec(_minimal(data={"path": "rows.jsonl", "response_field": "trace"}))
+    assert spec.data.response_field == "trace"
