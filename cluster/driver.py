@@ -143,7 +143,12 @@ def _train(job: Job, train_set, eval_set, *, resume: bool, until: int, progress:
             with timer("hints"):
                 responses, scored, hinted = job.explore_with_hints(responses, scored, step)
         rows, credit = build_rows(
-            spec.algorithm, responses.rollouts, [s.value for s in scored.scores], G, scored.teacher
+            spec.algorithm,
+            responses.rollouts,
+            [s.value for s in scored.scores],
+            G,
+            scored.teacher,
+            quality=job.quality(scored),
         )
         with timer("train"):
             learned = job.learner_step(rows, version)

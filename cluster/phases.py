@@ -204,13 +204,20 @@ class Job:
         self.count_scorer_restarts()
         return scored
 
+    def quality(self, scored: Scored) -> list[float]:
+        """Each response's accuracy reward alone: the first reward's raw value (the verifier, by
+        convention; the same one ``accuracy`` counts), not the weighted sum with format or length
+        terms. KEPO's gate and hint trigger compare it with τ."""
+        first = self.spec.rewards[0].name
+        return [s.components.get(first, 0.0) for s in scored.scores]
+
     def explore_with_hints(self, responses: Responses, scored: Scored, step: int) -> tuple[Responses, Scored, dict]:
         """KEPO's knowledge-enhanced exploration: for each group that failed the gate the teacher
         writes a hint, the student retries with it, and correct retries replace group members
         (core/hints.py has the rules and guards). Four remote calls, each visible here."""
         algo, G, ro = self.spec.algorithm, self.spec.rollout.samples_per_prompt, self.spec.rollout
         rollouts = responses.rollouts
-        failed = hints.failed_groups([s.value for s in scored.scores], G, algo.gate_threshold)
+        failed = hints.failed_groups(self.quality(scored), G, algo.gate_threshold)
         m = {
             "kepo/hints_requested": float(len(failed)),
             "kepo/hints_valid": 0.0,

@@ -27,11 +27,14 @@ def build_rows(
     rewards: list[float] | None,
     group_size: int,
     teacher: list[TeacherScores] | None = None,
+    quality: list[float] | None = None,
 ) -> tuple[list[TrainRow], dict[str, float]]:
     """Credit assignment. ``responses`` are what the step trains on (``needs().responses``):
     the student's samples group-major (G consecutive per prompt), the data's answers or the
     teacher's generations (one per prompt), or the data's preference pairs (chosen, rejected,
-    chosen, ...). ``rewards`` is None when the responses were not scored."""
+    chosen, ...). ``rewards`` is None when the responses were not scored. ``quality``: each
+    response's accuracy reward alone (the first reward's raw value), what KEPO's quality gate
+    compares with τ; the combined reward stands in when it is not given."""
     metrics: dict[str, float] = {}
     teacher = teacher if teacher is not None else [None] * len(responses)
     match algo.type:
@@ -45,7 +48,7 @@ def build_rows(
                 dynamic_sampling=algo.dynamic_sampling,
             )
         case "kepo":  # the quality gate opens the distillation term on responses that reach τ
-            gates = [1.0 if r >= algo.gate_threshold else 0.0 for r in rewards]
+            gates = [1.0 if r >= algo.gate_threshold else 0.0 for r in (quality if quality is not None else rewards)]
             rows, metrics = _group_rows(
                 responses,
                 rewards,

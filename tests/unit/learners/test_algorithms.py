@@ -43,6 +43,25 @@ def test_kepo_gate_opens_on_responses_that_reach_the_threshold():
     assert all(r.teacher_logprobs is not None for r in rows)
 
 
+def test_kepo_gate_reads_the_accuracy_reward_not_the_weighted_sum():
+    """exact_match + 0.1 × format: a correct, badly formatted answer sums to 1.0 and a wrong, well
+    formatted one to 0.1; with τ = 1 the gate must follow correctness (1, 0), and the combined
+    reward 1.1 of a correct, formatted answer must not be what opens it."""
+    rewards, quality = [1.1, 0.1, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0]
+    algo = S.KEPOSpec(gate_threshold=1.0)
+    rows, _ = build_rows(algo, [_ro(0)] * 4, rewards, 4, [_teacher()] * 4, quality=quality)
+    assert [r.gate for r in rows] == [1.0, 0.0, 1.0, 0.0]
+    rows, _ = build_rows(
+        S.KEPOSpec(gate_threshold=0.5),
+        [_ro(0)] * 4,
+        [0.6, 0.1, 0.6, 0.0],
+        4,
+        [_teacher()] * 4,
+        quality=[0.0, 0.0, 1.0, 0.0],
+    )
+    assert [r.gate for r in rows] == [0.0, 0.0, 1.0, 0.0]  # 0.6 = 0.5 + 0.1 format, a wrong answer
+
+
 def test_opd_advantages_only_with_a_grpo_part():
     plain = build_rows(S.OPDSpec(), [_ro(0), _ro(0)], [1.0, 0.0], 2, [_teacher()] * 2)[0]
     mixed = build_rows(S.OPDSpec(grpo_coef=0.5), [_ro(0), _ro(0)], [1.0, 0.0], 2, [_teacher()] * 2)[0]
