@@ -4,8 +4,12 @@
                             [--settings ups1 ups4] [--out bench/results/compare] [--report bench/reports]
 
 1. Task teacher: SFT the tiny 4-layer model on two-digit addition (a + b, operands 0-99: ~10k
-   distinct questions) until it is clearly useful.
-2. Weak student: a short SFT warm start of the tiny 2-layer model (same tokenizer).
+   distinct questions) until it is competent on the test questions (it generalises from about
+   step 800: 0.06 at step 500, 0.75 at 1000 in a bare-torch probe).
+2. Weak student: an SFT warm start of the tiny 2-layer model (same tokenizer), checkpointed every
+   25 steps; the student is the first checkpoint whose validation accuracy reaches 0.2 (the
+   issue's 0.2-0.4 band: an untrained student scores 0 and RL gets no signal).
+   Both are cached in OUT (teacher.json, student.json) and reused by later invocations.
 3. From that student, same seeds and step budget: every algorithm × setting × seed through the
    real pipeline (Ray, vLLM rollout worker, DeepSpeed learner, teacher scorer actor).
 4. Evaluation that means something: the train/validation split is disjoint by question text
@@ -13,6 +17,9 @@
    accuracy of the final student on a separate **test** set (another seed, every question seen in
    training or validation removed), scored once. Paired difference against GRPO at the same
    setting and seed, per test question, with a bootstrap 95 % interval over seeds × questions.
+
+``--resume`` keeps the finished runs of OUT/compare.json and runs only the missing ones, so the
+cells can be run in several invocations (e.g. ``--settings ups4`` then ``--settings ups1``).
 
 Writes OUT/compare.json ({"pairs": {"tiny": {"runs": [...]}}}, one run per algorithm × setting ×
 seed; its last eval point is the test accuracy), and with --report also REPORT/compare.json,
@@ -44,6 +51,8 @@ TASK = {
 }
 # reasoning-gym seeds item i with (seed + i): a test seed near the data seed would replay training items.
 DATA_SEED, TEST_SEED, VAL_SIZE, TEST_SIZE = 0, 10**6, 200, 300
+RL_LR = 3e-4  # every algorithm, every setting
+WARM_BAND = (0.2, 0.4)  # the weak student's validation accuracy at the start of RL
 
 ALGORITHMS = {
     "grpo": {"type": "grpo"},
@@ -51,6 +60,7 @@ ALGORITHMS = {
     "opd_full": {"type": "opd", "opd_coef": 1.0, "grpo_coef": 1.0, "estimator": "full"},
     "opd_topk": {"type": "opd", "opd_coef": 1.0, "grpo_coef": 1.0, "estimator": "topk", "top_k": 32},
     "rlad": {"type": "rlad", "alpha": 0.5, "clamp": 1.0},
+    "distill": {"type": "distill", "top_k": 32, "divergence": "reverse_kl"},  # offline, on the data's answers
     "kepo": {
         "type": "kepo",
         "divergence": "reverse_kl",
@@ -60,7 +70,7 @@ ALGORITHMS = {
         "hint_replace": 2,
     },
 }
-NEEDS_TEACHER = {"opd", "opd_full", "opd_topk", "rlad", "kepo"}
+NEEDS_TEACHER = {"opd", "opd_full", "opd_topk", "rlad", "kepo", "distill"}
 SETTINGS = {"ups1": {"learner.updates_per_step": 1}, "ups4": {"learner.updates_per_step": 4}}
 
 
@@ -85,13 +95,13 @@ def base_spec(
             "source": "reasoning_gym",
             "task": "basic_arithmetic",
             "task_config": TASK,
-            "size": 4000,
+            "size": 8000,
             "eval_size": VAL_SIZE,
             "seed": DATA_SEED,
-        },  # the validation questions are fixed across seeds
+        },  # the same rows and validation questions for the teacher, the student and every run
         "algorithm": algorithm,
         "rollout": {"samples_per_prompt": 8, "prompts_per_step": 16, "max_new_tokens": 16, "temperature": 1.0},
-        "learner": {"ranks": 1, "zero_stage": 2, "lr": 1e-4, "micro_batch": 128},
+        "learner": {"ranks": 1, "zero_stage": 2, "lr": RL_LR, "micro_batch": 128},
         "rewards": [{"name": "exact_match"}],
         "checkpoint": {"dir": str(out / name), "interval": steps, "keep": 1},
         "eval": {"interval": eval_every, "size": VAL_SIZE},
@@ -199,9 +209,13 @@ def summarise(runs: list[dict]) -> list[dict]:
 def render(rep: dict) -> str:
     pair = rep["pairs"]["tiny"]
     lines = [
-        f"Tiny pair, two-digit addition. Task teacher test accuracy {pair['teacher_test_accuracy']:.3f}; student "
-        f"at start {pair['student_test_accuracy']:.3f}. {pair['steps']} steps; test = {TEST_SIZE} questions never "
-        f"trained or validated on; load {pair['load_start'][0]:.1f} → {pair['load_end'][0]:.1f}.",
+        f"Tiny pair, two-digit addition (a + b, operands 0-99). Task teacher (4 layers, SFT) test accuracy "
+        f"{pair['teacher_test_accuracy']:.3f}; student (2 layers, SFT warm start) at start "
+        f"{pair['student_test_accuracy']:.3f}. {pair['steps']} RL steps of 16 prompts × 8 samples at lr {RL_LR:g} "
+        f"for every algorithm; ups1 / ups4 = 1 / 4 updates per rollout batch. Test = {pair['test_questions']} questions never "
+        f"trained or validated on, greedy, scored once; vs GRPO = paired difference at the same setting and seed, "
+        f"bootstrap 95 % interval over seeds × questions. Load {pair['load_start'][0]:.1f} → "
+        f"{pair['load_end'][0]:.1f} (wall seconds are loaded figures).",
         "",
         "| algorithm | setting | seeds | test accuracy (per seed) | vs GRPO (paired, 95 % CI) | wall s |",
         "|---|---|---|---|---|---|",
@@ -252,14 +266,71 @@ def plot(rep: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def prepare_teacher(out: Path, model: Path, steps: int, sft: dict):
+    """The task teacher (cached in OUT/teacher.json) and the test questions."""
+    meta = out / "teacher.json"
+    if meta.exists():
+        t = json.loads(meta.read_text())
+        from protege.core.spec import parse_spec
+
+        spec = parse_spec(_sft_spec(out, "teacher-sft", model, steps, steps, sft))
+        questions = test_questions(spec)
+        print(f"1. task teacher (cached): test {t['test_accuracy']:.3f}", flush=True)
+        return t["model"], t["test_accuracy"], questions, spec
+    print("1. task teacher: SFT of the 4-layer tiny model", flush=True)
+    t = train(_sft_spec(out, "teacher-sft", model, steps, steps, sft))
+    questions = test_questions(t["spec"])
+    acc = statistics.mean(test_accuracy(t["model"], t["spec"], questions))
+    print(f"   teacher: validation {t['evals'][-1][1]:.3f}, test {acc:.3f} ({t['wall']:.0f} s)", flush=True)
+    meta.write_text(json.dumps({"model": t["model"], "test_accuracy": acc, "validation": t["evals"], "steps": steps}))
+    return t["model"], acc, questions, t["spec"]
+
+
+def prepare_student(out: Path, model: Path, steps: int, sft: dict, questions) -> tuple[str, float]:
+    """The weak student (cached in OUT/student.json): SFT checkpointed and evaluated every 25 steps,
+    stopped at the first validation accuracy ≥ WARM_BAND[0]; that checkpoint starts every run."""
+    meta = out / "student.json"
+    if meta.exists():
+        s = json.loads(meta.read_text())
+        print(f"2. weak student (cached): step {s['step']}, test {s['test_accuracy']:.3f}", flush=True)
+        return s["model"], s["test_accuracy"]
+    print("2. weak student: SFT warm start of the 2-layer tiny model", flush=True)
+    spec = _sft_spec(
+        out, "student-sft", model, steps, 25, sft, **{"checkpoint.interval": 25, "checkpoint.keep": steps // 25 + 1}
+    )
+    r = train(spec)
+    step, val = next(((st, a) for st, a in r["evals"] if a >= WARM_BAND[0] and st > 0), r["evals"][-1])
+    ckpt = str(r["spec"].run_dir / "checkpoints" / f"step_{step:06d}" / "model")
+    acc = statistics.mean(test_accuracy(ckpt, r["spec"], questions))
+    print(f"   student: step {step}, validation {val:.3f}, test {acc:.3f}", flush=True)
+    meta.write_text(json.dumps({"model": ckpt, "step": step, "validation": val, "test_accuracy": acc}))
+    return ckpt, acc
+
+
+def _sft_spec(out: Path, name: str, model: Path, steps: int, every: int, sft: dict, **over) -> dict:
+    return base_spec(
+        name, str(model), out, steps=steps, seed=0, algorithm={"type": "sft"}, eval_every=every, **sft, **over
+    )
+
+
+def _previous_runs(out: Path) -> list[dict]:
+    path = out / "compare.json"
+    if not path.exists():
+        return []
+    runs = json.loads(path.read_text())["pairs"]["tiny"]["runs"]
+    return [r for r in runs if not r.get("error")]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=150, help="RL steps per run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--algos", nargs="+", default=["grpo", "opd", "opd_full", "rlad", "kepo"], choices=list(ALGORITHMS))
     ap.add_argument("--settings", nargs="+", default=["ups4"], choices=list(SETTINGS))
-    ap.add_argument("--teacher-steps", type=int, default=600)
-    ap.add_argument("--student-steps", type=int, default=60)
+    ap.add_argument("--teacher-steps", type=int, default=2000)
+    ap.add_argument("--student-steps", type=int, default=600, help="most SFT steps of the warm start")
+    ap.add_argument("--eval-every", type=int, default=20, help="validation interval of the RL runs")
+    ap.add_argument("--resume", action="store_true", help="keep OUT/compare.json's finished runs")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare"))
     ap.add_argument("--report", default=None, help="also write compare.json/md/png here (bench/reports)")
     args = ap.parse_args()
@@ -277,49 +348,24 @@ def main() -> int:
 
     from protege.core.models import ensure_demo_models
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # model paths are stored in OUT/*.json and read from other folders
     out.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     tiny = ensure_demo_models(ROOT / "models")
     load0 = os.getloadavg()
     sft = {"learner.lr": 3e-3, "rollout.prompts_per_step": 64, "learner.micro_batch": 64}
 
-    print("1. task teacher: SFT of the 4-layer tiny model", flush=True)
-    t = train(
-        base_spec(
-            "teacher-sft",
-            str(tiny["teacher"]),
-            out,
-            steps=args.teacher_steps,
-            seed=0,
-            algorithm={"type": "sft"},
-            eval_every=args.teacher_steps,
-            **sft,
-        )
-    )
-    questions = test_questions(t["spec"])
-    teacher_acc = statistics.mean(test_accuracy(t["model"], t["spec"], questions))
-    print(f"   teacher: validation {t['evals'][-1][1]:.3f}, test {teacher_acc:.3f}", flush=True)
-    print("2. weak student: short SFT warm start of the 2-layer tiny model", flush=True)
-    s = train(
-        base_spec(
-            "student-sft",
-            str(tiny["student"]),
-            out,
-            steps=args.student_steps,
-            seed=0,
-            algorithm={"type": "sft"},
-            eval_every=args.student_steps,
-            **sft,
-        )
-    )
-    student, student_acc = s["model"], statistics.mean(test_accuracy(s["model"], s["spec"], questions))
-    print(f"   student: validation {s['evals'][-1][1]:.3f}, test {student_acc:.3f}", flush=True)
+    teacher, teacher_acc, questions, _ = prepare_teacher(out, tiny["teacher"], args.teacher_steps, sft)
+    student, student_acc = prepare_student(out, tiny["student"], args.student_steps, sft, questions)
+    args.test_questions = len(questions)  # up to TEST_SIZE: the unseen ones among the pool drawn
 
-    runs = []
+    runs = _previous_runs(out) if args.resume else []
+    done = {(r["algorithm"], r["setting"], r["seed"]) for r in runs}
     for setting in args.settings:
         for seed in args.seeds:
             for algo in args.algos:
+                if (algo, setting, seed) in done:
+                    continue
                 name = f"{algo}-{setting}-s{seed}"
                 print(f"3. {name}", flush=True)
                 run = {"algorithm": algo, "setting": setting, "seed": seed, "eval": [], "val_curve": [], "wall_s": 0.0}
@@ -332,7 +378,8 @@ def main() -> int:
                             steps=args.steps,
                             seed=seed,
                             algorithm=ALGORITHMS[algo],
-                            teacher=t["model"] if algo in NEEDS_TEACHER else None,
+                            teacher=teacher if algo in NEEDS_TEACHER else None,
+                            eval_every=args.eval_every,
                             **SETTINGS[setting],
                         )
                     )
@@ -371,7 +418,7 @@ def _write(out: Path, args, runs, teacher_acc, student_acc, load0, *, final: boo
                 "teacher_test_accuracy": teacher_acc,
                 "student_test_accuracy": student_acc,
                 "task": TASK,
-                "test_questions": TEST_SIZE,
+                "test_questions": args.test_questions,
                 "validation_questions": VAL_SIZE,
                 "load_start": load0,
                 "load_end": os.getloadavg(),
