@@ -1,0 +1,260 @@
+"""Rollout generation engines per model size: vLLM eager, vLLM compiled, transformers.
+
+    python bench/engine_bench.py [--rounds 2] [--calls 40] [--only tiny|smollm2] [--skip-pipeline] [--out DIR]
+
+What ``rollout.engine`` and ``rollout.compile`` choose between, on the peer benchmark's workloads
+(bench/peer_trl.py ``WORKLOADS``: same model folders, prompts, group size, 32 new tokens):
+
+1. **Engines** (each configuration in its own process, so compile caches and thread pools start
+   clean): build the engine, then ``--calls`` generate calls of one step's prompts × samples.
+   Per configuration: build seconds (the first round's build is cold: vLLM's compile cache is
+   empty; later rounds read it), the first call, the median call after it, and for compiled
+   against eager the break-even: (build_compiled − build_eager) / (call_eager − call_compiled)
+   generate calls, i.e. the run length from which compiling pays.
+2. **Pipeline** (tiny only, the real ``protege run``): the same GRPO job with ``rollout.engine``
+   hf, vllm (eager) and vllm (compiled), ``--pipeline-steps`` steps each, alternated; median
+   ``time/generate``, ``time/sync`` and ``time/step`` after the first step.
+
+Configurations alternate (each round starts one later in the list); the load is recorded before
+each. Writes OUT/engine_bench.json and OUT/engine_bench.md (default bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import peer_trl as P
+
+ROOT = P.ROOT
+ENGINES = [("vllm-eager", "vllm", True), ("vllm-compiled", "vllm", False), ("hf", "hf", True)]
+
+
+def engine_worker(cfg_path: str) -> int:
+    """One engine configuration, in its own process: build, then timed generate calls."""
+    cfg = json.loads(Path(cfg_path).read_text())
+    import torch
+
+    from protege.actors.engine import make_engine
+
+    torch.set_num_threads(1)
+    inp = cfg["inputs"]
+    prompts = [p["ids"] for p in inp["steps"][0]]
+    t0 = time.perf_counter()
+    kw = {"max_model_len": max(map(len, prompts)) + inp["max_new_tokens"] + 64}
+    if cfg["kind"] == "vllm":
+        kw["enforce_eager"] = cfg["eager"]
+    engine = make_engine(cfg["kind"], inp["model"], **kw)
+    build = time.perf_counter() - t0
+    eos = [engine.tokenizer.eos_token_id]
+    calls, tokens = [], 0
+    for i in range(cfg["calls"]):
+        t0 = time.perf_counter()
+        groups = engine.generate(
+            prompts,
+            n=inp["samples"],
+            temperature=1.0,
+            top_p=1.0,
+            max_tokens=inp["max_new_tokens"],
+            seed=i,
+            stop_token_ids=eos,
+        )
+        calls.append(time.perf_counter() - t0)
+        tokens += sum(len(s.response_ids) for g in groups for s in g)
+    Path(cfg["out"]).write_text(
+        json.dumps({"build_s": build, "calls_s": calls, "tokens_per_call": tokens / len(calls)})
+    )
+    engine.close()
+    return 0
+
+
+def bench_engines(name: str, rounds: int, calls: int, work: Path) -> dict:
+    inp = P.workload_inputs(name, 1)
+    runs: dict[str, list[dict]] = {n: [] for n, *_ in ENGINES}
+    work.mkdir(parents=True, exist_ok=True)
+    for r in range(rounds):
+        for i in range(len(ENGINES)):
+            cname, kind, eager = ENGINES[(i + r) % len(ENGINES)]
+            cfg = {"inputs": inp, "kind": kind, "eager": eager, "calls": calls, "out": str(work / f"{cname}-{r}.json")}
+            path = work / f"{cname}-{r}.cfg.json"
+            path.write_text(json.dumps(cfg))
+            load = P._load()
+            print(f"[engine_bench] {name} round {r + 1}/{rounds} {cname} (load {load[0]})", flush=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--_worker", str(path)],
+                env=P._env(),
+                capture_output=True,
+                text=True,
+                timeout=3600,
+            )
+            if proc.returncode != 0:
+                runs[cname].append({"error": proc.stderr[-400:], "load_before": load})
+                continue
+            res = json.loads(Path(cfg["out"]).read_text())
+            res["load_before"] = load
+            res["round"] = r
+            runs[cname].append(res)
+    out = {}
+    for cname, kind, eager in ENGINES:
+        ok = [x for x in runs[cname] if "error" not in x]
+        out[cname] = {
+            "engine": kind,
+            "eager": eager,
+            "build_s_cold": ok[0]["build_s"] if ok and ok[0]["round"] == 0 else None,
+            "build_s": P._median([x["build_s"] for x in ok]),
+            "first_call_s": P._median([x["calls_s"][0] for x in ok]),
+            "call_s": P._median([statistics.median(x["calls_s"][1:]) for x in ok if len(x["calls_s"]) > 1]),
+            "tokens_per_call": P._median([x["tokens_per_call"] for x in ok]),
+            "runs": runs[cname],
+        }
+    e, c = out["vllm-eager"], out["vllm-compiled"]
+    if e["call_s"] and c["call_s"] and e["build_s"] and c["build_s"]:
+        saved = e["call_s"] - c["call_s"]
+        out["break_even_calls"] = (c["build_s"] - e["build_s"]) / saved if saved > 0 else None
+        out["compiled_speedup"] = e["call_s"] / c["call_s"]
+    if e["call_s"] and out["hf"]["call_s"]:
+        out["vllm_over_hf_speed"] = out["hf"]["call_s"] / e["call_s"]
+    return out
+
+
+def bench_pipeline(rounds: int, steps: int, work: Path) -> dict:
+    inp = P.workload_inputs("tiny", steps)
+    variants = [("hf", "hf", "eager"), ("vllm-eager", "vllm", "eager"), ("vllm-compiled", "vllm", "compiled")]
+    runs: dict[str, list[dict]] = {n: [] for n, *_ in variants}
+    for r in range(rounds):
+        for i in range(len(variants)):
+            vname, engine, compile_ = variants[(i + r) % len(variants)]
+            spec = P.protege_spec(inp, 1, "fp32", work / vname / "run")
+            spec["rollout"].update(engine=engine, compile=compile_)
+            load = P._load()
+            print(f"[engine_bench] pipeline round {r + 1}/{rounds} {vname} (load {load[0]})", flush=True)
+            try:
+                res = _run(spec, work / vname)
+            except Exception as e:
+                res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            res["load_before"] = load
+            runs[vname].append(res)
+    out = {}
+    for vname, *_ in variants:
+        ok = [x for x in runs[vname] if "error" not in x]
+        out[vname] = {k: P._median([x[k] for x in ok]) for k in ("generate_s", "sync_s", "step_s", "wall_s")}
+        out[vname]["runs"] = runs[vname]
+    return out
+
+
+def _run(spec: dict, work: Path) -> dict:
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    path = work / "spec.yaml"
+    path.write_text(json.dumps(spec, indent=1))
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "protege.cli", "run", str(path)],
+        cwd=ROOT,
+        env=P._env(),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    wall = time.perf_counter() - t0
+    (work / "log.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    metrics = Path(spec["checkpoint"]["dir"]) / "metrics.jsonl"
+    if proc.returncode != 0 or not metrics.exists():
+        raise RuntimeError(f"protege run exited {proc.returncode}: {proc.stderr[-300:]}")
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    kept = [r for r in rows if r.get("step", 0) >= 2 and "time/step" in r]
+    shutil.rmtree(Path(spec["checkpoint"]["dir"]) / "checkpoints", ignore_errors=True)
+    return {
+        "generate_s": P._median([r["time/generate"] for r in kept]),
+        "sync_s": P._median([r["time/sync"] for r in kept]),
+        "step_s": P._median([r["time/step"] for r in kept]),
+        "wall_s": wall,
+    }
+
+
+def _f(x, fmt="{:.3f}") -> str:
+    return fmt.format(x) if isinstance(x, (int, float)) else "—"
+
+
+def render(rep: dict) -> str:
+    m = rep["meta"]
+    lines = [f"# Rollout engines ({m['date']}, commit {m['commit']}, {m['cpus']} CPUs: {m['cpu']})", ""]
+    for name, w in rep["engines"].items():
+        lines += [
+            f"## {name}: one step's generation ({rep['calls']} calls per build, {rep['rounds']} alternated rounds)",
+            "",
+            "| engine | build s (cold) | build s (median) | first call s | call s (median) | tokens/call | loads before |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for cname, *_ in ENGINES:
+            c = w[cname]
+            loads = ", ".join(f"{x['load_before'][0]:.1f}" for x in c["runs"])
+            lines.append(
+                f"| {cname} | {_f(c['build_s_cold'], '{:.1f}')} | {_f(c['build_s'], '{:.1f}')} "
+                f"| {_f(c['first_call_s'])} | {_f(c['call_s'])} | {_f(c['tokens_per_call'], '{:.0f}')} | {loads} |"
+            )
+        lines += [
+            "",
+            f"vLLM compiled / eager per call: {_f(w.get('compiled_speedup'), '{:.2f}')}× faster; break-even "
+            f"{_f(w.get('break_even_calls'), '{:.0f}')} generate calls. vLLM eager / hf: "
+            f"{_f(w.get('vllm_over_hf_speed'), '{:.2f}')}× faster.",
+            "",
+        ]
+    if rep.get("pipeline"):
+        lines += [
+            f"## tiny: inside the pipeline (GRPO, {rep['pipeline_steps']} steps, medians after step 1)",
+            "",
+            "| rollout engine | time/generate s | time/sync s | time/step s | wall s (incl. start-up) |",
+            "|---|---|---|---|---|",
+        ]
+        for vname, v in rep["pipeline"].items():
+            lines.append(
+                f"| {vname} | {_f(v['generate_s'])} | {_f(v['sync_s'])} | {_f(v['step_s'])} | {_f(v['wall_s'], '{:.0f}')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--pipeline-steps", type=int, default=12)
+    ap.add_argument("--only", choices=list(P.WORKLOADS), default=None)
+    ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._worker:
+        return engine_worker(args._worker)
+    import os
+
+    for k, v in P.RUN_ENV.items():
+        os.environ.setdefault(k, v)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    args.quick = False
+    rep = {"meta": P.meta(args), "rounds": args.rounds, "calls": args.calls, "engines": {}}
+    rep["pipeline_steps"] = args.pipeline_steps
+    for name in [args.only] if args.only else list(P.WORKLOADS):
+        if not (ROOT / P.WORKLOADS[name][0] / "config.json").exists():
+            print(f"[engine_bench] {name}: {P.WORKLOADS[name][0]} is missing, skipped", flush=True)
+            continue
+        rep["engines"][name] = bench_engines(name, args.rounds, args.calls, out / "engine_bench_work" / name)
+        (out / "engine_bench.json").write_text(json.dumps(rep, indent=1))
+    if not args.skip_pipeline:
+        rep["pipeline"] = bench_pipeline(args.rounds, args.pipeline_steps, out / "engine_bench_work" / "pipeline")
+    (out / "engine_bench.json").write_text(json.dumps(rep, indent=1))
+    (out / "engine_bench.md").write_text(render(rep))
+    print(render(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
