@@ -153,13 +153,11 @@ class TeacherScorer:
 
     @torch.no_grad()
     def sequence_logprobs(self, items: list[tuple[list[int], list[int]]]) -> list[float]:
-        """Σ_t log π_T(y_t) at temperature 1: the teacher as DPO reference."""
-        saved, self.temperature = self.temperature, 1.0
-        try:
-            scores = self._payloads(items)
-        finally:
-            self.temperature = saved
-        return [float(s.logprobs.sum()) for s in scores]
+        """Σ_t log π_T(y_t): the teacher as DPO reference, at the sampling temperature, the one
+        the learner reads the policy's (and the initial reference's) log-probs at, so DPO's
+        log-ratio compares like with like (it was temperature 1 before: a mismatch whenever
+        rollout.temperature ≠ 1)."""
+        return [float(s.logprobs.sum()) for s in self._payloads(items)]
 
     def generate(
         self,

@@ -105,3 +105,17 @@ def test_auto_score_engine_follows_the_spec():
     assert parse_spec({**base, "algorithm": {"type": "opd", "estimator": "full"}}).teacher_score_engine() == "hf"
     hf = {**base, "models": {"student": {"path": "s"}, "teacher": {"path": "t", "score_engine": "hf"}}}
     assert parse_spec(hf).teacher_score_engine() == "hf"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_dpo_teacher_reference_is_at_the_sampling_temperature(tiny_models, temperature):
+    """The learner reads π_θ and the initial reference at rollout.temperature; a teacher reference
+    must be at the same temperature, or DPO's log-ratio mixes two distributions."""
+    scorer = TeacherScorer(tiny_models["teacher"], engine="hf", temperature=temperature)
+    prompt, resp = [5, 17, 42, 9], [33, 7, 250, 11, 3]
+    ids = torch.tensor([prompt + resp])
+    with torch.no_grad():
+        logits = scorer.model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(resp)]
+    want = (logits.float() / temperature).log_softmax(-1).gather(-1, torch.tensor(resp)[:, None]).sum()
+    (got,) = scorer.sequence_logprobs([(prompt, resp)])
+    assert math.isclose(got, float(want), rel_tol=1e-5, abs_tol=1e-5)
