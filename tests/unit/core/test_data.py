@@ -113,7 +113,9 @@ def test_response_field_is_kept_verbatim_and_required_on_every_row(tmp_path):
         load_file(path, response_field="trace")
     first = load_file(path)[0]
     assert "response" not in first.meta and first.meta["fields"]["trace"].startswith("<think>")
-    ok = _write_lines(tmp_path, ['{"prompt": "2+3?", "answer": "5", "trace": "<think>2 and 3</think> 5"}'], name="ok.jsonl")
+    ok = _write_lines(
+        tmp_path, ['{"prompt": "2+3?", "answer": "5", "trace": "<think>2 and 3</think> 5"}'], name="ok.jsonl"
+    )
     (e,) = load_file(ok, response_field="trace")
     assert e.meta["response"] == "<think>2 and 3</think> 5" and e.meta["fields"] == {} and e.answer == "5"
 
