@@ -137,7 +137,8 @@ def test_weight_sync_matches_learner_logprobs(tmp_path, tiny_models, ray_local):
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_models, ray_local):
     """OPD, because its loss moves the weights on every step whatever the rewards (a random tiny
     student scores 0 everywhere, so GRPO's advantages and updates would all be zero and any data
-    mix-up on resume would go unseen)."""
+    mix-up on resume would go unseen). A driver killed for real right after checkpoint 2, with
+    batch 3 in flight, is tests/integration/test_faults.py::test_driver_killed_then_resumed."""
     from protege.cluster.driver import run
 
     opd = {"algorithm": {"type": "opd"}, "models.teacher": {"path": tiny_models["teacher"]}, "learner.ranks": 1}
@@ -158,20 +159,6 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_models, ray_local):
     ra = [r["opd/reverse_kl"] for r in _metrics(full)[1:]]
     rb = [r["opd/reverse_kl"] for r in _metrics(part)[1:]]
     assert ra == rb and len(set(ra)) > 1
-
-    # A driver killed right after checkpoint 2, with batch 3 already in flight: copy the full
-    # run's directory as it was then (checkpoints 1-2) and resume it.
-    import shutil
-
-    crashed = make_spec(tmp_path, tiny_models, name="crashed", steps=4, **opd)
-    shutil.copytree(full.run_dir, crashed.run_dir)
-    for c in checkpoints.list_checkpoints(crashed.run_dir):
-        if checkpoints.read_state(c)["step"] > 2:
-            shutil.rmtree(c)
-    assert checkpoints.latest(crashed.run_dir).name == "step_000002"
-    run(crashed, resume=True, progress=False)
-    c = load_file(checkpoints.latest(crashed.run_dir) / "model" / "model.safetensors")
-    assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-6
 
 
 def test_unplaceable_spec_fails_fast(tmp_path, tiny_models, ray_local):
