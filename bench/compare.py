@@ -215,7 +215,8 @@ def render(rep: dict) -> str:
         f"for every algorithm; ups1 / ups4 = 1 / 4 updates per rollout batch. Test = {pair['test_questions']} questions never "
         f"trained or validated on, greedy, scored once; vs GRPO = paired difference at the same setting and seed, "
         f"bootstrap 95 % interval over seeds × questions. Load {pair['load_start'][0]:.1f} → "
-        f"{pair['load_end'][0]:.1f} (wall seconds are loaded figures).",
+        f"{pair['load_end'][0]:.1f} (wall seconds are loaded figures)."
+        + (f" {pair['conditions']}" if pair.get("conditions") else ""),
         "",
         "| algorithm | setting | seeds | test accuracy (per seed) | vs GRPO (paired, 95 % CI) | wall s |",
         "|---|---|---|---|---|---|",
@@ -330,6 +331,7 @@ def main() -> int:
     ap.add_argument("--teacher-steps", type=int, default=2000)
     ap.add_argument("--student-steps", type=int, default=600, help="most SFT steps of the warm start")
     ap.add_argument("--eval-every", type=int, default=20, help="validation interval of the RL runs")
+    ap.add_argument("--conditions", default=None, help="what else ran on the machine (written into the report)")
     ap.add_argument("--resume", action="store_true", help="keep OUT/compare.json's finished runs")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "compare"))
     ap.add_argument("--report", default=None, help="also write compare.json/md/png here (bench/reports)")
@@ -353,6 +355,8 @@ def main() -> int:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     tiny = ensure_demo_models(ROOT / "models")
     load0 = os.getloadavg()
+    if args.resume and (out / "compare.json").exists():  # the load when the first of the runs started
+        load0 = json.loads((out / "compare.json").read_text())["pairs"]["tiny"].get("load_start", load0)
     sft = {"learner.lr": 3e-3, "rollout.prompts_per_step": 64, "learner.micro_batch": 64}
 
     teacher, teacher_acc, questions, _ = prepare_teacher(out, tiny["teacher"], args.teacher_steps, sft)
@@ -422,6 +426,7 @@ def _write(out: Path, args, runs, teacher_acc, student_acc, load0, *, final: boo
                 "validation_questions": VAL_SIZE,
                 "load_start": load0,
                 "load_end": os.getloadavg(),
+                "conditions": args.conditions,
                 "complete": final,
             }
         }
