@@ -57,7 +57,7 @@ def run(
         _point_at_logs(logs)
         raise
     say(
-        f"protege: {len(roles.rollout)} rollout worker(s), {len(roles.learners)} learner rank(s)"
+        f"protege: {len(roles.rollout)} rollout worker(s) ({_engine_label(spec)}), {len(roles.learners)} learner rank(s)"
         + (", teacher" if roles.teacher is not None else "")
         + f" ready in {time.perf_counter() - t0:.0f} s "
         f"(Ray: {where['address']})",
@@ -83,6 +83,13 @@ def run(
         raise
     finally:
         roles.kill_all()
+
+
+def _engine_label(spec) -> str:
+    """What generates, as the start-up line says it: "vllm, compiled", "vllm, eager" or "hf"."""
+    if spec.rollout.engine != "vllm":
+        return spec.rollout.engine
+    return "vllm, compiled" if spec.rollout_compiled() else "vllm, eager"
 
 
 def _before_any_resource(spec, *, resume: bool, quiet: bool):
