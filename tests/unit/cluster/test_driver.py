@@ -12,7 +12,7 @@ def _spec(**over):
 
 
 def test_start_up_line_names_the_engine_and_its_compile_mode():
-    assert _engine_label(_spec(steps=10)) == "vllm, eager"
-    assert _engine_label(_spec(steps=500)) == "vllm, compiled"  # rollout.compile: auto, a long run
-    assert _engine_label(_spec(steps=500, rollout={"compile": "eager"})) == "vllm, eager"
+    assert _engine_label(_spec(steps=500)) == "vllm, eager"  # rollout.compile: auto, on CPU
+    assert _engine_label(_spec(rollout={"compile": "compiled"})) == "vllm, compiled"
+    assert _engine_label(_spec(resources={"rollout": {"gpus": 1}})) == "vllm, compiled"
     assert _engine_label(_spec(rollout={"engine": "hf"})) == "hf"

@@ -9,7 +9,6 @@ import sys
 import pytest
 import yaml
 
-from protege.core import spec as S
 from protege.core.spec import JobSpec, SpecError, load_spec, parse_spec
 
 from pathlib import Path
@@ -247,15 +246,14 @@ def test_offline_distillation_spec():
         parse_spec(_minimal(algorithm={"type": "distill", "estimator": "sampled"}))
 
 
-def test_rollout_compile_auto_compiles_long_runs_and_gpu_rollouts():
+def test_rollout_compile_auto_compiles_gpu_rollouts_only():
     base = _minimal()
-    short = parse_spec({**base, "steps": S.COMPILE_AUTO_MIN_STEPS - 1})
-    long = parse_spec({**base, "steps": S.COMPILE_AUTO_MIN_STEPS})
+    cpu = parse_spec({**base, "steps": 1000})
     gpu = parse_spec({**base, "steps": 2, "resources": {"rollout": {"gpus": 1}}})
-    assert short.rollout.compile == "auto" and not short.rollout_compiled()
-    assert long.rollout_compiled() and gpu.rollout_compiled()
-    forced = parse_spec({**base, "steps": 1000, "rollout": {"compile": "eager"}})
-    assert not forced.rollout_compiled()
+    assert cpu.rollout.compile == "auto" and not cpu.rollout_compiled() and gpu.rollout_compiled()
+    assert not parse_spec(
+        {**base, "rollout": {"compile": "eager"}, "resources": {"rollout": {"gpus": 1}}}
+    ).rollout_compiled()
     assert parse_spec({**base, "steps": 2, "rollout": {"compile": "compiled"}}).rollout_compiled()
 
 
