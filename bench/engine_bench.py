@@ -112,18 +112,27 @@ def bench_engines(name: str, rounds: int, calls: int, work: Path) -> dict:
             "tokens_per_call": P._median([x["tokens_per_call"] for x in ok]),
             "runs": runs[cname],
         }
+    return derive(out)
+
+
+def derive(out: dict) -> dict:
+    """Compiled against eager: the per-call speed-up, and the break-even run length counting what
+    each pays before its steady state (build + first call): (start_c − start_e) / (call_e − call_c)
+    calls; None when compiling never pays (no per-call gain)."""
     e, c = out["vllm-eager"], out["vllm-compiled"]
-    if e["call_s"] and c["call_s"] and e["build_s"] and c["build_s"]:
+    if all(x[k] for x in (e, c) for k in ("call_s", "build_s", "first_call_s")):
         saved = e["call_s"] - c["call_s"]
-        out["break_even_calls"] = (c["build_s"] - e["build_s"]) / saved if saved > 0 else None
+        extra = (c["build_s"] + c["first_call_s"]) - (e["build_s"] + e["first_call_s"])
+        out["start_extra_s"] = extra
+        out["break_even_calls"] = max(0.0, extra) / saved if saved > 0 else None
         out["compiled_speedup"] = e["call_s"] / c["call_s"]
     if e["call_s"] and out["hf"]["call_s"]:
         out["vllm_over_hf_speed"] = out["hf"]["call_s"] / e["call_s"]
     return out
 
 
-def bench_pipeline(rounds: int, steps: int, work: Path) -> dict:
-    inp = P.workload_inputs("tiny", steps)
+def bench_pipeline(rounds: int, steps: int, work: Path, workload: str = "tiny") -> dict:
+    inp = P.workload_inputs(workload, steps)
     variants = [("hf", "hf", "eager"), ("vllm-eager", "vllm", "eager"), ("vllm-compiled", "vllm", "compiled")]
     runs: dict[str, list[dict]] = {n: [] for n, *_ in variants}
     for r in range(rounds):
@@ -202,22 +211,32 @@ def render(rep: dict) -> str:
             )
         lines += [
             "",
-            f"vLLM compiled / eager per call: {_f(w.get('compiled_speedup'), '{:.2f}')}× faster; break-even "
-            f"{_f(w.get('break_even_calls'), '{:.0f}')} generate calls. vLLM eager / hf: "
+            f"vLLM compiled / eager per call: {_f(w.get('compiled_speedup'), '{:.2f}')}× faster; compiled starts "
+            f"{_f(w.get('start_extra_s'), '{:.1f}')} s later (build + first call); break-even "
+            f"{_f(w.get('break_even_calls'), '{:.0f}')} generate calls (— = never). vLLM eager / hf: "
             f"{_f(w.get('vllm_over_hf_speed'), '{:.2f}')}× faster.",
             "",
         ]
-    if rep.get("pipeline"):
+    pipelines = rep.get("pipelines") or (
+        {rep.get("pipeline_workload", "tiny"): {"steps": rep["pipeline_steps"], "runs": rep["pipeline"]}}
+        if rep.get("pipeline")
+        else {}
+    )
+    for workload, pipe in pipelines.items():
         lines += [
-            f"## tiny: inside the pipeline (GRPO, {rep['pipeline_steps']} steps, medians after step 1)",
+            f"## {workload}: inside the pipeline (GRPO, {pipe['steps']} steps, medians after step 1; every step "
+            "syncs the weights into the engine)",
             "",
-            "| rollout engine | time/generate s | time/sync s | time/step s | wall s (incl. start-up) |",
-            "|---|---|---|---|---|",
+            "| rollout engine | time/generate s | time/sync s | time/step s | wall s (incl. start-up) | loads before |",
+            "|---|---|---|---|---|---|",
         ]
-        for vname, v in rep["pipeline"].items():
+        for vname, v in pipe["runs"].items():
+            loads = ", ".join(f"{x['load_before'][0]:.1f}" for x in v["runs"])
             lines.append(
-                f"| {vname} | {_f(v['generate_s'])} | {_f(v['sync_s'])} | {_f(v['step_s'])} | {_f(v['wall_s'], '{:.0f}')} |"
+                f"| {vname} | {_f(v['generate_s'])} | {_f(v['sync_s'])} | {_f(v['step_s'])} "
+                f"| {_f(v['wall_s'], '{:.0f}')} | {loads} |"
             )
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -228,11 +247,22 @@ def main(argv=None) -> int:
     ap.add_argument("--pipeline-steps", type=int, default=12)
     ap.add_argument("--only", choices=list(P.WORKLOADS), default=None)
     ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--skip-engines", action="store_true", help="the pipeline part only")
+    ap.add_argument("--pipeline-workload", choices=list(P.WORKLOADS), default="tiny")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--render-only", action="store_true", help="re-derive and re-render OUT/engine_bench.json")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
         return engine_worker(args._worker)
+    if args.render_only:
+        path = Path(args.out) / "engine_bench.json"
+        rep = json.loads(path.read_text())
+        rep["engines"] = {k: derive(w) for k, w in rep["engines"].items()}
+        path.write_text(json.dumps(rep, indent=1))
+        (Path(args.out) / "engine_bench.md").write_text(render(rep))
+        print(render(rep))
+        return 0
     import os
 
     for k, v in P.RUN_ENV.items():
@@ -242,14 +272,17 @@ def main(argv=None) -> int:
     args.quick = False
     rep = {"meta": P.meta(args), "rounds": args.rounds, "calls": args.calls, "engines": {}}
     rep["pipeline_steps"] = args.pipeline_steps
-    for name in [args.only] if args.only else list(P.WORKLOADS):
+    for name in [] if args.skip_engines else [args.only] if args.only else list(P.WORKLOADS):
         if not (ROOT / P.WORKLOADS[name][0] / "config.json").exists():
             print(f"[engine_bench] {name}: {P.WORKLOADS[name][0]} is missing, skipped", flush=True)
             continue
         rep["engines"][name] = bench_engines(name, args.rounds, args.calls, out / "engine_bench_work" / name)
         (out / "engine_bench.json").write_text(json.dumps(rep, indent=1))
     if not args.skip_pipeline:
-        rep["pipeline"] = bench_pipeline(args.rounds, args.pipeline_steps, out / "engine_bench_work" / "pipeline")
+        rep["pipeline_workload"] = args.pipeline_workload
+        rep["pipeline"] = bench_pipeline(
+            args.rounds, args.pipeline_steps, out / "engine_bench_work" / "pipeline", args.pipeline_workload
+        )
     (out / "engine_bench.json").write_text(json.dumps(rep, indent=1))
     (out / "engine_bench.md").write_text(render(rep))
     print(render(rep))

@@ -416,9 +416,10 @@ class RolloutSpec(_Strict):
         default="auto",
         description=(
             "vLLM only. compiled: torch.compile'd model (and CUDA graphs on GPU); eager: no compilation. "
-            "auto: compiled on GPUs (vLLM's own default), eager on CPU, where compiling did not pay: per call "
-            "1.09x faster on the tiny model and 1.0x on SmolLM2-135M-10l, for 8-44 s more start-up "
-            "(bench/reports/engine_bench.md)"
+            "auto: compiled on GPUs (vLLM's own default), eager on CPU, where compiling did not pay at a real "
+            "model's size: inside the pipeline (a weight sync every step) SmolLM2-135M-10l generated 1.04x "
+            "faster compiled for ~110 s more start-up; only the tiny test model gained (2.1x, from ~30 steps "
+            "on; bench/reports/engine_bench.md)"
         ),
     )
     kv_cache_gb: float = Field(default=0.25, gt=0, description="KV cache per worker (vLLM on CPU)")
