@@ -64,8 +64,8 @@ class VLLMEngine:
             dtype=dtype,
             max_model_len=max_model_len,
             seed=seed,
-            # Eager by default: on CPU, torch.compile costs more at start-up than it saves on short
-            # RL rollouts (rollout.compile; bench/engine_bench.py has the numbers).
+            # Eager unless rollout.compile says otherwise: on CPU, torch.compile gave a real-size model
+            # ~1.04x faster generation for ~110 s more start-up (bench/reports/engine_bench.md).
             enforce_eager=enforce_eager,
             enable_prefix_caching=True,  # reset after every weight sync (stale logprobs otherwise)
             worker_extension_cls=EXTENSION,

@@ -165,7 +165,7 @@ class Learner:
         model = getattr(engine, "module", engine)
         # learner.autocast: the ops autocast covers (matmuls) run in bfloat16; the log-softmax
         # rows are cast to float32 first (core/logprobs.py), so the losses see float32 inputs.
-        self.autocast = getattr(self.spec, "autocast", "off") == "bfloat16"
+        self.autocast = self.spec.autocast == "bfloat16"
         self.old_from_training_forward = not has_active_dropout(model)
 
     def pid(self) -> int:
