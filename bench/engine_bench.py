@@ -157,29 +157,8 @@ def bench_pipeline(rounds: int, steps: int, work: Path, workload: str = "tiny") 
 
 
 def _run(spec: dict, work: Path) -> dict:
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    path = work / "spec.yaml"
-    path.write_text(json.dumps(spec, indent=1))
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "protege.cli", "run", str(path)],
-        cwd=ROOT,
-        env=P._env(),
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    wall = time.perf_counter() - t0
-    (work / "log.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    metrics = Path(spec["checkpoint"]["dir"]) / "metrics.jsonl"
-    if proc.returncode != 0 or not metrics.exists():
-        raise RuntimeError(f"protege run exited {proc.returncode}: {proc.stderr[-300:]}")
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    kept = [r for r in rows if r.get("step", 0) >= 2 and "time/step" in r]
-    shutil.rmtree(Path(spec["checkpoint"]["dir"]) / "checkpoints", ignore_errors=True)
+    rows, wall = P.run_spec(spec, work, timeout=3600)
+    kept = [r for r in rows if r["step"] >= 2]  # step 1 builds kernels and caches
     return {
         "generate_s": P._median([r["time/generate"] for r in kept]),
         "sync_s": P._median([r["time/sync"] for r in kept]),

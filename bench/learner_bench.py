@@ -170,28 +170,8 @@ def bench_layout(name: str, rounds: int, warmup: int, steps: int | None, work: P
 
 
 def _run_spec(spec: dict, work: Path, warmup: int) -> dict:
-    import shutil
-    import subprocess
-
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    path = work / "spec.yaml"
-    path.write_text(json.dumps(spec, indent=1))
-    proc = subprocess.run(
-        [sys.executable, "-m", "protege.cli", "run", str(path)],
-        cwd=ROOT,
-        env=P._env(),
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    (work / "log.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    metrics = Path(spec["checkpoint"]["dir"]) / "metrics.jsonl"
-    if proc.returncode != 0 or not metrics.exists():
-        raise RuntimeError(f"protege run exited {proc.returncode}: {proc.stderr[-400:]}")
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    kept = [r for r in rows if r.get("step", 0) >= 1 and "time/step" in r][warmup:]
-    shutil.rmtree(Path(spec["checkpoint"]["dir"]) / "checkpoints", ignore_errors=True)
+    rows, _ = P.run_spec(spec, work, timeout=1800)
+    kept = rows[warmup:]
     return {
         "train_s": P._median([r["time/train"] for r in kept]),
         "step_s": P._median([r["time/step"] for r in kept]),

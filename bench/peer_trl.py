@@ -411,12 +411,16 @@ def protege_spec(inp: dict, ranks: int, dtype: str, run_dir: Path) -> dict:
     }
 
 
-def run_protege(inp: dict, ranks: int, dtype: str, work: Path, warmup: int, timeout: float) -> dict:
-    run_dir = work / "run"
+def run_spec(spec: dict, work: Path, timeout: float) -> tuple[list[dict], float]:
+    """``protege run`` of ``spec`` in a fresh process (its own embedded Ray), from a clean ``work``
+    folder: the metrics rows of the training steps (step ≥ 1) and the wall seconds. The log goes to
+    work/log.txt; checkpoints are deleted (only the metrics are read). The other benchmarks
+    (engine_bench.py, learner_bench.py) run their pipeline parts through this too."""
+    run_dir = Path(spec["checkpoint"]["dir"])
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     spec_path = work / "spec.yaml"
-    spec_path.write_text(json.dumps(protege_spec(inp, ranks, dtype, run_dir), indent=1))  # JSON is YAML
+    spec_path.write_text(json.dumps(spec, indent=1))  # JSON is YAML
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "protege.cli", "run", str(spec_path)],
@@ -432,8 +436,12 @@ def run_protege(inp: dict, ranks: int, dtype: str, work: Path, warmup: int, time
     if proc.returncode != 0 or not metrics_path.exists():
         raise RuntimeError(f"protege run exited {proc.returncode}; log: {work / 'log.txt'}: {proc.stderr[-600:]}")
     rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    rows = [r for r in rows if r.get("step", 0) >= 1 and "time/step" in r]
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return [r for r in rows if r.get("step", 0) >= 1 and "time/step" in r], wall
+
+
+def run_protege(inp: dict, ranks: int, dtype: str, work: Path, warmup: int, timeout: float) -> dict:
+    rows, wall = run_spec(protege_spec(inp, ranks, dtype, work / "run"), work, timeout)
     kept = rows[warmup:]
     phases = {ph: _median([r[f"time/{ph}"] for r in kept if f"time/{ph}" in r]) for ph in PHASES}
     return {
