@@ -101,7 +101,7 @@ def _before_any_resource(spec, *, resume: bool, quiet: bool):
     train_set, eval_set = load_job_data(spec)
     tok = _check_tokenizers(spec)
     _check_reward_functions(spec)
-    enc = Encoder(tok, system_prompt=spec.data.system_prompt, max_prompt_tokens=spec.rollout.max_prompt_tokens)
+    enc = Encoder.for_spec(tok, spec)
     if spec.run_uri:  # a missing backend, bad credentials or an unwritable bucket fail here, too
         run_state.open_remote_run(spec, resume)
     for w in gpu_warnings(spec):

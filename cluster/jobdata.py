@@ -33,15 +33,27 @@ def load_job_data(spec) -> tuple[list, list[Example]]:
 
 
 class Encoder:
-    def __init__(self, tokenizer, *, system_prompt: str | None, max_prompt_tokens: int):
+    def __init__(
+        self, tokenizer, *, system_prompt: str | None, max_prompt_tokens: int, template: str | None = None
+    ):
         self.tok = tokenizer
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
+        self.template = template  # data.prompt_template; None: the question then the answer-format instruction
+
+    @classmethod
+    def for_spec(cls, tokenizer, spec) -> "Encoder":
+        return cls(
+            tokenizer,
+            system_prompt=spec.data.system_prompt,
+            max_prompt_tokens=spec.rollout.max_prompt_tokens,
+            template=spec.data.prompt_template,
+        )
 
     def prompt(self, question: str, hint: str | None = None, *, raw: bool = False) -> list[int]:
-        """Chat-templated prompt ids. ``raw`` skips the answer-format instruction (teacher requests)."""
+        """Chat-templated prompt ids. ``raw`` skips the prompt template (teacher requests)."""
         text = question if hint is None else f"{question}\n\nHint: {hint}"
-        messages = format_prompt(text, system_prompt=self.system_prompt, template="{question}" if raw else None)
+        messages = format_prompt(text, system_prompt=self.system_prompt, template="{question}" if raw else self.template)
         rendered = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = self.tok.encode(rendered, add_special_tokens=False)
         # Keep the end (the instruction and the generation prompt) when a question is too long.

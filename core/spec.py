@@ -121,6 +121,21 @@ class DataSpec(_Strict):
         ),
     )
     system_prompt: str | None = None
+    prompt_template: str | None = Field(
+        default=None,
+        description=(
+            "the user turn, with {question} where the question goes (e.g. '{question}' alone for rows that "
+            "carry their own instruction); unset: the question, then 'Give only the final answer inside "
+            "<answer></answer>.'"
+        ),
+    )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_question(cls, v: str | None) -> str | None:
+        if v is not None and "{question}" not in v:
+            raise ValueError("must contain '{question}', where each question goes")
+        return v
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataSpec":

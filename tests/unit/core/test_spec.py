@@ -267,6 +267,13 @@ def test_rollout_engine_auto_is_vllm_where_installed(monkeypatch):
     assert spec.rollout.engine == "hf"
 
 
+def test_prompt_template_must_place_the_question():
+    with pytest.raises(SpecError, match=r"data.prompt_template: .*must contain '\{question\}'"):
+        parse_spec(_minimal(data={"source": "reasoning_gym", "task": "chain_sum", "prompt_template": "Answer:"}))
+    spec = parse_spec(_minimal(data={"source": "reasoning_gym", "task": "chain_sum", "prompt_template": "{question}"}))
+    assert spec.data.prompt_template == "{question}"
+
+
 def test_response_field_needs_a_file():
     with pytest.raises(SpecError, match=r"data.response_field: only a file's rows"):
         parse_spec(_minimal(data={"source": "reasoning_gym", "task": "chain_sum", "response_field": "trace"}))
