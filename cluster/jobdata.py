@@ -33,9 +33,7 @@ def load_job_data(spec) -> tuple[list, list[Example]]:
 
 
 class Encoder:
-    def __init__(
-        self, tokenizer, *, system_prompt: str | None, max_prompt_tokens: int, template: str | None = None
-    ):
+    def __init__(self, tokenizer, *, system_prompt: str | None, max_prompt_tokens: int, template: str | None = None):
         self.tok = tokenizer
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
@@ -53,7 +51,9 @@ class Encoder:
     def prompt(self, question: str, hint: str | None = None, *, raw: bool = False) -> list[int]:
         """Chat-templated prompt ids. ``raw`` skips the prompt template (teacher requests)."""
         text = question if hint is None else f"{question}\n\nHint: {hint}"
-        messages = format_prompt(text, system_prompt=self.system_prompt, template="{question}" if raw else self.template)
+        messages = format_prompt(
+            text, system_prompt=self.system_prompt, template="{question}" if raw else self.template
+        )
         rendered = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = self.tok.encode(rendered, add_special_tokens=False)
         # Keep the end (the instruction and the generation prompt) when a question is too long.

@@ -37,7 +37,8 @@ def test_prompt_template_shapes_the_user_turn_but_not_teacher_requests(tiny_mode
     base = {"models": {"student": {"path": tiny_models["student"]}}, "data": {"task": "chain_sum"}}
     default = Encoder.for_spec(tok, parse_spec(base))
     boxed = Encoder.for_spec(
-        tok, parse_spec({**base, "data": {"task": "chain_sum", "prompt_template": "Q: {question}\nPut it in \\boxed{}."}})
+        tok,
+        parse_spec({**base, "data": {"task": "chain_sum", "prompt_template": "Q: {question}\nPut it in \\boxed{}."}}),
     )
 
     def user_turn(ids):
