@@ -56,9 +56,11 @@ def run(
     except Exception:
         _point_at_logs(logs)
         raise
+    replicas = spec.resources.teacher.replicas
+    teacher = "" if roles.teacher is None else ", teacher" + (f" ×{replicas}" if replicas > 1 else "")
     say(
         f"protege: {len(roles.rollout)} rollout worker(s) ({_engine_label(spec)}), {len(roles.learners)} learner rank(s)"
-        + (", teacher" if roles.teacher is not None else "")
+        + teacher
         + f" ready in {time.perf_counter() - t0:.0f} s "
         f"(Ray: {where['address']})",
         flush=True,

@@ -23,6 +23,7 @@ from protege.learners.learner import Learner
 from protege.rewards.base import RewardRunner
 from protege.rewards.custom import reward_functions
 from protege.rewards.reward_model import RewardModelScorer
+from protege.cluster.replicas import ReplicaPool
 from protege.rewards.teacher import TeacherScorer
 
 RolloutActor = ray.remote(RolloutWorker)
@@ -80,7 +81,8 @@ class Roles:
         return self.scorers.get("teacher")
 
     def kill_all(self) -> None:
-        for a in [*self.rollout, *self.learners, *self.scorers.values()]:
+        scorers = [x for a in self.scorers.values() for x in getattr(a, "actors", [a])]  # a pool's replicas
+        for a in [*self.rollout, *self.learners, *scorers]:
             if a is not None:
                 try:
                     ray.kill(a)
@@ -246,12 +248,16 @@ def _start_actors(spec, roles: Roles, reqs: dict) -> None:
         if name not in groups:  # this job has no such scorer (cluster/placement.py role_requests)
             continue
         args, kwargs = arguments(spec)
-        roles.scorers[name] = actor.options(
-            **_opts(groups[name], 0, reqs[name].bundle),
-            **restart,
-            max_task_retries=ft.actor_restarts,
-            runtime_env=actor_runtime_env(spec, name),
-        ).remote(*args, **kwargs)
+        replicas = [
+            actor.options(
+                **_opts(groups[name], i, reqs[name].bundle),
+                **restart,
+                max_task_retries=ft.actor_restarts,
+                runtime_env=actor_runtime_env(spec, name if i == 0 else f"{name}-{i}"),
+            ).remote(*args, **kwargs)
+            for i in range(reqs[name].count)
+        ]
+        roles.scorers[name] = replicas[0] if len(replicas) == 1 else ReplicaPool(replicas)
     # Fixed micro-batch count per rank, so every rank runs the same number of forward/backward
     # calls each step (DeepSpeed collectives) whatever the batch's real size.
     # grad_accum is per mini-batch: DeepSpeed steps the optimizer once per mini-batch.

@@ -72,7 +72,7 @@ def role_requests(spec) -> list[RoleRequest]:
         RoleRequest("reward", 1, bundle_for(r.reward)),
     ]
     if spec.models.teacher is not None:
-        reqs.append(RoleRequest("teacher", 1, bundle_for(r.teacher)))
+        reqs.append(RoleRequest("teacher", r.teacher.replicas, bundle_for(r.teacher)))
     if spec.models.reward_model is not None:
         reqs.append(RoleRequest("reward_model", 1, bundle_for(r.reward_model)))
     return reqs

@@ -680,11 +680,22 @@ class RoleResources(_Strict):
     custom: dict[str, float] = Field(default_factory=dict, description="extra Ray resources, e.g. {gpu_node: 1}")
 
 
+class TeacherResources(RoleResources):
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "teacher actors, each with these cpus/gpus and its own engine; every scoring or generation "
+            "call is split across them in contiguous chunks"
+        ),
+    )
+
+
 class ResourcesSpec(_Strict):
     # Fractional CPUs let a 2-core laptop hold every role; clusters give whole GPUs.
     rollout: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.5))
     learner: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.5))
-    teacher: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.25))
+    teacher: TeacherResources = Field(default_factory=lambda: TeacherResources(cpus=0.25))
     reward: RoleResources = Field(default_factory=lambda: RoleResources(cpus=0.25))
     reward_model: RoleResources = Field(
         default_factory=lambda: RoleResources(cpus=0.25),

@@ -59,3 +59,34 @@ def test_vllm_scoring_matches_the_transformers_forward(tiny_models):
         assert payloads(full, items)[0].full_logprobs is not None and full._generator is None
     finally:
         vllm_scorer._generator.close()
+
+
+def test_teacher_replicas_answer_each_call_as_one_teacher(tiny_models, ray_local):
+    """resources.teacher.replicas: a pool of teacher actors splits every call into contiguous
+    chunks and returns the results in order, equal to one teacher's (scores, DPO reference
+    log-probs, greedy generations); its pid is every replica's, so a restart shows."""
+    import ray
+
+    from protege.cluster.launch import TeacherActor
+    from protege.cluster.replicas import ReplicaPool
+
+    one = TeacherScorer(tiny_models["teacher"], engine="hf", top_k=8)
+    pool = ReplicaPool(
+        [TeacherActor.options(num_cpus=0).remote(tiny_models["teacher"], engine="hf", top_k=8) for _ in range(2)]
+    )
+    items = [([5, 17, 42, 9], [33, 7, 250, 11, 3]), ([8, 8, 1], [99, 100]), ([4, 4, 4, 4, 4, 4], [12])]
+    try:
+        got = [r.teacher for r in ray.get(pool.score.remote(*as_rollouts(items)))]
+        for a, b in zip(got, payloads(one, items), strict=True):
+            assert torch.equal(a.topk_ids, b.topk_ids)
+            assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+            assert torch.allclose(a.topk_logprobs.float(), b.topk_logprobs.float(), atol=1e-5)
+        assert ray.get(pool.sequence_logprobs.remote(items)) == pytest.approx(one.sequence_logprobs(items), abs=1e-4)
+        prompts = [p for p, _ in items]
+        assert ray.get(pool.generate.remote(prompts, n=1, max_tokens=4)) == one.generate(prompts, n=1, max_tokens=4)
+        assert ray.get(pool.generate_ids.remote([], max_tokens=4)) == []  # an empty call still answers
+        pids = ray.get(pool.pid.remote())
+        assert len(set(pids)) == 2
+    finally:
+        for a in pool.actors:
+            ray.kill(a)

@@ -17,8 +17,16 @@ import pytest
 
 from protege.core import env as penv
 from protege.cluster import launch
-from protege.cluster.placement import COLOCATED, PlacementError, colocated, group_bundles, reserve, role_requests
-from protege.core.spec import load_spec
+from protege.cluster.placement import (
+    COLOCATED,
+    PlacementError,
+    colocated,
+    group_bundles,
+    placement_bundles,
+    reserve,
+    role_requests,
+)
+from protege.core.spec import load_spec, parse_spec
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "deploy" / "examples"
 SYNC_KEY = "VLLM_ALLOW_INSECURE_SERIALIZATION"
@@ -299,3 +307,17 @@ def test_a_role_that_fails_to_start_leaves_no_placement_group(ray_gpus, monkeypa
         time.sleep(0.5)
     monkeypatch.setattr(launch, "LearnerActor", fake_actors(0.0)[1])
     launch.start_roles(spec).kill_all()  # the same names are free again
+
+
+def test_teacher_replicas_reserve_one_bundle_each():
+    spec = parse_spec(
+        {
+            "models": {"student": {"path": "s"}, "teacher": {"path": "t"}},
+            "algorithm": {"type": "opd"},
+            "data": {"task": "chain_sum"},
+            "resources": {"teacher": {"replicas": 3, "cpus": 0.5}},
+        }
+    )
+    teacher = next(q for q in role_requests(spec) if q.role == "teacher")
+    assert teacher.count == 3 and teacher.bundle == {"CPU": 0.5}
+    assert placement_bundles(role_requests(spec))["teacher"] == [{"CPU": 0.5}] * 3
