@@ -38,6 +38,7 @@ from ray.serve import Application
 from vllm.exceptions import VLLMError
 
 from protege.core import storage
+from protege.core.env import configure_node_defaults
 from protege.core.spec import ServeSpec
 from protege.serve import versions
 from protege.serve.api import ApiError, ServeArgs, validation_error
@@ -136,6 +137,7 @@ class StudentServer:
     """Serve shell: everything it does is build, delegate, and stop."""
 
     async def __init__(self, args: dict, key_hash: str | None):
+        configure_node_defaults()  # this replica's node decides (threads, vLLM's CPU settings), before the engine
         a = ServeArgs.model_validate(args)
         target = versions.resolve(a.target)
         # Version switches belong in the replica's log, which Serve writes through its own logger.
