@@ -1,6 +1,7 @@
 """The driver: one loop, every phase visible (docs/design.md, "The driver loop").
 
     prompts → responses (the student samples them: generate) → score (rewards ‖ teacher)
+            → [dynamic sampling: refill with new prompts until enough groups' rewards differ]
             → [KEPO: hints for groups that all failed] → credit → learner step → weight sync
             → metrics / eval / checkpoint
 
@@ -147,6 +148,10 @@ def _train(job: Job, train_set, eval_set, *, resume: bool, until: int, progress:
             batch = job.submit(stream, step + 1, version)
         with timer("score"):
             scored = job.score(responses)
+        filled = {}
+        if needs.resample_rounds and responses.rollouts:
+            with timer("refill"):
+                responses, scored, filled = job.fill_groups(stream, responses, scored, step, version)
         hinted = {}
         if needs.hints and responses.rollouts:
             with timer("hints"):
@@ -170,6 +175,7 @@ def _train(job: Job, train_set, eval_set, *, resume: bool, until: int, progress:
         m = {
             **learned,
             **credit,
+            **filled,
             **hinted,
             **job.faults.metrics(),
             **synced,

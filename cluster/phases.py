@@ -12,6 +12,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -69,6 +70,38 @@ class Responses:
         return [self.examples[r.example_index] for r in (self.rollouts if rollouts is None else rollouts)]
 
 
+def informative_groups(values: list[float], group_size: int) -> list[int]:
+    """Groups whose rewards differ (the others have zero advantage: DAPO's dynamic sampling).
+
+    >>> informative_groups([1, 1, 0, 1, 0, 0], 2)
+    [1]
+    """
+    return [g for g in range(len(values) // group_size) if len(set(values[g * group_size : (g + 1) * group_size])) > 1]
+
+
+def merge_groups(a: tuple[Responses, Scored], b: tuple[Responses, Scored]) -> tuple[Responses, Scored]:
+    """Two batches as one: ``b``'s rollouts point at its examples, appended after ``a``'s."""
+    (ra, sa), (rb, sb) = a, b
+    shift = len(ra.examples)
+    rollouts = ra.rollouts + [dc_replace(r, example_index=r.example_index + shift) for r in rb.rollouts]
+    responses = Responses(
+        rollouts, ra.examples + rb.examples, ra.generated_tokens + rb.generated_tokens, ra.engine_s + rb.engine_s
+    )
+    teacher = None if sa.teacher is None else sa.teacher + sb.teacher
+    metrics = {**sa.metrics, **{k: v + sb.metrics.get(k, 0.0) for k, v in sa.metrics.items() if k.endswith("seconds")}}
+    return responses, Scored(sa.scores + sb.scores, teacher, metrics)
+
+
+def keep_groups(responses: Responses, scored: Scored, groups: list[int], group_size: int) -> tuple[Responses, Scored]:
+    """Only these groups' rollouts (group-major), their scores and teacher payloads, in order."""
+    idx = [g * group_size + j for g in groups for j in range(group_size)]
+    teacher = None if scored.teacher is None else [scored.teacher[i] for i in idx]
+    kept = Responses(
+        [responses.rollouts[i] for i in idx], responses.examples, responses.generated_tokens, responses.engine_s
+    )
+    return kept, Scored([scored.scores[i] for i in idx], teacher, scored.metrics)
+
+
 @dataclass
 class Faults:
     """Restarts survived, by role; reported as fault/<role>_restarts with every step."""
@@ -117,18 +150,20 @@ class Job:
         self.step_scorers = self.scorers if self.needs.generates else self.scorers.only(TEACHER)
 
     # --------------------------------------------------------------------- generate
-    def submit(self, stream: PromptStream, step: int, version: int) -> Batch:
-        """Take the next prompts and submit their generation, split over the rollout workers."""
+    def submit(self, stream: PromptStream, step: int, version: int, *, round_: int = 0) -> Batch:
+        """Take the next prompts and submit their generation, split over the rollout workers
+        (``round_`` > 0: a dynamic-sampling refill of the step, with its own seeds)."""
         before = stream.state_dict()
         examples = stream.next_batch(self.spec.rollout.prompts_per_step)
-        jobs = self._submit_generation(examples, step, version) if self.needs.generates else []
+        jobs = self._submit_generation(examples, step, version, round_) if self.needs.generates else []
         return Batch(examples, jobs, time.perf_counter(), before)
 
-    def _submit_generation(self, examples, step: int, version: int) -> list[GenJob]:
+    def _submit_generation(self, examples, step: int, version: int, round_: int = 0) -> list[GenJob]:
         ro, workers = self.spec.rollout, self.roles.rollout
         prompts = [self.enc.prompt(e.prompt) for e in examples]
         chunk = -(-len(prompts) // len(workers))
-        seed = self.spec.seed * 1_000_003 + step * 1009  # per step: reproducible, and a resumed run samples the same
+        # per step (and refill round): reproducible, and a resumed run samples the same
+        seed = self.spec.seed * 1_000_003 + step * 1009 + round_ * 100_003
         jobs = []
         for i, w in enumerate(workers):
             part = prompts[i * chunk : (i + 1) * chunk]
@@ -210,6 +245,29 @@ class Job:
         terms. KEPO's gate and hint trigger compare it with τ."""
         first = self.spec.rewards[0].name
         return [s.components.get(first, 0.0) for s in scored.scores]
+
+    def fill_groups(
+        self, stream: PromptStream, responses: Responses, scored: Scored, step: int, version: int
+    ) -> tuple[Responses, Scored, dict]:
+        """DAPO's dynamic sampling: while fewer than prompts_per_step groups have rewards that
+        differ, sample and score prompts_per_step new prompts (at most needs.resample_rounds
+        times); the batch keeps the informative groups, in order, up to prompts_per_step.
+        Refills draw from the stream after any batch already in flight (max_staleness ≥ 1), so
+        a run resumed there draws them again: it matches the uninterrupted run only without refills."""
+        G, want = self.spec.rollout.samples_per_prompt, self.spec.rollout.prompts_per_step
+        found = informative_groups([s.value for s in scored.scores], G)
+        rounds = 0
+        while len(found) < want and rounds < self.needs.resample_rounds:
+            rounds += 1
+            more = self.responses(self.submit(stream, step, version, round_=rounds), version)
+            responses, scored = merge_groups(
+                (responses, scored), (more, self.step_scorers.score(more.rollouts, more.their_examples()))
+            )
+            found = informative_groups([s.value for s in scored.scores], G)
+        m = {"rollout/refill_rounds": float(rounds), "rollout/informative_groups": float(min(len(found), want))}
+        if rounds == 0 or not found:  # credit assignment drops the flat groups; the metrics still see them
+            return responses, scored, m
+        return (*keep_groups(responses, scored, found[:want], G), m)
 
     def explore_with_hints(self, responses: Responses, scored: Scored, step: int) -> tuple[Responses, Scored, dict]:
         """KEPO's knowledge-enhanced exploration: for each group that failed the gate the teacher

@@ -206,6 +206,7 @@ class Needs:
     teacher_model: bool = False  # models.teacher must be set (scoring, hints, targets or reference)
     teacher_for: str = ""  # which setting asks for the teacher, for the error message
     hints: bool = False  # KEPO: a hint-exploration phase on groups that all failed
+    resample_rounds: int = 0  # DAPO dynamic sampling: extra generation rounds that fill the batch
     extra_tokens: int = 0  # sequence room beyond the response (a KEPO hint in the prompt)
 
     @property
@@ -223,7 +224,20 @@ class _PolicyGradient(_Strict):
     loss_agg: LossAgg = "token-mean"
     kl_coef: float = Field(default=0.0, ge=0, description="β for KL to the reference (0 = no reference pass)")
     kl_estimator: KlEstimator = "k3"
-    dynamic_sampling: bool = Field(default=False, description="DAPO: drop groups whose rewards are all equal")
+    dynamic_sampling: bool = Field(
+        default=False,
+        description=(
+            "DAPO: groups whose rewards are all equal carry no advantage; sample new prompts until the batch "
+            "holds prompts_per_step groups whose rewards differ (at most resample_rounds extra rounds), and "
+            "drop the rest"
+        ),
+    )
+    resample_rounds: int = Field(
+        default=3,
+        ge=0,
+        le=16,
+        description="dynamic sampling: extra rounds of prompts_per_step new prompts per step at most; 0: only drop",
+    )
     max_staleness: int = Field(
         default=0, ge=0, le=4, description="0 strictly on-policy; 1 overlaps generation of t+1 with training of t"
     )
@@ -239,12 +253,15 @@ class _PolicyGradient(_Strict):
     def effective_tis_cap(self) -> float | None:
         return self.tis_cap if self.tis_cap is not None else (2.0 if self.max_staleness >= 1 else None)
 
+    def filling_rounds(self) -> int:
+        return self.resample_rounds if self.dynamic_sampling else 0
+
 
 class GRPOSpec(_PolicyGradient):
     type: Literal["grpo"] = "grpo"
 
     def needs(self) -> Needs:
-        return Needs(groups=True, reference=self.kl_coef > 0)
+        return Needs(groups=True, reference=self.kl_coef > 0, resample_rounds=self.filling_rounds())
 
 
 class RLADSpec(_PolicyGradient):
@@ -262,7 +279,13 @@ class RLADSpec(_PolicyGradient):
         return v
 
     def needs(self) -> Needs:  # the sampled token's teacher log-prob is TRRD's anchor
-        return Needs(groups=True, reference=self.kl_coef > 0, teacher=TeacherRequest(), teacher_model=True)
+        return Needs(
+            groups=True,
+            reference=self.kl_coef > 0,
+            teacher=TeacherRequest(),
+            teacher_model=True,
+            resample_rounds=self.filling_rounds(),
+        )
 
 
 class KEPOSpec(_PolicyGradient):
@@ -306,6 +329,7 @@ class KEPOSpec(_PolicyGradient):
             teacher_model=True,
             hints=self.hints,
             extra_tokens=self.hint_max_tokens if self.hints else 0,
+            resample_rounds=self.filling_rounds(),
         )
 
 

@@ -200,3 +200,39 @@ def test_one_step_off_policy_overlap(tmp_path, tiny_models, ray_local):
     run(spec, progress=False)
     lags = [r["rollout/version_lag"] for r in _metrics(spec)[1:]]
     assert lags == [0.0, 1.0, 1.0]  # step 1 from v0; later steps generated while the previous one trained
+
+
+def test_dynamic_sampling_refills_the_batch_with_informative_groups(tmp_path, tiny_models, ray_local):
+    """DAPO's dynamic sampling on the real pipeline. A reward of 1 for about one completion in
+    five leaves about 40 % of the groups flat, so steps sample new prompts (at most
+    resample_rounds times) and train only on groups whose rewards differ, never more than
+    prompts_per_step of them."""
+    from protege.cluster.driver import run
+
+    rare = tmp_path / "rare.py"
+    rare.write_text(
+        "def rare(completion, reference, meta=None):\n    return float(sum(map(ord, completion)) % 5 == 0)\n"
+    )
+
+    spec = make_spec(
+        tmp_path,
+        tiny_models,
+        name="dapo",
+        steps=3,
+        **{
+            "algorithm.dynamic_sampling": True,
+            "algorithm.resample_rounds": 2,
+            "learner.ranks": 1,
+            "rewards": [{"name": "rare", "function": f"{rare}:rare"}],
+        },
+    )
+    run(spec, progress=False)
+    rows = _metrics(spec)[1:]
+    for r in rows:
+        assert 0 <= r["rollout/refill_rounds"] <= 2 and r["rollout/informative_groups"] <= 4
+        assert r["time/refill"] >= 0
+        if r["rollout/refill_rounds"] > 0 and r["rollout/informative_groups"] > 0:
+            assert r["rollout/kept_frac"] == 1.0  # a refilled batch is cut to its informative groups
+            assert r["rollout/response_len"] > 0
+    refilled = [r for r in rows if r["rollout/refill_rounds"] > 0 and r["rollout/informative_groups"] > 0]
+    assert refilled, [(r["rollout/refill_rounds"], r["rollout/informative_groups"]) for r in rows]
