@@ -265,9 +265,11 @@ class Job:
             )
             found = informative_groups([s.value for s in scored.scores], G)
         m = {"rollout/refill_rounds": float(rounds), "rollout/informative_groups": float(min(len(found), want))}
-        if rounds == 0 or not found:  # credit assignment drops the flat groups; the metrics still see them
+        if rounds == 0:  # credit assignment drops the flat groups
             return responses, scored, m
-        return (*keep_groups(responses, scored, found[:want], G), m)
+        # Never more than prompts_per_step groups (the learner's micro-batches are sized for that);
+        # none informative: the first batch, as without refills.
+        return (*keep_groups(responses, scored, found[:want] or list(range(want)), G), m)
 
     def explore_with_hints(self, responses: Responses, scored: Scored, step: int) -> tuple[Responses, Scored, dict]:
         """KEPO's knowledge-enhanced exploration: for each group that failed the gate the teacher
