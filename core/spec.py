@@ -270,6 +270,13 @@ class RLADSpec(_PolicyGradient):
     type: Literal["rlad"] = "rlad"
     alpha: float = Field(default=0.5, description="mixing weight of the old policy in the TRRD anchor")
     clamp: float = Field(default=1.0, gt=0, description="clamp on log(π_θ/π_T), Appendix B")
+    trust_region: Literal["ratio", "gate"] = Field(
+        default="ratio",
+        description=(
+            "ratio: the paper's TRRD ratio is the importance ratio; gate (our variant): GRPO's ratio carries the "
+            "gradient and the TRRD ratio only decides which tokens are clipped (learners/losses.py rlad_loss)"
+        ),
+    )
 
     @field_validator("alpha")
     @classmethod

@@ -146,6 +146,7 @@ def compute_loss(algo: Any, inp: losses.LossInputs, max_len: int | None = None) 
                 inp,
                 alpha=algo.alpha,
                 clamp=algo.clamp,
+                trust_region=algo.trust_region,
                 eps_low=algo.eps_low,
                 eps_high=algo.eps_high,
                 loss_agg=algo.loss_agg,

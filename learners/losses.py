@@ -320,8 +320,11 @@ def _pg_loss(
     kl_coef: float,
     kl_estimator: str,
     tis_cap: float | None = None,
+    gate_log_ratio: Tensor | None = None,
 ) -> LossOut:
-    """The clipped policy-gradient loss shared by GRPO and RLAD; they differ only in log ρ."""
+    """The clipped policy-gradient loss shared by GRPO and RLAD; they differ only in log ρ, or
+    (``gate_log_ratio``, RLAD's gate variant) in a second ratio that only decides which tokens
+    are clipped."""
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"Unknown kl_estimator {kl_estimator!r}; valid: {', '.join(KL_ESTIMATORS)}.")
     if kl_coef > 0 and inp.ref_logprobs is None:
@@ -329,6 +332,11 @@ def _pg_loss(
     adv = inp.advantages.detach()
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
     pg, is_clipped = clipped_surrogate(log_ratio, adv, eps_low, eps_high)
+    gated = None
+    if gate_log_ratio is not None:  # a token the gate's ratio clips keeps its value, not its gradient
+        gated = clipped_surrogate(gate_log_ratio, adv, eps_low, eps_high)[1]
+        pg = torch.where(gated, pg.detach(), pg)
+        is_clipped = is_clipped | gated
     per_token, kl = pg, None
     if inp.ref_logprobs is not None:
         # Without a penalty the KL is still reported, computed off the graph.
@@ -351,6 +359,8 @@ def _pg_loss(
         "loss/approx_kl_old": _masked_mean(inp.old_logprobs - inp.logprobs, m),
         **tis_metrics,
     }
+    if gated is not None:
+        metrics["loss/gated_frac"] = _masked_mean(gated, m)
     return LossOut({"pg": pg_term}, metrics)
 
 
@@ -406,6 +416,7 @@ def rlad_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     tis_cap: float | None = None,
+    trust_region: str = "ratio",
 ) -> LossOut:
     """RLAD / TRRD (arXiv 2602.22495): GRPO with the trust-region ratio anchored to a mix of
     π_old and the teacher, per sampled token:
@@ -429,7 +440,17 @@ def rlad_loss(
     select it with loss_agg); the KL-to-reference weight β, never given in the paper,
     defaults to 0; the clamp is a plain clamp, so outside ±c the teacher term passes no
     gradient and the update is scaled by α; log ρ is clamped to ±20 before exp().
+
+    ``trust_region="gate"`` is our variant, not the paper's objective: GRPO's ratio πθ/π_old
+    carries the gradient (with its own clip), and the TRRD ratio above only decides which tokens
+    are clipped as well. At θ = π_old that is GRPO's gradient without the tokens TRRD's region
+    excludes: with A > 0, tokens the student rates above the teacher, log πθ − log π_T >
+    ln(1+ε_high)/(1−α) (0.49 at the defaults); with A < 0, tokens it rates below the teacher,
+    log πθ − log π_T < ln(1−ε_low)/(1−α) (−0.45). So no re-weighting of improbable correct
+    tokens, only "do not reward what the teacher rejects, do not punish what it favours".
     """
+    if trust_region not in ("ratio", "gate"):
+        raise ValueError(f"trust_region must be 'ratio' or 'gate', got {trust_region!r}.")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     if clamp <= 0:
@@ -442,9 +463,13 @@ def rlad_loss(
             raise ValueError("rlad_loss with alpha < 1 needs teacher_logprobs in LossInputs.")
         teacher_lr = (inp.logprobs - teacher).clamp(-clamp, clamp)
         log_ratio = alpha * (inp.logprobs - inp.old_logprobs) + (1.0 - alpha) * teacher_lr
+    gate = None
+    if trust_region == "gate" and alpha < 1.0:
+        log_ratio, gate = inp.logprobs - inp.old_logprobs, log_ratio.detach()
     out = _pg_loss(
         inp,
         log_ratio,
+        gate_log_ratio=gate,
         eps_low=eps_low,
         eps_high=eps_high,
         loss_agg=loss_agg,

@@ -141,6 +141,7 @@ ALGOS = {
     "grpo-sum-norm": S.GRPOSpec(loss_agg="seq-mean-token-sum-norm"),
     "grpo-stale-tis": S.GRPOSpec(max_staleness=1),
     "rlad": S.RLADSpec(alpha=0.5),
+    "rlad-gate": S.RLADSpec(alpha=0.5, trust_region="gate"),
     "kepo-reverse-kl": S.KEPOSpec(),
     "kepo-jsd": S.KEPOSpec(divergence="jsd"),
     "opd": S.OPDSpec(),

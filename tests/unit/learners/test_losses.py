@@ -242,12 +242,53 @@ def test_rlad_teacher_anchor_and_clamp():
     assert _close(logp.grad, [[-e2 / 4, 0.0], [e2 / 4, 0.5 * e5 / 4]])
 
 
+def test_rlad_gate_variant_clips_by_trrd_but_steps_by_grpo():
+    """trust_region="gate", on policy (logp = old, GRPO ratio 1), α = 0.5, c = 1.
+    Row 0, A=+1, gap = logp − teacher = [0.4, 3.0]: gate log ρ = 0.5·clamp(gap) = [0.2, 0.5],
+      ρ = [1.2214, 1.6487]; the second exceeds 1.28 -> gated (no gradient).
+    Row 1, A=−1, gap = [−0.4, −3.0]: gate log ρ = [−0.2, −0.5], ρ = [0.8187, 0.6065]; the second is
+      below 0.8 and A < 0 -> gated.
+    Per-token loss −ρ_GRPO·A = [−1, −1], [+1, +1] (gated ones keep their value): token-mean 0.
+    Gradients (/4 tokens) are GRPO's, −A/4, where not gated: [[−1/4, 0], [1/4, 0]].
+    gated_frac = clip_frac = 2/4. The paper's ratio on the same tokens re-weights instead:
+    its row-0 first-token gradient is −e^0.2/4."""
+    old = _t([[-1.0, -2.0], [-1.0, -2.0]])
+    teacher = old - _t([[0.4, 3.0], [-0.4, -3.0]])
+
+    def run(**kw):
+        logp = old.clone().requires_grad_()
+        inp = LossInputs(
+            logprobs=logp,
+            old_logprobs=old,
+            mask=torch.ones(2, 2, dtype=D),
+            advantages=_t([1.0, -1.0]),
+            teacher_logprobs=teacher,
+        )
+        loss, m = rlad_loss(inp, **kw)
+        loss.backward()
+        return loss, m, logp.grad
+
+    loss, m, grad = run(alpha=0.5, clamp=1.0, trust_region="gate")
+    assert _close(loss, 0.0)
+    assert _close(grad, [[-0.25, 0.0], [0.25, 0.0]])
+    assert _close(m["loss/gated_frac"], 0.5) and _close(m["loss/clip_frac"], 0.5)
+    assert _close(m["rlad/clamp_frac"], 0.5)
+    _, _, paper = run(alpha=0.5, clamp=1.0)
+    assert _close(paper[0, 0], -math.exp(0.2) / 4)
+    # α = 1 has no teacher term to gate with: GRPO exactly
+    _, _, at_one = run(alpha=1.0, trust_region="gate")
+    _, _, grpo = run(alpha=1.0)
+    assert torch.equal(at_one, grpo)
+
+
 def test_rlad_argument_errors():
     inp = _grpo_inputs()
     with pytest.raises(ValueError, match="alpha"):
         rlad_loss(inp, alpha=1.5)
     with pytest.raises(ValueError, match="teacher_logprobs"):
         rlad_loss(inp, alpha=0.5)
+    with pytest.raises(ValueError, match="trust_region"):
+        rlad_loss(inp, alpha=0.5, trust_region="both")
 
 
 # ---------------------------------------------------------------- KEPO
