@@ -68,7 +68,7 @@ def test_teacher_replicas_answer_each_call_as_one_teacher(tiny_models, ray_local
     import ray
 
     from protege.cluster.launch import TeacherActor
-    from protege.cluster.replicas import ReplicaPool
+    from protege.cluster.launch import ReplicaPool
 
     one = TeacherScorer(tiny_models["teacher"], engine="hf", top_k=8)
     pool = ReplicaPool(
