@@ -47,7 +47,8 @@ def test_a_rerun_pair_keeps_the_others_in_compare_json(tmp_path):
     c = _compare()
     (tmp_path / "compare.json").write_text(json.dumps({"pairs": {"tiny": {"runs": [], "kept": True}}}))
     args = SimpleNamespace(pair="smollm2", report=None)
-    rep = c._write(tmp_path, args, {"steps": 5}, [{"algorithm": "grpo", "error": "x"}], final=False)
+    rep = c._write(tmp_path, args, {"steps": 5}, [{"algorithm": "grpo", "seed": 3, "error": "x"}], final=False)
     assert rep["pairs"]["tiny"] == {"runs": [], "kept": True}
     assert rep["pairs"]["smollm2"]["steps"] == 5 and rep["pairs"]["smollm2"]["complete"] is False
+    assert rep["pairs"]["smollm2"]["seeds"] == [3]
     assert json.loads((tmp_path / "compare.json").read_text()) == rep
