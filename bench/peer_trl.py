@@ -18,7 +18,8 @@ group size, max new tokens, temperature, lr, AdamW, β = 0, one optimizer update
 Configurations alternate round-robin (each round starts one later in the list), so load drift hits
 all of them alike; ``os.getloadavg()`` is recorded before every run. The first ``--warmup`` steps
 of each run are left out. Results: OUT/peer_trl.json and OUT/peer_trl.md (default bench/results;
-``--out bench/reports`` for the published report, from an idle machine only).
+``--out bench/reports`` for the published report, from an idle machine only). With ``--only`` the
+other workload already in OUT/peer_trl.json is kept, with the date and load of its own run.
 
 The worker modes import neither protege nor vLLM at module level: the TRL venv has neither.
 """
@@ -626,6 +627,23 @@ def bench_workload(name: str, args, problems: list[str], out_dir: Path) -> dict:
     return res
 
 
+def _keep_others(path: Path, result: dict, names: list[str]) -> dict:
+    """``result`` plus the workloads of an earlier ``path`` that this run does not measure. An entry
+    without its own ``run`` record (written before workloads carried one) gets the earlier file's
+    meta, so every workload's date, commit and load stay those of the run that measured it."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return result
+    for w in WORKLOADS:
+        if w in names or w not in earlier:
+            continue
+        result[w] = earlier[w]
+        result[w].setdefault("run", earlier.get("meta", {}))
+        result["problems"] += [p for p in earlier.get("problems", []) if p.startswith(f"{w}")]
+    return result
+
+
 def _f(v) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else ""
 
@@ -637,8 +655,11 @@ def render(result: dict) -> str:
         "",
         f"{m['date']} · commit {m['commit']} · {m['cpu']} ({m['cpus']} CPUs) · "
         + " · ".join(f"{k} {v}" for k, v in m["versions"].items()),
-        f"load average (1/5/15 min): start {m['load_start']}, end {m['load_end']} · rounds {m['rounds']}"
-        f" · wall {m['wall_s']:.0f} s" + (" · **QUICK smoke run: not a measurement**" if m["quick"] else ""),
+        f"this invocation: load average (1/5/15 min) start {m['load_start']}, end {m['load_end']} · rounds"
+        f" {m['rounds']} · wall {m['wall_s']:.0f} s"
+        + (" · **QUICK smoke run: not a measurement**" if m["quick"] else ""),
+        "Each workload's configurations alternate within one run; a workload re-measured alone"
+        " (`--only`) keeps the others from their own run, dated under their heading.",
         f"bf16: {m['bf16']}",
         "",
     ]
@@ -646,22 +667,27 @@ def render(result: dict) -> str:
         r = result.get(w)
         if not r:
             continue
+        run = r.get("run") or m
         lines += [
             f"## {w}: {r['model']}, {r['prompts']} prompts x {r['samples']} samples x {r['max_new_tokens']}"
             f" tokens, {r['steps']} steps per run ({r['warmup_steps']} warm-up left out)",
             "",
-            "| dtype | Protégé best | TRL best | Protégé / TRL | result | floor (vLLM gen + fwd/bwd) |",
-            "|---|---|---|---:|---|---:|",
+            f"Measured {run['date']} at commit {run['commit']}; load average (1/5/15 min) start"
+            f" {run['load_start']}, end {run.get('load_end')}; wall {run.get('wall_s') or 0:.0f} s.",
+            "",
+            "| dtype | Protégé best | TRL best | Protégé / TRL | result | floor (vLLM gen + fwd/bwd) | Protégé / floor |",
+            "|---|---|---|---:|---|---:|---:|",
         ]
         for dtype, b in r["by_dtype"].items():
             if b["ratio"] is None:
-                lines.append(f"| {dtype} | {b['protege_best']} | {b['trl_best']} | n/a | not measured | |")
+                lines.append(f"| {dtype} | {b['protege_best']} | {b['trl_best']} | n/a | not measured | | |")
                 continue
             verdict = "Protégé faster (won)" if b["ratio"] < 1 else "TRL faster (lost)"
             fl = f"{b['floor_step_s']:.3f} s" if b["floor_step_s"] else "n/a"
+            vs_floor = f"{b['protege_step_s'] / b['floor_step_s']:.2f}x" if b["floor_step_s"] else "n/a"
             lines.append(
                 f"| {dtype} | {b['protege_best']}: {b['protege_step_s']:.3f} s | {b['trl_best']}:"
-                f" {b['trl_best_step_s']:.3f} s | **{b['ratio']:.2f}x** | {verdict} | {fl} |"
+                f" {b['trl_best_step_s']:.3f} s | **{b['ratio']:.2f}x** | {verdict} | {fl} | {vs_floor} |"
             )
         lines += [
             "",
@@ -813,11 +839,17 @@ def main(argv=None) -> int:
         args.bf16 = False
     t0 = time.perf_counter()
     result: dict = {"meta": {**meta(args), "load_start": _load(), "bf16": why if ok else why}, "problems": []}
-    for name in [args.only] if args.only else list(WORKLOADS):
+    names = [args.only] if args.only else list(WORKLOADS)
+    if args.only:  # one workload re-measured: keep the others' results, each with the run that made it
+        result = _keep_others(out / "peer_trl.json", result, names)
+    for name in names:
         if not (ROOT / WORKLOADS[name][0]).is_dir():
             result["problems"].append(f"{name}: model folder {WORKLOADS[name][0]} missing (see bench/README.md)")
             continue
+        w0, load0 = time.perf_counter(), _load()
         result[name] = bench_workload(name, args, result["problems"], out)
+        result[name]["run"] = {**result["meta"], "load_start": load0, "load_end": _load()}
+        result[name]["run"]["wall_s"] = time.perf_counter() - w0
         (out / "peer_trl.json").write_text(json.dumps(result, indent=1))  # partial results survive a crash
     result["meta"]["load_end"] = _load()
     result["meta"]["wall_s"] = time.perf_counter() - t0
