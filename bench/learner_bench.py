@@ -180,6 +180,22 @@ def _run_spec(spec: dict, work: Path, warmup: int) -> dict:
 
 
 # ============================================================================================ report
+def _earlier_workloads(path: Path, measured: str) -> dict:
+    """The workloads of an earlier report at ``path`` other than ``measured``. One written before
+    workloads carried a ``run`` record gets the earlier file's meta, rounds and reps, so every
+    workload's date, commit and repetitions stay those of the run that measured it."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    kept = {}
+    for name, w in earlier.get("workloads", {}).items():
+        if name != measured:
+            w.setdefault("run", {**earlier.get("meta", {}), "rounds": earlier.get("rounds"), "reps": earlier.get("reps")})
+            kept[name] = w
+    return kept
+
+
 def render(rep: dict) -> str:
     lines = [
         f"# Learner precision and layout ({rep['meta']['date']}, commit {rep['meta']['commit']}, "
@@ -187,11 +203,16 @@ def render(rep: dict) -> str:
         "",
     ]
     for name, w in rep["workloads"].items():
+        run = w.get("run", {**rep["meta"], "rounds": rep["rounds"], "reps": rep["reps"]})
+        if run.get("date") != rep["meta"]["date"]:
+            lines += [f"*{name}: measured {run.get('date')}, commit {run.get('commit')}.*", ""]
+        if run.get("note"):
+            lines += [f"*{run['note']}*", ""]
         if "precision" in w:
             pr = w["precision"]
             lines += [
                 f"## {name}: precision (one forward + backward of {pr['rows']} rows × {pr['seq_len']} tokens, "
-                f"{rep['reps']} alternated reps, load {w['load_before'][0]})",
+                f"{run['reps']} alternated reps, load {w['load_before'][0]})",
                 "",
                 "| mode | fwd+bwd s | speed vs float32 | mean abs Δ log π | max abs Δ log π | loss rel. diff | grad cosine |",
                 "|---|---|---|---|---|---|---|",
@@ -205,7 +226,7 @@ def render(rep: dict) -> str:
         if "layout" in w:
             lay = w["layout"]
             lines += [
-                f"## {name}: layout (the real pipeline, {rep['rounds']} alternated rounds)",
+                f"## {name}: layout (the real pipeline, {run['rounds']} alternated rounds)",
                 "",
                 "| config | ZeRO | ranks | autocast | time/train s (median) | time/step s (median) | loads before |",
                 "|---|---|---|---|---|---|---|",
@@ -233,6 +254,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-pipeline", action="store_true", help="the precision part only")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--layout-from", default=None, help="keep the layout part of this earlier learner_bench.json")
+    ap.add_argument("--note", default="", help="how the run was made (the load beside it, what was cut), kept with it")
     args = ap.parse_args(argv)
     import os
 
@@ -246,11 +268,13 @@ def main(argv=None) -> int:
     args.quick = False
     ok, why = P.bf16_support()
     rep = {"meta": P.meta(args), "bf16_support": why, "reps": args.reps, "rounds": args.rounds, "workloads": {}}
+    if args.only:  # measuring one workload keeps the others' published results, each with its own run record
+        rep["workloads"] = _earlier_workloads(out / "learner_bench.json", args.only)
     for name in [args.only] if args.only else list(P.WORKLOADS):
         if not (ROOT / P.WORKLOADS[name][0] / "config.json").exists():
             print(f"[learner_bench] {name}: {P.WORKLOADS[name][0]} is missing, skipped", flush=True)
             continue
-        w = rep["workloads"][name] = {"load_before": P._load()}
+        w = rep["workloads"][name] = {"load_before": P._load(), "run": {**rep["meta"], "rounds": args.rounds, "reps": args.reps, "note": args.note}}
         print(f"[learner_bench] {name}: precision", flush=True)
         w["precision"] = bench_precision(name, args.reps)
         if not args.skip_pipeline:
