@@ -191,7 +191,9 @@ def _earlier_workloads(path: Path, measured: str) -> dict:
     kept = {}
     for name, w in earlier.get("workloads", {}).items():
         if name != measured:
-            w.setdefault("run", {**earlier.get("meta", {}), "rounds": earlier.get("rounds"), "reps": earlier.get("reps")})
+            w.setdefault(
+                "run", {**earlier.get("meta", {}), "rounds": earlier.get("rounds"), "reps": earlier.get("reps")}
+            )
             kept[name] = w
     return kept
 
@@ -274,7 +276,10 @@ def main(argv=None) -> int:
         if not (ROOT / P.WORKLOADS[name][0] / "config.json").exists():
             print(f"[learner_bench] {name}: {P.WORKLOADS[name][0]} is missing, skipped", flush=True)
             continue
-        w = rep["workloads"][name] = {"load_before": P._load(), "run": {**rep["meta"], "rounds": args.rounds, "reps": args.reps, "note": args.note}}
+        w = rep["workloads"][name] = {
+            "load_before": P._load(),
+            "run": {**rep["meta"], "rounds": args.rounds, "reps": args.reps, "note": args.note},
+        }
         print(f"[learner_bench] {name}: precision", flush=True)
         w["precision"] = bench_precision(name, args.reps)
         if not args.skip_pipeline:
