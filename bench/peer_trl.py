@@ -659,8 +659,9 @@ def render(result: dict) -> str:
         f" {m['rounds']} · wall {m['wall_s']:.0f} s"
         + (" · **QUICK smoke run: not a measurement**" if m["quick"] else ""),
         "Each workload's configurations alternate within one run; a workload re-measured alone"
-        " (`--only`) keeps the others from their own run, dated under their heading.",
-        f"bf16: {m['bf16']}",
+        " (`--only`) keeps the others from their own run, dated under their heading with the machine it"
+        " ran on (hosts differ between sessions: compare ratios within a workload, not seconds across them).",
+        f"bf16 on this invocation's CPU: {m['bf16']}",
         "",
     ]
     for w in ("tiny", "smollm2"):
@@ -672,7 +673,8 @@ def render(result: dict) -> str:
             f"## {w}: {r['model']}, {r['prompts']} prompts x {r['samples']} samples x {r['max_new_tokens']}"
             f" tokens, {r['steps']} steps per run ({r['warmup_steps']} warm-up left out)",
             "",
-            f"Measured {run['date']} at commit {run['commit']}; load average (1/5/15 min) start"
+            f"Measured {run['date']} at commit {run['commit']} on {run.get('cpu', '?')} ({run.get('cpus', '?')} CPUs;"
+            f" bf16: {run.get('bf16', '?')}); load average (1/5/15 min) start"
             f" {run['load_start']}, end {run.get('load_end')}; wall {run.get('wall_s') or 0:.0f} s.",
             "",
             "| dtype | Protégé best | TRL best | Protégé / TRL | result | floor (vLLM gen + fwd/bwd) | Protégé / floor |",
