@@ -138,12 +138,12 @@ def bench_precision(name: str, reps: int) -> dict:
 
 
 # ============================================================================================ layout
-def bench_layout(name: str, rounds: int, warmup: int, steps: int | None, work: Path) -> dict:
+def bench_layout(name: str, rounds: int, warmup: int, steps: int | None, work: Path, layouts=LAYOUTS) -> dict:
     inp = P.workload_inputs(name, steps or P.WORKLOADS[name][5] + warmup)
-    runs: dict[str, list[dict]] = {n: [] for n, *_ in LAYOUTS}
+    runs: dict[str, list[dict]] = {n: [] for n, *_ in layouts}
     for r in range(rounds):
-        for i in range(len(LAYOUTS)):
-            lname, zero, ranks, autocast = LAYOUTS[(i + r) % len(LAYOUTS)]
+        for i in range(len(layouts)):
+            lname, zero, ranks, autocast = layouts[(i + r) % len(layouts)]
             load = P._load()
             spec = P.protege_spec(inp, ranks, "fp32", work / lname / "run")
             spec["learner"].update(zero_stage=zero, autocast=autocast)
@@ -155,7 +155,7 @@ def bench_layout(name: str, rounds: int, warmup: int, steps: int | None, work: P
             res["load_before"] = load
             runs[lname].append(res)
     out = {}
-    for lname, zero, ranks, autocast in LAYOUTS:
+    for lname, zero, ranks, autocast in layouts:
         ok = [x for x in runs[lname] if "error" not in x]
         out[lname] = {
             "zero_stage": zero,
@@ -180,8 +180,8 @@ def _run_spec(spec: dict, work: Path, warmup: int) -> dict:
 
 
 # ============================================================================================ report
-def _earlier_workloads(path: Path, measured: str) -> dict:
-    """The workloads of an earlier report at ``path`` other than ``measured``. One written before
+def _earlier_workloads(path: Path) -> dict:
+    """The workloads of an earlier report at ``path``, each with its ``run`` record. One written before
     workloads carried a ``run`` record gets the earlier file's meta, rounds and reps, so every
     workload's date, commit and repetitions stay those of the run that measured it."""
     try:
@@ -190,11 +190,8 @@ def _earlier_workloads(path: Path, measured: str) -> dict:
         return {}
     kept = {}
     for name, w in earlier.get("workloads", {}).items():
-        if name != measured:
-            w.setdefault(
-                "run", {**earlier.get("meta", {}), "rounds": earlier.get("rounds"), "reps": earlier.get("reps")}
-            )
-            kept[name] = w
+        w.setdefault("run", {**earlier.get("meta", {}), "rounds": earlier.get("rounds"), "reps": earlier.get("reps")})
+        kept[name] = w
     return kept
 
 
@@ -206,15 +203,17 @@ def render(rep: dict) -> str:
     ]
     for name, w in rep["workloads"].items():
         run = w.get("run", {**rep["meta"], "rounds": rep["rounds"], "reps": rep["reps"]})
+        about = [f"## {name}", ""]
         if run.get("date") != rep["meta"]["date"]:
-            lines += [f"*{name}: measured {run.get('date')}, commit {run.get('commit')}.*", ""]
+            about += [f"Measured {run.get('date')}, commit {run.get('commit')}, on {run.get('cpu')}.", ""]
         if run.get("note"):
-            lines += [f"*{run['note']}*", ""]
+            about += [f"*{run['note']}*", ""]
+        lines += about
         if "precision" in w:
-            pr = w["precision"]
+            pr, prun = w["precision"], w.get("precision_run", run)
             lines += [
-                f"## {name}: precision (one forward + backward of {pr['rows']} rows × {pr['seq_len']} tokens, "
-                f"{run['reps']} alternated reps, load {w['load_before'][0]})",
+                f"### precision (one forward + backward of {pr['rows']} rows × {pr['seq_len']} tokens, "
+                f"{prun['reps']} alternated reps, load {w['load_before'][0] if prun is run else 'see its run'})",
                 "",
                 "| mode | fwd+bwd s | speed vs float32 | mean abs Δ log π | max abs Δ log π | loss rel. diff | grad cosine |",
                 "|---|---|---|---|---|---|---|",
@@ -225,10 +224,16 @@ def render(rep: dict) -> str:
                     f"| {m['logprob_abs_diff_max']:.2e} | {m['loss_rel_diff']:.2e} | {m['grad_cosine']:.5f} |"
                 )
             lines.append("")
+            if prun is not run:
+                lines += [
+                    f"*Precision kept from the run of {prun.get('date')} (commit {prun.get('commit')}, "
+                    f"{prun.get('cpu')}): the layout's CPU has no bfloat16 instructions. {prun.get('note', '')}*",
+                    "",
+                ]
         if "layout" in w:
             lay = w["layout"]
             lines += [
-                f"## {name}: layout (the real pipeline, {run['rounds']} alternated rounds)",
+                f"### layout (the real pipeline, {run['rounds']} alternated rounds)",
                 "",
                 "| config | ZeRO | ranks | autocast | time/train s (median) | time/step s (median) | loads before |",
                 "|---|---|---|---|---|---|---|",
@@ -270,8 +275,9 @@ def main(argv=None) -> int:
     args.quick = False
     ok, why = P.bf16_support()
     rep = {"meta": P.meta(args), "bf16_support": why, "reps": args.reps, "rounds": args.rounds, "workloads": {}}
+    published = _earlier_workloads(out / "learner_bench.json")
     if args.only:  # measuring one workload keeps the others' published results, each with its own run record
-        rep["workloads"] = _earlier_workloads(out / "learner_bench.json", args.only)
+        rep["workloads"] = {k: v for k, v in published.items() if k != args.only}
     for name in [args.only] if args.only else list(P.WORKLOADS):
         if not (ROOT / P.WORKLOADS[name][0] / "config.json").exists():
             print(f"[learner_bench] {name}: {P.WORKLOADS[name][0]} is missing, skipped", flush=True)
@@ -280,10 +286,20 @@ def main(argv=None) -> int:
             "load_before": P._load(),
             "run": {**rep["meta"], "rounds": args.rounds, "reps": args.reps, "note": args.note},
         }
-        print(f"[learner_bench] {name}: precision", flush=True)
-        w["precision"] = bench_precision(name, args.reps)
+        if ok:
+            print(f"[learner_bench] {name}: precision", flush=True)
+            w["precision"] = bench_precision(name, args.reps)
+        elif "precision" in published.get(name, {}):
+            # Emulated bfloat16 would time the emulation, not the option: keep the earlier, native figures.
+            print(f"[learner_bench] {name}: {why}; the precision part is kept from the earlier report", flush=True)
+            w["precision"] = published[name]["precision"]
+            w["precision_run"] = published[name]["run"]
+        # Without bfloat16 instructions the autocast layouts would time the emulation too.
+        layouts = [x for x in LAYOUTS if ok or x[3] == "off"]
         if not args.skip_pipeline:
-            w["layout"] = bench_layout(name, args.rounds, args.warmup, args.steps, out / "learner_bench_work" / name)
+            w["layout"] = bench_layout(
+                name, args.rounds, args.warmup, args.steps, out / "learner_bench_work" / name, layouts
+            )
         elif args.layout_from:
             earlier = json.loads(Path(args.layout_from).read_text())
             if "layout" in earlier["workloads"].get(name, {}):
