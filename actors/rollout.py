@@ -16,7 +16,7 @@ from protege.actors.engine import make_engine
 from protege.actors.weight_receiver import WeightReceiver
 from protege.core.records import PackedWeights, Rollout, WeightsVersion
 from protege.core.console import capture_actor_output
-from protege.core.env import configure_node_defaults
+from protege.core.env import configure_node_defaults, cpu_threads, has_cuda
 
 
 class StaleWeights(RuntimeError):
@@ -35,6 +35,9 @@ class RolloutWorker:
         kv_cache_bytes: int = 256 << 20,
         gpu_memory_utilization: float = 0.3,
         compiled: bool = False,
+        threads: int | str = 1,
+        workers: int = 1,
+        overlap: bool = False,
     ):
         capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         configure_node_defaults()  # this node's hardware decides, before vLLM reads its environment
@@ -49,6 +52,14 @@ class RolloutWorker:
             gpu_memory_utilization=gpu_memory_utilization,
             **({"enforce_eager": not compiled} if engine == "vllm" else {}),
         )
+        # After the engine exists: vLLM's CPU worker sets the thread count when it starts.
+        self.threads = cpu_threads(
+            threads, node_cpus=os.cpu_count() or 1, sharers=workers, overlap=overlap, cuda=has_cuda()
+        )
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
         self.receiver = WeightReceiver(self.engine, engine)  # object store and GPU (NCCL/IPC) loads
         self.eos_id = self.engine.tokenizer.eos_token_id
 

@@ -316,6 +316,9 @@ def _start_actors(spec, roles: Roles, reqs: dict) -> None:
                 kv_cache_bytes=int(spec.rollout.kv_cache_gb * (1 << 30)),
                 gpu_memory_utilization=gpu_memory_share(spec, "rollout"),
                 compiled=spec.rollout_compiled(),
+                threads=spec.rollout.cpu_threads,
+                workers=spec.rollout.workers,
+                overlap=spec.rollout_overlaps_training(),
             )
         )
     for name, (actor, arguments) in SCORERS.items():
@@ -377,6 +380,7 @@ def start_learners(spec, roles: Roles, bundle: dict[str, float] | None = None) -
                 seed=spec.seed,
                 needs_ref=algo.needs().reference,
                 max_response_tokens=spec.rollout.max_new_tokens,
+                overlap=spec.rollout_overlaps_training(),
             )
         )
     addr, port = ray.get(

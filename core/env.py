@@ -54,6 +54,25 @@ def node_defaults(cuda: bool) -> dict[str, str]:
     return {} if cuda else dict(CPU_NODE_DEFAULTS)
 
 
+def cpu_threads(choice: int | str, *, node_cpus: int, sharers: int, overlap: bool, cuda: bool) -> int | None:
+    """Pure: the torch threads a CPU rollout engine or learner rank computes with
+    (``rollout.cpu_threads``, ``learner.cpu_threads``).
+
+    Every CPU actor starts at one OpenMP thread (``CPU_NODE_DEFAULTS``) so that roles running at the
+    same time do not oversubscribe the cores. With ``max_staleness: 0`` they do not: generation runs
+    while the learner ranks wait, and training while the engines wait, so one thread left cores idle
+    (SmolLM2-10l on 2 cores: a batch's generation 3.6 s on one thread, 2.4 s on two; a forward +
+    backward 9.4 s and 5.8 s; bench/reports/peer_trl.json, floor). "auto" gives each of the
+    ``sharers`` (rollout workers, or learner ranks) its share of the node's cores, or one thread when
+    generation overlaps training (``overlap``: staleness ≥ 1). None on CUDA, where it does not apply.
+    """
+    if cuda:
+        return None
+    if choice != "auto":
+        return int(choice)
+    return 1 if overlap else max(1, node_cpus // max(1, sharers))
+
+
 def configure_node_defaults() -> dict[str, str]:
     """setdefault this machine's node defaults; returns the ones it set. Call it first thing in an
     actor's ``__init__``: vLLM and DeepSpeed read these when the engine / accelerator is created."""

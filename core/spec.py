@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -442,6 +442,16 @@ ALGORITHMS: dict[str, type] = {c.model_fields["type"].default: c for c in get_ar
 
 
 # --------------------------------------------------------------------------- rollout / learner
+def _cpu_threads(v: Any) -> Any:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError("must be 'auto' or a number of threads ≥ 1")
+
+
+# rollout.cpu_threads and learner.cpu_threads (resolved per node by core/env.py::cpu_threads).
+CpuThreads = Annotated[Union[int, str], BeforeValidator(_cpu_threads)]
+
+
 class RolloutSpec(_Strict):
     samples_per_prompt: int = Field(default=4, ge=1, description="G, the group size")
     prompts_per_step: int = Field(default=8, ge=1)
@@ -469,6 +479,15 @@ class RolloutSpec(_Strict):
         ),
     )
     kv_cache_gb: float = Field(default=0.25, gt=0, description="KV cache per worker (vLLM on CPU)")
+    cpu_threads: CpuThreads = Field(
+        default="auto",
+        description=(
+            "CPU only: torch threads each rollout engine generates (and reloads weights) with. auto: the node's "
+            "cores divided among rollout.workers when generation does not overlap training (max_staleness 0: "
+            "the other roles wait meanwhile), else 1. On a multi-node CPU cluster with several workers per "
+            "node, set it to the cores a worker may use"
+        ),
+    )
     gpu_memory_utilization: float | None = Field(
         default=None,
         gt=0,
@@ -491,6 +510,14 @@ class RolloutSpec(_Strict):
 
 class LearnerSpec(_Strict):
     ranks: int = Field(default=1, ge=1)
+    cpu_threads: CpuThreads = Field(
+        default="auto",
+        description=(
+            "CPU only: torch threads each rank trains with. auto: the node's cores divided among the ranks "
+            "when training does not overlap generation (max_staleness 0: the engines wait meanwhile), else 1. "
+            "On a multi-node CPU cluster, set it to the cores a rank may use"
+        ),
+    )
     zero_stage: Literal[0, 1, 2, 3] = 2
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(default=1e-5, gt=0)
@@ -916,6 +943,10 @@ class JobSpec(_Strict):
 
     def needs_teacher_scoring(self) -> bool:
         return self.algorithm.needs().teacher is not None
+
+    def rollout_overlaps_training(self) -> bool:
+        """The generation of step t+1 runs while step t trains (algorithm.max_staleness ≥ 1)."""
+        return getattr(self.algorithm, "max_staleness", 0) >= 1
 
     def rollout_compiled(self) -> bool:
         """rollout.compile with "auto" resolved: compiled where the rollout workers have GPUs."""

@@ -37,7 +37,7 @@ import torch
 
 from protege.core.records import TrainBatch, TrainRow
 from protege.core.console import capture_actor_output
-from protege.core.env import configure_node_defaults
+from protege.core.env import configure_node_defaults, cpu_threads
 from protege.core.logprobs import (
     chunked_response_logprobs,
     entropy as token_entropy,
@@ -75,9 +75,11 @@ class Learner:
         seed: int = 0,
         needs_ref: bool = False,
         max_response_tokens: int | None = None,
+        overlap: bool = False,
     ):
         capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         configure_node_defaults()  # this node's hardware decides, before DeepSpeed is imported (setup)
+        self.overlap = overlap  # training runs while the engines generate (max_staleness ≥ 1): see cpu_threads
         self.rank, self.world_size = rank, world_size
         self.model_path = model_path
         self.spec, self.algo = learner_spec, algo
@@ -149,7 +151,22 @@ class Learner:
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
         )
         self.attach(engine, device=self.device, pad_id=self.pad_id, ref=self.ref, scheduler=scheduler)
-        return {"rank": self.rank, "pid": os.getpid(), "params": sum(p.numel() for p in model.parameters())}
+        # After DeepSpeed's CPU accelerator is up, which reads the thread count at start.
+        threads = cpu_threads(
+            self.spec.cpu_threads,
+            node_cpus=os.cpu_count() or 1,
+            sharers=self.world_size,
+            overlap=self.overlap,
+            cuda=cuda,
+        )
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "params": sum(p.numel() for p in model.parameters()),
+            "threads": torch.get_num_threads(),
+        }
 
     def attach(self, engine, *, device, pad_id: int, ref=None, scheduler=None) -> None:
         """The training state the step uses. ``engine`` is DeepSpeed's (forward, ``backward``

@@ -105,6 +105,19 @@ def test_node_defaults_follow_the_nodes_hardware(cpu_driver):
     assert os.environ["OMP_NUM_THREADS"] == "8"
 
 
+def test_cpu_threads_use_the_cores_the_other_roles_leave_idle():
+    # max_staleness 0: the learners wait while the engines generate and the engines while the learners
+    # train, so the rollout workers (or the ranks) share the node
+    assert penv.cpu_threads("auto", node_cpus=2, sharers=1, overlap=False, cuda=False) == 2
+    assert penv.cpu_threads("auto", node_cpus=16, sharers=3, overlap=False, cuda=False) == 5
+    assert penv.cpu_threads("auto", node_cpus=2, sharers=4, overlap=False, cuda=False) == 1
+    # staleness ≥ 1: generation overlaps training, one thread as every other CPU actor
+    assert penv.cpu_threads("auto", node_cpus=16, sharers=1, overlap=True, cuda=False) == 1
+    assert penv.cpu_threads(3, node_cpus=2, sharers=1, overlap=True, cuda=False) == 3  # the user's number
+    assert penv.cpu_threads("auto", node_cpus=16, sharers=1, overlap=False, cuda=True) is None  # vLLM decides
+    assert penv.cpu_threads(3, node_cpus=16, sharers=1, overlap=False, cuda=True) is None
+
+
 def test_cluster_gets_no_cpu_defaults_from_a_cpu_driver(cpu_driver):
     penv.configure_defaults()
     assert os.environ["DS_ACCELERATOR"] == "cpu"  # the driver's own process still has them

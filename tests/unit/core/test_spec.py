@@ -42,6 +42,22 @@ def test_defaults_follow_algorithms_md():
     assert g.algorithm.type == "grpo" and g.algorithm.kl_coef == 0.0 and g.algorithm.kl_estimator == "k3"
 
 
+def test_cpu_threads_auto_or_a_positive_count_and_overlap_follows_staleness():
+    s = parse_spec(_minimal())
+    assert s.rollout.cpu_threads == "auto" and not s.rollout_overlaps_training()
+    assert s.learner.cpu_threads == "auto"
+    s = parse_spec(
+        _minimal(rollout={"cpu_threads": 2}, learner={"cpu_threads": 3}, algorithm={"type": "grpo", "max_staleness": 1})
+    )
+    assert s.rollout.cpu_threads == 2 and s.learner.cpu_threads == 3 and s.rollout_overlaps_training()
+    assert not parse_spec(_minimal(algorithm={"type": "sft"})).rollout_overlaps_training()
+    for role in ("rollout", "learner"):
+        for bad in (0, "many"):
+            with pytest.raises(SpecError) as e:
+                parse_spec(_minimal(**{role: {"cpu_threads": bad}}))
+            assert [loc for loc, _ in e.value.errors] == [f"{role}.cpu_threads"], e.value.errors
+
+
 def test_errors_name_every_field():
     bad = _minimal(algorithm={"type": "rlad", "alpha": 2}, learner={"lr": -1, "zero": 3})
     with pytest.raises(SpecError) as e:
