@@ -42,6 +42,15 @@ class RolloutWorker:
         capture_actor_output()  # third-party output to RUN_DIR/logs (core/console.py)
         configure_node_defaults()  # this node's hardware decides, before vLLM reads its environment
         self.engine_kind = engine
+        # Before the engine exists: vLLM's CPU worker replaces torch.set_num_threads with a no-op when
+        # it starts, so the engine computes with the count set here for the life of the process.
+        self.threads = cpu_threads(
+            threads, node_cpus=os.cpu_count() or 1, sharers=workers, overlap=overlap, cuda=has_cuda()
+        )
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
         self.engine = make_engine(
             engine,
             model,
@@ -52,14 +61,6 @@ class RolloutWorker:
             gpu_memory_utilization=gpu_memory_utilization,
             **({"enforce_eager": not compiled} if engine == "vllm" else {}),
         )
-        # After the engine exists: vLLM's CPU worker sets the thread count when it starts.
-        self.threads = cpu_threads(
-            threads, node_cpus=os.cpu_count() or 1, sharers=workers, overlap=overlap, cuda=has_cuda()
-        )
-        if self.threads is not None:
-            import torch
-
-            torch.set_num_threads(self.threads)
         self.receiver = WeightReceiver(self.engine, engine)  # object store and GPU (NCCL/IPC) loads
         self.eos_id = self.engine.tokenizer.eos_token_id
 
