@@ -16,7 +16,7 @@ from protege.actors.engine import make_engine
 from protege.actors.weight_receiver import WeightReceiver
 from protege.core.records import PackedWeights, Rollout, WeightsVersion
 from protege.core.console import capture_actor_output
-from protege.core.env import configure_node_defaults, cpu_threads, has_cuda
+from protege.core.env import apply_cpu_threads, configure_node_defaults
 
 
 class StaleWeights(RuntimeError):
@@ -44,13 +44,7 @@ class RolloutWorker:
         self.engine_kind = engine
         # Before the engine exists: vLLM's CPU worker replaces torch.set_num_threads with a no-op when
         # it starts, so the engine computes with the count set here for the life of the process.
-        self.threads = cpu_threads(
-            threads, node_cpus=os.cpu_count() or 1, sharers=workers, overlap=overlap, cuda=has_cuda()
-        )
-        if self.threads is not None:
-            import torch
-
-            torch.set_num_threads(self.threads)
+        apply_cpu_threads(threads, sharers=workers, overlap=overlap)
         self.engine = make_engine(
             engine,
             model,

@@ -188,11 +188,8 @@ def _earlier_workloads(path: Path) -> dict:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    kept = {}
-    for name, w in earlier.get("workloads", {}).items():
-        w.setdefault("run", {**earlier.get("meta", {}), "rounds": earlier.get("rounds"), "reps": earlier.get("reps")})
-        kept[name] = w
-    return kept
+    default = {**earlier.get("meta", {}), "rounds": earlier.get("rounds"), "reps": earlier.get("reps")}
+    return {name: {"run": default, **w} for name, w in earlier.get("workloads", {}).items()}
 
 
 def render(rep: dict) -> str:
@@ -275,6 +272,8 @@ def main(argv=None) -> int:
     args.quick = False
     ok, why = P.bf16_support()
     rep = {"meta": P.meta(args), "bf16_support": why, "reps": args.reps, "rounds": args.rounds, "workloads": {}}
+    # Without bfloat16 instructions the autocast layouts would time the emulation, not the option.
+    layouts = [x for x in LAYOUTS if ok or x[3] == "off"]
     published = _earlier_workloads(out / "learner_bench.json")
     if args.only:  # measuring one workload keeps the others' published results, each with its own run record
         rep["workloads"] = {k: v for k, v in published.items() if k != args.only}
@@ -294,8 +293,6 @@ def main(argv=None) -> int:
             print(f"[learner_bench] {name}: {why}; the precision part is kept from the earlier report", flush=True)
             w["precision"] = published[name]["precision"]
             w["precision_run"] = published[name]["run"]
-        # Without bfloat16 instructions the autocast layouts would time the emulation too.
-        layouts = [x for x in LAYOUTS if ok or x[3] == "off"]
         if not args.skip_pipeline:
             w["layout"] = bench_layout(
                 name, args.rounds, args.warmup, args.steps, out / "learner_bench_work" / name, layouts

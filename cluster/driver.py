@@ -135,7 +135,7 @@ def _train(job: Job, train_set, eval_set, *, resume: bool, until: int, progress:
     spec, needs, G = job.spec, job.needs, job.spec.rollout.samples_per_prompt
     stream = PromptStream(train_set, seed=spec.seed)
     step, version, metrics = _start(job, stream, eval_set, resume=resume)
-    overlap = spec.algorithm.max_staleness >= 1  # generation of step t+1 runs while step t trains
+    overlap = spec.rollout_overlaps_training()  # generation of step t+1 runs while step t trains
     bar = Progress(step, spec.steps, enabled=progress)
     evals: dict[str, float] = {}  # the newest eval metrics: on the progress line, stored with each checkpoint
     batch = job.submit(stream, step, version) if step < until else None

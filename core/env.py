@@ -73,6 +73,18 @@ def cpu_threads(choice: int | str, *, node_cpus: int, sharers: int, overlap: boo
     return 1 if overlap else max(1, node_cpus // max(1, sharers))
 
 
+def apply_cpu_threads(choice: int | str, *, sharers: int, overlap: bool) -> int | None:
+    """Resolve :func:`cpu_threads` on this node and set torch's count; returns it (None on CUDA).
+    A rollout worker calls it before its engine starts (vLLM's CPU worker turns
+    ``torch.set_num_threads`` into a no-op once it runs)."""
+    threads = cpu_threads(choice, node_cpus=os.cpu_count() or 1, sharers=sharers, overlap=overlap, cuda=has_cuda())
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    return threads
+
+
 def configure_node_defaults() -> dict[str, str]:
     """setdefault this machine's node defaults; returns the ones it set. Call it first thing in an
     actor's ``__init__``: vLLM and DeepSpeed read these when the engine / accelerator is created."""

@@ -37,7 +37,7 @@ import torch
 
 from protege.core.records import TrainBatch, TrainRow
 from protege.core.console import capture_actor_output
-from protege.core.env import configure_node_defaults, cpu_threads
+from protege.core.env import apply_cpu_threads, configure_node_defaults
 from protege.core.logprobs import (
     chunked_response_logprobs,
     entropy as token_entropy,
@@ -152,21 +152,8 @@ class Learner:
         )
         self.attach(engine, device=self.device, pad_id=self.pad_id, ref=self.ref, scheduler=scheduler)
         # After DeepSpeed's CPU accelerator is up, which reads the thread count at start.
-        threads = cpu_threads(
-            self.spec.cpu_threads,
-            node_cpus=os.cpu_count() or 1,
-            sharers=self.world_size,
-            overlap=self.overlap,
-            cuda=cuda,
-        )
-        if threads is not None:
-            torch.set_num_threads(threads)
-        return {
-            "rank": self.rank,
-            "pid": os.getpid(),
-            "params": sum(p.numel() for p in model.parameters()),
-            "threads": torch.get_num_threads(),
-        }
+        apply_cpu_threads(self.spec.cpu_threads, sharers=self.world_size, overlap=self.overlap)
+        return {"rank": self.rank, "pid": os.getpid(), "params": sum(p.numel() for p in model.parameters())}
 
     def attach(self, engine, *, device, pad_id: int, ref=None, scheduler=None) -> None:
         """The training state the step uses. ``engine`` is DeepSpeed's (forward, ``backward``
