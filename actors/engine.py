@@ -3,8 +3,10 @@ its weight-transfer halves, actors/nccl_{trainer,receiver}.py, and by serve/; te
 
 Two engines behind one small surface (generate / score / load_weights):
 - ``VLLMEngine``: vLLM's offline ``LLM`` in-process (CPU build or GPU build, same API).
-- ``HFEngine``: ``transformers.generate``, the fallback (``rollout.engine: hf``) and the baseline
-  the benchmark compares vLLM against.
+- ``HFEngine``: ``transformers.generate`` over the whole batch in one call, the fallback
+  (``rollout.engine: hf``) and, on CPU, the faster engine for very small students, where vLLM's
+  per-step scheduling costs more than the model (``rollout.engine: auto`` picks it there:
+  core/spec.py ``HF_ROLLOUT_BELOW_PARAMS``, bench/reports/engine_bench.md).
 
 Weights arrive as named tensors (views into the object store's buffers, see
 cluster/weight_sync.py) or safetensors bytes, and are loaded in place into the running engine;
@@ -230,43 +232,45 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts, *, n, temperature, top_p, max_tokens, seed=None, stop_token_ids=None):
+        """All prompts × n samples in one left-padded ``generate`` call, as TRL batches them: one
+        decode step per token for the whole batch, not one per prompt (8 prompts × 4 samples of the
+        tiny model: ~3x faster than a call per prompt). The seed seeds the one call, so a sample
+        depends on the batch it is drawn in (vLLM's per-request seeds do not)."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         eos = stop_token_ids or [self.tokenizer.eos_token_id]
-        out = []
-        for i, p in enumerate(prompts):
-            if seed is not None:
-                torch.manual_seed(seed + i)
-            ids = torch.tensor([p] * n, device=self.device)
-            greedy = temperature == 0
-            gen = self.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=not greedy,
-                temperature=None if greedy else temperature,
-                top_p=None if greedy else top_p,
-                top_k=None,
-                max_new_tokens=max_tokens,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-            seqs = gen.sequences[:, len(p) :]
-            # scores are the processed (temperature-scaled) logits, like vLLM's processed_logprobs
-            logps = torch.stack(gen.scores, 1).float().log_softmax(-1)
-            group = []
-            for row, lp in zip(seqs.tolist(), logps):
-                resp, lps = [], []
-                for t, tok in enumerate(row):
-                    resp.append(tok)
-                    lps.append(float(lp[t, tok]))
-                    if tok in eos:
-                        break
-                finish = "stop" if resp and resp[-1] in eos else "length"
-                text = self.tokenizer.decode(resp, skip_special_tokens=True)
-                group.append(Sample(resp, lps, text, finish))
-            out.append(group)
-        return out
+        if seed is not None:
+            torch.manual_seed(seed)
+        rows = [p for p in prompts for _ in range(n)]
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        greedy = temperature == 0
+        gen = self.model.generate(
+            ids,
+            attention_mask=mask,  # left padding: positions and attention follow the mask
+            do_sample=not greedy,
+            temperature=None if greedy else temperature,
+            top_p=None if greedy else top_p,
+            top_k=None,
+            max_new_tokens=max_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        seqs = gen.sequences[:, width:].tolist()
+        # scores are the processed (temperature-scaled) logits, like vLLM's processed_logprobs;
+        # gathered at the sampled tokens before anything leaves the [batch, step, vocab] block
+        scores = torch.stack(gen.scores, 1).float().log_softmax(-1)
+        picked = scores.gather(-1, gen.sequences[:, width:, None])[..., 0].tolist()
+        samples = []
+        for row, lp in zip(seqs, picked):
+            cut = next((t + 1 for t, tok in enumerate(row) if tok in eos), len(row))
+            resp = row[:cut]
+            finish = "stop" if resp and resp[-1] in eos else "length"
+            text = self.tokenizer.decode(resp, skip_special_tokens=True)
+            samples.append(Sample(resp, lp[:cut], text, finish))
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     @torch.no_grad()
     def score(self, prompt_ids, response_ids):

@@ -1,6 +1,7 @@
 """Rollout generation engines per model size: vLLM eager, vLLM compiled, transformers.
 
     python bench/engine_bench.py [--rounds 2] [--calls 40] [--only tiny|smollm2] [--skip-pipeline] [--out DIR]
+    python bench/engine_bench.py --sizes [--rounds 2] [--calls 12] [--out DIR]
 
 What ``rollout.engine`` and ``rollout.compile`` choose between, on the peer benchmark's workloads
 (bench/peer_trl.py ``WORKLOADS``: same model folders, prompts, group size, 32 new tokens):
@@ -14,6 +15,12 @@ What ``rollout.engine`` and ``rollout.compile`` choose between, on the peer benc
 2. **Pipeline** (tiny only, the real ``protege run``): the same GRPO job with ``rollout.engine``
    hf, vllm (eager) and vllm (compiled), ``--pipeline-steps`` steps each, alternated; median
    ``time/generate``, ``time/sync`` and ``time/step`` after the first step.
+
+3. **Sizes** (``--sizes``): vLLM eager against hf over students of growing size (the tiny model
+   and SmolLM2-135M pruned to 1, 3 and 10 layers, ``protege models prune models/smollm2
+   models/smollm2-1l --keep-every 30``, ``--keep-every 10``, ``--keep-every 3``), each at 4 prompts
+   x 4 samples x 32 tokens: where ``rollout.engine: auto`` switches (core/spec.py
+   ``HF_ROLLOUT_BELOW_PARAMS``). Merged into an existing OUT/engine_bench.json, the rest kept.
 
 Configurations alternate (each round starts one later in the list); the load is recorded before
 each. Writes OUT/engine_bench.json and OUT/engine_bench.md (default bench/results).
@@ -33,6 +40,15 @@ import peer_trl as P
 
 ROOT = P.ROOT
 ENGINES = [("vllm-eager", "vllm", True), ("vllm-compiled", "vllm", False), ("hf", "hf", True)]
+SIZE_ENGINES = [("vllm-eager", "vllm", True), ("hf", "hf", True)]
+# name -> model folder; the prompt batch of each is P.WORKLOADS["smollm2"]'s (4 x 4 x 32)
+SIZES = {
+    "tiny": "models/tiny/student",
+    "tiny-teacher": "models/tiny/teacher",  # same vocabulary, 6x the parameters
+    "smollm2-1l": "models/smollm2-1l",
+    "smollm2-3l": "models/smollm2-3l",
+    "smollm2-10l": "models/smollm2-10l",
+}
 
 
 def engine_worker(cfg_path: str) -> int:
@@ -73,13 +89,13 @@ def engine_worker(cfg_path: str) -> int:
     return 0
 
 
-def bench_engines(name: str, rounds: int, calls: int, work: Path) -> dict:
+def bench_engines(name: str, rounds: int, calls: int, work: Path, engines=ENGINES) -> dict:
     inp = P.workload_inputs(name, 1)
-    runs: dict[str, list[dict]] = {n: [] for n, *_ in ENGINES}
+    runs: dict[str, list[dict]] = {n: [] for n, *_ in engines}
     work.mkdir(parents=True, exist_ok=True)
     for r in range(rounds):
-        for i in range(len(ENGINES)):
-            cname, kind, eager = ENGINES[(i + r) % len(ENGINES)]
+        for i in range(len(engines)):
+            cname, kind, eager = engines[(i + r) % len(engines)]
             cfg = {"inputs": inp, "kind": kind, "eager": eager, "calls": calls, "out": str(work / f"{cname}-{r}.json")}
             path = work / f"{cname}-{r}.cfg.json"
             path.write_text(json.dumps(cfg))
@@ -100,7 +116,7 @@ def bench_engines(name: str, rounds: int, calls: int, work: Path) -> dict:
             res["round"] = r
             runs[cname].append(res)
     out = {}
-    for cname, kind, eager in ENGINES:
+    for cname, kind, eager in engines:
         ok = [x for x in runs[cname] if "error" not in x]
         out[cname] = {
             "engine": kind,
@@ -119,8 +135,8 @@ def derive(out: dict) -> dict:
     """Compiled against eager: the per-call speed-up, and the break-even run length counting what
     each pays before its steady state (build + first call): (start_c − start_e) / (call_e − call_c)
     calls; None when compiling never pays (no per-call gain)."""
-    e, c = out["vllm-eager"], out["vllm-compiled"]
-    if all(x[k] for x in (e, c) for k in ("call_s", "build_s", "first_call_s")):
+    e, c = out["vllm-eager"], out.get("vllm-compiled", {})
+    if c and all(x[k] for x in (e, c) for k in ("call_s", "build_s", "first_call_s")):
         saved = e["call_s"] - c["call_s"]
         extra = (c["build_s"] + c["first_call_s"]) - (e["build_s"] + e["first_call_s"])
         out["start_extra_s"] = extra
@@ -171,17 +187,57 @@ def _f(x, fmt="{:.3f}") -> str:
     return fmt.format(x) if isinstance(x, (int, float)) else "—"
 
 
+def _measured(m: dict) -> str:
+    return f"Measured {m['date']} at commit {m['commit']} on {m['cpu']} ({m['cpus']} CPUs)."
+
+
+def _render_sizes(sz: dict) -> list[str]:
+    lines = [
+        f"## Engine by size: one step's generation, 4 prompts x 4 samples x 32 tokens ({sz['calls']} calls per "
+        f"build, {sz['rounds']} alternated rounds, 1 thread)",
+        "",
+        _measured(sz["measured"]) + (f" {sz['conditions']}" if sz.get("conditions") else ""),
+        "",
+        "| student | parameters | vllm-eager call s | hf call s | vLLM / hf speed | build s vllm / hf | loads before |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for name, w in sz["models"].items():
+        e, h = w["vllm-eager"], w["hf"]
+        loads = ", ".join(f"{x['load_before'][0]:.1f}" for x in e["runs"] + h["runs"])
+        lines.append(
+            f"| {name} ({w['model']}) | {w['params'] / 1e6:.2f} M | {_f(e['call_s'])} | {_f(h['call_s'])} "
+            f"| {_f(w.get('vllm_over_hf_speed'), '{:.2f}')}x | {_f(e['build_s'], '{:.1f}')} / "
+            f"{_f(h['build_s'], '{:.1f}')} | {loads} |"
+        )
+    return lines + [
+        "",
+        "`rollout.engine: auto` on CPU takes hf below `HF_ROLLOUT_BELOW_PARAMS` (core/spec.py) and vLLM from it.",
+        "",
+    ]
+
+
 def render(rep: dict) -> str:
     m = rep["meta"]
-    lines = [f"# Rollout engines ({m['date']}, commit {m['commit']}, {m['cpus']} CPUs: {m['cpu']})", ""]
+    lines = [f"# Rollout engines (last run {m['date']}, commit {m['commit']}, {m['cpus']} CPUs: {m['cpu']})", ""]
+    lines += [
+        "Each section names the run and machine it was measured on (hosts differ between sessions: compare "
+        "engines within a section, not seconds across them).",
+        "",
+    ]
+    if rep.get("sizes"):
+        lines += _render_sizes(rep["sizes"])
     for name, w in rep["engines"].items():
         lines += [
             f"## {name}: one step's generation ({rep['calls']} calls per build, {rep['rounds']} alternated rounds)",
+            "",
+            _measured(w.get("measured", m)) + (f" {w['conditions']}" if w.get("conditions") else ""),
             "",
             "| engine | build s (cold) | build s (median) | first call s | call s (median) | tokens/call | loads before |",
             "|---|---|---|---|---|---|---|",
         ]
         for cname, *_ in ENGINES:
+            if cname not in w:
+                continue
             c = w[cname]
             loads = ", ".join(f"{x['load_before'][0]:.1f}" for x in c["runs"])
             lines.append(
@@ -196,15 +252,13 @@ def render(rep: dict) -> str:
             f"{_f(w.get('vllm_over_hf_speed'), '{:.2f}')}× faster.",
             "",
         ]
-    pipelines = rep.get("pipelines") or (
-        {rep.get("pipeline_workload", "tiny"): {"steps": rep["pipeline_steps"], "runs": rep["pipeline"]}}
-        if rep.get("pipeline")
-        else {}
-    )
+    pipelines = rep.get("pipelines") or {}
     for workload, pipe in pipelines.items():
         lines += [
             f"## {workload}: inside the pipeline (GRPO, {pipe['steps']} steps, medians after step 1; every step "
             "syncs the weights into the engine)",
+            "",
+            _measured(pipe.get("measured", m)) + (f" {pipe['conditions']}" if pipe.get("conditions") else ""),
             "",
             "| rollout engine | time/generate s | time/sync s | time/step s | wall s (incl. start-up) | loads before |",
             "|---|---|---|---|---|---|",
@@ -219,6 +273,41 @@ def render(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bench_sizes(rounds: int, calls: int, work: Path) -> dict:
+    """vLLM eager against hf, one step's generation, per student size (SIZES; missing folders skipped)."""
+    from protege.core.models import approx_parameters
+
+    out = {}
+    for name, folder in SIZES.items():
+        if not (ROOT / folder / "config.json").exists():
+            print(f"[engine_bench] sizes: {folder} is missing, skipped (see the module docstring)", flush=True)
+            continue
+        P.WORKLOADS[f"size:{name}"] = (folder, *P.WORKLOADS["smollm2"][1:])
+        res = derive(bench_engines(f"size:{name}", rounds, calls, work / name, SIZE_ENGINES))
+        res["model"] = folder
+        res["params"] = approx_parameters(json.loads((ROOT / folder / "config.json").read_text()))
+        out[name] = res
+    return out
+
+
+def _merge(path: Path, rep: dict) -> dict:
+    """The sections measured now over those of an earlier report at ``path``: a workload re-measured
+    alone keeps the others, each section dated with the machine it ran on (``measured``)."""
+    if not path.exists():
+        return rep
+    old = json.loads(path.read_text())
+    for key in ("engines", "pipelines", "sizes"):
+        for name, sec in (old.get(key) or {}).items():
+            if name not in (rep.get(key) or {}) and key != "sizes":
+                sec.setdefault("measured", old["meta"])
+                if old.get("conditions"):
+                    sec.setdefault("conditions", old["conditions"])
+                rep.setdefault(key, {})[name] = sec
+    if "sizes" not in rep and old.get("sizes"):
+        rep["sizes"] = old["sizes"]
+    return rep
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
@@ -228,41 +317,46 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument("--skip-engines", action="store_true", help="the pipeline part only")
     ap.add_argument("--pipeline-workload", choices=list(P.WORKLOADS), default="tiny")
+    ap.add_argument("--sizes", action="store_true", help="only the engine-by-size part (vllm eager vs hf)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--render-only", action="store_true", help="re-derive and re-render OUT/engine_bench.json")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
         return engine_worker(args._worker)
+    out = Path(args.out)
+    path = out / "engine_bench.json"
     if args.render_only:
-        path = Path(args.out) / "engine_bench.json"
         rep = json.loads(path.read_text())
         rep["engines"] = {k: derive(w) for k, w in rep["engines"].items()}
         path.write_text(json.dumps(rep, indent=1))
-        (Path(args.out) / "engine_bench.md").write_text(render(rep))
+        (out / "engine_bench.md").write_text(render(rep))
         print(render(rep))
         return 0
     import os
 
     for k, v in P.RUN_ENV.items():
         os.environ.setdefault(k, v)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     args.quick = False
-    rep = {"meta": P.meta(args), "rounds": args.rounds, "calls": args.calls, "engines": {}}
-    rep["pipeline_steps"] = args.pipeline_steps
-    for name in [] if args.skip_engines else [args.only] if args.only else list(P.WORKLOADS):
-        if not (ROOT / P.WORKLOADS[name][0] / "config.json").exists():
-            print(f"[engine_bench] {name}: {P.WORKLOADS[name][0]} is missing, skipped", flush=True)
-            continue
-        rep["engines"][name] = bench_engines(name, args.rounds, args.calls, out / "engine_bench_work" / name)
-        (out / "engine_bench.json").write_text(json.dumps(rep, indent=1))
-    if not args.skip_pipeline:
-        rep["pipeline_workload"] = args.pipeline_workload
-        rep["pipeline"] = bench_pipeline(
-            args.rounds, args.pipeline_steps, out / "engine_bench_work" / "pipeline", args.pipeline_workload
-        )
-    (out / "engine_bench.json").write_text(json.dumps(rep, indent=1))
+    meta = P.meta(args)
+    rep: dict = {"meta": meta, "rounds": args.rounds, "calls": args.calls, "engines": {}, "pipelines": {}}
+    if args.sizes:
+        rep["sizes"] = {"measured": meta, "calls": args.calls, "rounds": args.rounds}
+        rep["sizes"]["models"] = bench_sizes(args.rounds, args.calls, out / "engine_bench_work" / "sizes")
+    else:
+        for name in [] if args.skip_engines else [args.only] if args.only else list(P.WORKLOADS):
+            if not (ROOT / P.WORKLOADS[name][0] / "config.json").exists():
+                print(f"[engine_bench] {name}: {P.WORKLOADS[name][0]} is missing, skipped", flush=True)
+                continue
+            rep["engines"][name] = bench_engines(name, args.rounds, args.calls, out / "engine_bench_work" / name)
+            rep["engines"][name]["measured"] = meta
+        if not args.skip_pipeline:
+            w = args.pipeline_workload
+            runs = bench_pipeline(args.rounds, args.pipeline_steps, out / "engine_bench_work" / "pipeline", w)
+            rep["pipelines"][w] = {"steps": args.pipeline_steps, "rounds": args.rounds, "runs": runs, "measured": meta}
+    rep = _merge(path, rep)
+    path.write_text(json.dumps(rep, indent=1))
     (out / "engine_bench.md").write_text(render(rep))
     print(render(rep))
     return 0

@@ -7,8 +7,9 @@ loaded and streamed exactly as the driver does: ``load_reasoning_gym`` → ``Pro
 project's chat formatting ``format_prompt`` + ``Encoder``), the project's ``exact_match`` reward,
 group size, max new tokens, temperature, lr, AdamW, β = 0, one optimizer update per batch.
 
-- Protégé: the real pipeline, ``python -m protege.cli run SPEC`` (embedded Ray, 1 vLLM rollout
-  worker, 1 or 2 DeepSpeed ranks), per-step ``time/*`` read from RUN_DIR/metrics.jsonl.
+- Protégé: the real pipeline, ``python -m protege.cli run SPEC`` (embedded Ray, 1 rollout worker
+  with ``rollout.engine: auto``, i.e. hf for the tiny student and vLLM for SmolLM2, 1 or 2
+  DeepSpeed ranks), per-step ``time/*`` read from RUN_DIR/metrics.jsonl.
 - TRL: this file re-run in TRL's own virtualenv (``bench/peer_trl_setup.sh``, torch and
   transformers pinned to the project's) as ``--_trl-worker``: ``GRPOTrainer`` with HF generate
   (TRL's vLLM mode needs CUDA), 1 or 2 torch threads, steps timed with a callback.
@@ -392,7 +393,7 @@ def protege_spec(inp: dict, ranks: int, dtype: str, run_dir: Path) -> dict:
             "temperature": TEMPERATURE,
             "top_p": 1.0,
             "workers": 1,
-            "engine": "vllm",
+            "engine": "auto",  # what a user gets choosing by size: hf for the tiny student, vLLM for SmolLM2
         },
         # micro_batch = every row of a rank: one forward per rank per step, as TRL's single forward
         "learner": {
@@ -442,7 +443,9 @@ def run_spec(spec: dict, work: Path, timeout: float) -> tuple[list[dict], float]
 
 
 def run_protege(inp: dict, ranks: int, dtype: str, work: Path, warmup: int, timeout: float) -> dict:
-    rows, wall = run_spec(protege_spec(inp, ranks, dtype, work / "run"), work, timeout)
+    spec = protege_spec(inp, ranks, dtype, work / "run")
+    rows, wall = run_spec(spec, work, timeout)
+    resolved = json.loads((Path(spec["checkpoint"]["dir"]) / "resolved_spec.json").read_text())
     kept = rows[warmup:]
     phases = {ph: _median([r[f"time/{ph}"] for r in kept if f"time/{ph}" in r]) for ph in PHASES}
     return {
@@ -452,6 +455,7 @@ def run_protege(inp: dict, ranks: int, dtype: str, work: Path, warmup: int, time
         "wall_s": wall,
         "response_len": _median([r["rollout/response_len"] for r in kept if "rollout/response_len" in r]),
         "reward_mean": _median([r["reward/mean"] for r in kept if "reward/mean" in r]),
+        "rollout_engine": resolved["rollout"]["engine"],  # rollout.engine "auto", as resolved
     }
 
 
@@ -601,6 +605,9 @@ def bench_workload(name: str, args, problems: list[str], out_dir: Path) -> dict:
         c["median"] = _median(c["step_s"])
         ph = [x["phases"] for x in c["runs"]]
         c["phases"] = {k: _median([p[k] for p in ph if p.get(k) is not None]) for k in PHASES} if ph else {}
+        engines = sorted({x["rollout_engine"] for x in c["runs"] if x.get("rollout_engine")})
+        if engines:
+            c["rollout_engine"] = "/".join(engines)
     by_dtype = {}
     for dtype in dtypes:
 
@@ -698,8 +705,9 @@ def render(result: dict) -> str:
         ]
         for n, c in r["configs"].items():
             ph = c.get("phases") or {}
+            eng = f" (rollout {c['rollout_engine']})" if c.get("rollout_engine") else ""
             lines.append(
-                f"| {n} | {', '.join(f'{x:.3f}' for x in c['step_s'])} | {_f(c['median'])} | "
+                f"| {n}{eng} | {', '.join(f'{x:.3f}' for x in c['step_s'])} | {_f(c['median'])} | "
                 + " | ".join(_f(ph.get(k)) for k in PHASES)
                 + f" | {'; '.join('/'.join(map(str, x)) for x in c['load'])} |"
             )
@@ -722,7 +730,8 @@ def render(result: dict) -> str:
         " lr (constant), AdamW (β 0.9/0.999, no weight decay), grad clip 1.0, β = 0 (no KL, no reference"
         " model), clip ε 0.2 / 0.28, token-mean loss (TRL `loss_type=dapo`), one optimizer update per batch"
         " with the whole batch in one forward per process.",
-        "- Protégé: `python -m protege.cli run SPEC` (embedded Ray, 1 vLLM rollout worker, 1 or 2 DeepSpeed"
+        "- Protégé: `python -m protege.cli run SPEC` (embedded Ray, 1 rollout worker with `rollout.engine: auto`:"
+        " hf below 5 M student parameters on CPU, i.e. the tiny student, vLLM above, as each config row says; 1 or 2 DeepSpeed"
         " ZeRO-2 ranks over gloo, one OpenMP thread per process); step = median of `time/step` from"
         " metrics.jsonl over the steps after the warm-up, phases likewise.",
         "- TRL: `GRPOTrainer` in its own venv (same torch and transformers), HF `generate` (TRL's vLLM mode"

@@ -778,6 +778,23 @@ def model_config_file(name_or_path: str | os.PathLike, revision: str | None = No
     return Path(found) if isinstance(found, str) else None  # None, or a "known not to exist" marker
 
 
+def approx_parameters(config: dict) -> int | None:
+    """Parameters of a standard decoder from its ``config.json`` alone (no weights read):
+    embeddings (twice when untied) + per layer the four attention projections (grouped KV heads
+    counted) and a gated MLP. Norms and biases are left out (< 1 % at any real size). None when
+    the config lacks the fields (not a decoder this formula describes)."""
+    cfg = config.get("text_config") or config
+    h, layers, vocab = cfg.get("hidden_size"), cfg.get("num_hidden_layers"), cfg.get("vocab_size")
+    inter, heads = cfg.get("intermediate_size"), cfg.get("num_attention_heads")
+    if not all(isinstance(x, int) and x > 0 for x in (h, layers, vocab, inter, heads)):
+        return None
+    head_dim = cfg.get("head_dim") or h // heads
+    kv = (cfg.get("num_key_value_heads") or heads) * head_dim
+    per_layer = 2 * h * heads * head_dim + 2 * h * kv + 3 * h * inter
+    embed = vocab * h * (1 if cfg.get("tie_word_embeddings", True) else 2)
+    return embed + layers * per_layer
+
+
 def has_weights(folder: str | os.PathLike) -> bool:
     """Does a model folder hold weight files (any format transformers / vLLM read)?"""
     return any(f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES) for f in Path(folder).iterdir())

@@ -452,6 +452,13 @@ def _cpu_threads(v: Any) -> Any:
 CpuThreads = Annotated[Union[int, str], BeforeValidator(_cpu_threads)]
 
 
+# rollout.engine "auto" on CPU: transformers' batched generate below this many student
+# parameters, vLLM from it. Measured on 2 CPU cores, one step's generation per engine
+# (bench/reports/engine_bench.md, "Engine by size"): hf was 2.4x faster at 0.1 M parameters and
+# 1.7x at 0.66 M, vLLM 1.7x faster at 32 M and 1.4x at 64 M; the bound sits between the two.
+HF_ROLLOUT_BELOW_PARAMS = 5_000_000
+
+
 class RolloutSpec(_Strict):
     samples_per_prompt: int = Field(default=4, ge=1, description="G, the group size")
     prompts_per_step: int = Field(default=8, ge=1)
@@ -463,9 +470,11 @@ class RolloutSpec(_Strict):
     engine: Literal["auto", "vllm", "hf"] = Field(
         default="vllm",
         description=(
-            "vllm: vLLM's engine (CPU or GPU build); hf: transformers.generate, the fallback; auto: vllm where "
-            "a vLLM build is installed, else hf. vLLM generated faster than hf at every size measured, the "
-            "tiny test model included (bench/reports/engine_bench.md), so auto does not depend on the size"
+            "vllm: vLLM's engine (CPU or GPU build); hf: transformers.generate (all prompts in one batched "
+            "call), the fallback; auto: hf where no vLLM build is installed, or on CPU for a student under "
+            "HF_ROLLOUT_BELOW_PARAMS parameters (read from its config.json where the spec is parsed), where "
+            "vLLM's per-step overhead outweighs its faster kernels; vllm otherwise "
+            "(bench/reports/engine_bench.md has the measured crossover)"
         ),
     )
     compile: Literal["auto", "eager", "compiled"] = Field(
@@ -501,10 +510,13 @@ class RolloutSpec(_Strict):
 
     @model_validator(mode="after")
     def _resolve_engine(self):
+        # Without vLLM there is one choice; with it, "auto" waits for JobSpec, which knows the
+        # student and the rollout resources (JobSpec._auto_engine).
         if self.engine == "auto":
             import importlib.util
 
-            self.engine = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+            if importlib.util.find_spec("vllm") is None:
+                self.engine = "hf"
         return self
 
 
@@ -889,6 +901,22 @@ class JobSpec(_Strict):
             _derive(ev, "size", min(_default(EvalSpec, "size"), data.eval_size))
         if "rewards" not in self.model_fields_set:
             _derive(self, "rewards", self._default_rewards())
+        if self.rollout.engine == "auto":
+            self.rollout.engine = self._auto_engine()
+
+    def _auto_engine(self) -> str:
+        """rollout.engine "auto" with vLLM installed: hf for a small student on CPU rollout
+        workers, vllm otherwise (and wherever the student's config.json is not readable here)."""
+        if self.resources.rollout.gpus > 0:
+            return "vllm"
+        from protege.core.models import approx_parameters, model_config_file
+
+        found = model_config_file(self.models.student.path, self.models.student.revision)
+        try:
+            n = approx_parameters(json.loads(found.read_text())) if found else None
+        except (OSError, ValueError):
+            n = None
+        return "hf" if n is not None and n < HF_ROLLOUT_BELOW_PARAMS else "vllm"
 
     def fit_data(self, n_examples: int) -> None:
         """The data turned out to have ``n_examples`` distinct questions (known once loaded): with

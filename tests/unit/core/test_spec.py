@@ -273,14 +273,52 @@ def test_rollout_compile_auto_compiles_gpu_rollouts_only():
     assert parse_spec({**base, "steps": 2, "rollout": {"compile": "compiled"}}).rollout_compiled()
 
 
-def test_rollout_engine_auto_is_vllm_where_installed(monkeypatch):
+def _decoder_config(folder: Path, *, hidden: int, layers: int, vocab: int) -> str:
+    folder.mkdir()
+    cfg = {"hidden_size": hidden, "num_hidden_layers": layers, "vocab_size": vocab, "intermediate_size": 2 * hidden}
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 2, "tie_word_embeddings": True}))
+    return str(folder)
+
+
+def test_rollout_engine_auto_picks_by_student_size_and_device(monkeypatch, tmp_path):
     import importlib.util
 
-    spec = parse_spec(_minimal(rollout={"engine": "auto"}))
-    assert spec.rollout.engine == ("vllm" if importlib.util.find_spec("vllm") else "hf")
+    from protege.core.models import approx_parameters
+    from protege.core.spec import HF_ROLLOUT_BELOW_PARAMS
+
+    # hand-worked: embeddings 512*64 (tied), per layer q,o 2*64*64 + k,v 2*64*64 + MLP 3*64*128 = 40960
+    assert (
+        approx_parameters(
+            {
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "vocab_size": 512,
+                "intermediate_size": 128,
+                "num_attention_heads": 2,
+            }
+        )
+        == 512 * 64 + 2 * 40960
+    )
+    assert approx_parameters({"model_type": "unknown"}) is None
+    small = _decoder_config(tmp_path / "small", hidden=64, layers=2, vocab=512)
+    large = _decoder_config(tmp_path / "large", hidden=512, layers=8, vocab=32000)
+    assert approx_parameters(json.loads(Path(large, "config.json").read_text())) >= HF_ROLLOUT_BELOW_PARAMS
+
+    def engine(path: str, **over) -> str:
+        return parse_spec(
+            {**_minimal(rollout={"engine": "auto"}), "models": {"student": {"path": path}}, **over}
+        ).rollout.engine
+
+    if importlib.util.find_spec("vllm"):
+        assert engine(small) == "hf"  # vLLM's per-step overhead loses at this size on CPU
+        assert engine(large) == "vllm"
+        assert engine(small, resources={"rollout": {"gpus": 1}}) == "vllm"
+        assert engine("org/not-in-the-cache") == "vllm"  # size unknown where parsed: the default engine
+    assert (
+        parse_spec(_minimal(rollout={"engine": "vllm"}, models={"student": {"path": small}})).rollout.engine == "vllm"
+    )
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    spec = parse_spec(_minimal(rollout={"engine": "auto"}))
-    assert spec.rollout.engine == "hf"
+    assert engine(large) == "hf"  # no vLLM build
 
 
 def test_prompt_template_must_place_the_question():
