@@ -236,6 +236,8 @@ class HFEngine:
         decode step per token for the whole batch, not one per prompt (8 prompts × 4 samples of the
         tiny model: ~3x faster than a call per prompt). The seed seeds the one call, so a sample
         depends on the batch it is drawn in (vLLM's per-request seeds do not)."""
+        if not prompts:  # a replica's empty share of a call
+            return []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         eos = stop_token_ids or [self.tokenizer.eos_token_id]
         if seed is not None:
