@@ -260,13 +260,13 @@ class HFEngine:
             output_scores=True,
             return_dict_in_generate=True,
         )
-        seqs = gen.sequences[:, width:].tolist()
+        new = gen.sequences[:, width:]
         # scores are the processed (temperature-scaled) logits, like vLLM's processed_logprobs;
         # gathered at the sampled tokens before anything leaves the [batch, step, vocab] block
         scores = torch.stack(gen.scores, 1).float().log_softmax(-1)
-        picked = scores.gather(-1, gen.sequences[:, width:, None])[..., 0].tolist()
+        picked = scores.gather(-1, new[..., None])[..., 0].tolist()
         samples = []
-        for row, lp in zip(seqs, picked):
+        for row, lp in zip(new.tolist(), picked):
             cut = next((t + 1 for t, tok in enumerate(row) if tok in eos), len(row))
             resp = row[:cut]
             finish = "stop" if resp and resp[-1] in eos else "length"

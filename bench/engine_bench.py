@@ -16,8 +16,8 @@ What ``rollout.engine`` and ``rollout.compile`` choose between, on the peer benc
    hf, vllm (eager) and vllm (compiled), ``--pipeline-steps`` steps each, alternated; median
    ``time/generate``, ``time/sync`` and ``time/step`` after the first step.
 
-3. **Sizes** (``--sizes``): vLLM eager against hf over students of growing size (the tiny model
-   and SmolLM2-135M pruned to 1, 3 and 10 layers, ``protege models prune models/smollm2
+3. **Sizes** (``--sizes``): vLLM eager against hf over students of growing size (the tiny student
+   and teacher, and SmolLM2-135M pruned to 1, 3 and 10 layers, ``protege models prune models/smollm2
    models/smollm2-1l --keep-every 30``, ``--keep-every 10``, ``--keep-every 3``), each at 4 prompts
    x 4 samples x 32 tokens: where ``rollout.engine: auto`` switches (core/spec.py
    ``HF_ROLLOUT_BELOW_PARAMS``). Merged into an existing OUT/engine_bench.json, the rest kept.
@@ -296,14 +296,14 @@ def _merge(path: Path, rep: dict) -> dict:
     if not path.exists():
         return rep
     old = json.loads(path.read_text())
-    for key in ("engines", "pipelines", "sizes"):
+    for key in ("engines", "pipelines"):
         for name, sec in (old.get(key) or {}).items():
-            if name not in (rep.get(key) or {}) and key != "sizes":
+            if name not in rep[key]:
                 sec.setdefault("measured", old["meta"])
                 if old.get("conditions"):
                     sec.setdefault("conditions", old["conditions"])
-                rep.setdefault(key, {})[name] = sec
-    if "sizes" not in rep and old.get("sizes"):
+                rep[key][name] = sec
+    if "sizes" not in rep and old.get("sizes"):  # one section, re-measured whole or kept whole
         rep["sizes"] = old["sizes"]
     return rep
 

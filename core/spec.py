@@ -508,17 +508,6 @@ class RolloutSpec(_Strict):
         ),
     )
 
-    @model_validator(mode="after")
-    def _resolve_engine(self):
-        # Without vLLM there is one choice; with it, "auto" waits for JobSpec, which knows the
-        # student and the rollout resources (JobSpec._auto_engine).
-        if self.engine == "auto":
-            import importlib.util
-
-            if importlib.util.find_spec("vllm") is None:
-                self.engine = "hf"
-        return self
-
 
 class LearnerSpec(_Strict):
     ranks: int = Field(default=1, ge=1)
@@ -905,8 +894,13 @@ class JobSpec(_Strict):
             self.rollout.engine = self._auto_engine()
 
     def _auto_engine(self) -> str:
-        """rollout.engine "auto" with vLLM installed: hf for a small student on CPU rollout
-        workers, vllm otherwise (and wherever the student's config.json is not readable here)."""
+        """rollout.engine "auto": hf where no vLLM build is installed or for a small student on CPU
+        rollout workers, vllm otherwise (and wherever the student's config.json is not readable here).
+        Decided here, not in RolloutSpec, because it needs the student and the rollout resources."""
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            return "hf"
         if self.resources.rollout.gpus > 0:
             return "vllm"
         from protege.core.models import approx_parameters, model_config_file
